@@ -1,0 +1,47 @@
+"""One object per process holding the connection, a confirming channel and its helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+
+from broker.connection import connect
+from broker.messaging import Publisher, RpcClient
+from broker.topology import declare_topology
+from ops.settings import Settings
+from schemas.names import Names
+
+
+@dataclass
+class BrokerClient:
+    settings: Settings
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    publisher: Publisher
+    names: Names
+    _rpc: RpcClient | None = field(default=None, repr=False)
+
+    @classmethod
+    async def open(cls, settings: Settings, name: str = "qflare", *, declare: bool = True) -> BrokerClient:
+        """Connect, open a channel with publisher confirms, declare the topology."""
+        conn = await connect(settings, name=name)
+        channel = await conn.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=settings.broker.prefetch)
+        names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
+        return cls(settings, conn, channel, Publisher(channel, names), names)
+
+    async def rpc(self) -> RpcClient:
+        if self._rpc is None:
+            self._rpc = await RpcClient(self.channel, self.publisher,
+                                        self.settings.broker.max_message_bytes).start()
+        return self._rpc
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def __aenter__(self) -> BrokerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

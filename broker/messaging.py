@@ -1,0 +1,205 @@
+"""Publishing with confirms, consuming with manual acks, dead-lettering, and RPC.
+
+The broker plumbing lives here and only here: handlers are small typed async functions
+(decoded message in, decision out); acks, dead-letters with a reason header, confirms and
+error replies are done by this module (STYLE.md: FastStream's subscribers, Dramatiq's
+middleware).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from prometheus_client import Counter
+
+from schemas.codec import CodecError, decode, encode
+from schemas.messages import ErrorReply, Event, Message, Scalar
+from schemas.names import DETAIL_HEADER, REASON_HEADER, Names
+from schemas.reasons import QflareError, Reason
+
+log = logging.getLogger("qflare.broker")
+
+DEAD_LETTERED = Counter("qflare_dead_lettered_total", "Messages dead-lettered", ["queue", "reason"])
+HANDLED = Counter("qflare_messages_handled_total", "Messages handled", ["queue"])
+
+#: Errors that mean "the broker connection failed", not "this message is bad".
+TRANSIENT = (aio_pika.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
+
+Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[None]]
+RpcHandler = Callable[[Message], Awaitable[Message]]
+
+
+class Publisher:
+    """Publishes encoded messages and waits for the broker's confirm of each one."""
+
+    def __init__(self, channel: AbstractChannel, names: Names) -> None:
+        self.channel = channel
+        self.names = names
+        self._exchanges: dict[str, AbstractExchange] = {}
+
+    async def exchange(self, name: str) -> AbstractExchange:
+        if name == "":
+            return self.channel.default_exchange
+        if name not in self._exchanges:
+            self._exchanges[name] = await self.channel.get_exchange(name, ensure=False)
+        return self._exchanges[name]
+
+    async def publish(
+        self, exchange: str, routing_key: str, msg: Message | bytes, *,
+        headers: dict[str, Any] | None = None, message_id: str | None = None,
+        correlation_id: str | None = None, reply_to: str | None = None,
+        persistent: bool = True, mandatory: bool = False,
+    ) -> None:
+        """Publish and return once the broker confirmed it (raises if it was refused)."""
+        body = msg if isinstance(msg, bytes) else encode(msg)
+        message = aio_pika.Message(
+            body, headers=headers or {}, message_id=message_id, correlation_id=correlation_id,
+            reply_to=reply_to, content_type="application/msgpack",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        ex = await self.exchange(exchange)
+        await ex.publish(message, routing_key, mandatory=mandatory)
+
+    async def event(self, type_: str, *, device_id: str | None = None, round_id: int | None = None,
+                    reason: str | None = None, **detail: Scalar) -> None:
+        """Emit an event on the events topic exchange (routing key = event type)."""
+        ev = Event(type=type_, at=time.time(), device_id=device_id, round_id=round_id,
+                   reason=reason, detail=detail)
+        await self.publish(self.names.events_exchange, type_, ev, persistent=False)
+
+    async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str,
+                          detail: str) -> None:
+        """Copy ``message`` to the dead-letter exchange with its reason, then ack it."""
+        headers = dict(message.headers or {})
+        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:512], "x-qflare-queue": queue})
+        await self.publish(self.names.dlx, queue, bytes(message.body), headers=headers,
+                           message_id=message.message_id)
+        DEAD_LETTERED.labels(queue, reason).inc()
+        log.warning("dead-lettered a message from %s: %s %s", queue, reason, detail)
+        await message.ack()
+
+
+async def consume(
+    channel: AbstractChannel, publisher: Publisher, queue_name: str, handler: Handler, *,
+    expected: type[Message] | tuple[type[Message], ...], max_bytes: int,
+    on_reject: Callable[[AbstractIncomingMessage, QflareError], Awaitable[None]] | None = None,
+) -> AbstractQueue:
+    """Consume ``queue_name`` with manual acks; nothing a sender does stops the consumer.
+
+    Undecodable messages, and messages whose handler raises :class:`QflareError`, go to the
+    dead-letter queue with a reason header. Unexpected handler errors are logged and
+    dead-lettered as ``internal``. Broker failures leave the message unacked, so it is
+    delivered again once the robust connection is back.
+    """
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        try:
+            try:
+                msg = decode(message.body, expected, max_bytes)
+                await handler(msg, message)
+            except QflareError as err:
+                if on_reject is not None:
+                    await on_reject(message, err)
+                await publisher.dead_letter(message, queue_name, err.reason, err.detail)
+                return
+            except TRANSIENT:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad message must not kill the worker
+                log.exception("handler failed on a message from %s", queue_name)
+                await publisher.dead_letter(message, queue_name, Reason.INTERNAL, type(exc).__name__)
+                return
+            HANDLED.labels(queue_name).inc()
+            if not message.processed:
+                await message.ack()
+        except TRANSIENT as exc:
+            log.warning("broker error while handling a message from %s: %s", queue_name, exc)
+            if not message.processed:
+                try:
+                    await message.nack(requeue=True)
+                except Exception:  # noqa: BLE001 - channel gone; broker redelivers anyway
+                    pass
+
+    queue = await channel.declare_queue(queue_name, passive=True)
+    await queue.consume(on_message)
+    return queue
+
+
+async def serve_rpc(
+    channel: AbstractChannel, publisher: Publisher, queue_name: str, handler: RpcHandler, *,
+    expected: tuple[type[Message], ...], max_bytes: int,
+) -> AbstractQueue:
+    """Answer requests on ``queue_name``: a reply message, or a typed :class:`ErrorReply`."""
+
+    async def reply(message: AbstractIncomingMessage, answer: Message) -> None:
+        if message.reply_to:
+            await publisher.publish("", message.reply_to, answer, correlation_id=message.correlation_id,
+                                    persistent=False)
+
+    async def on_request(msg: Message, message: AbstractIncomingMessage) -> None:
+        try:
+            answer = await handler(msg)
+        except QflareError as err:
+            answer = ErrorReply(reason=err.reason, detail=err.detail)
+        await reply(message, answer)
+
+    async def on_reject(message: AbstractIncomingMessage, err: QflareError) -> None:
+        await reply(message, ErrorReply(reason=err.reason, detail=err.detail))
+
+    return await consume(channel, publisher, queue_name, on_request, expected=expected,
+                         max_bytes=max_bytes, on_reject=on_reject)
+
+
+class RpcClient:
+    """Request/reply over an exclusive reply queue, with correlation ids and timeouts."""
+
+    def __init__(self, channel: AbstractChannel, publisher: Publisher, max_bytes: int) -> None:
+        self.channel = channel
+        self.publisher = publisher
+        self.max_bytes = max_bytes
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._queue: AbstractQueue | None = None
+
+    async def start(self) -> RpcClient:
+        self._queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        fut = self._pending.pop(message.correlation_id or "", None)
+        if fut is not None and not fut.done():
+            fut.set_result(bytes(message.body))
+
+    async def call(self, exchange: str, routing_key: str, request: Message,
+                   expected: type[Message] | tuple[type[Message], ...], timeout: float) -> Message:
+        """Send ``request``; return the decoded reply or raise :class:`QflareError`."""
+        assert self._queue is not None, "call start() first"
+        cid = uuid.uuid4().hex
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = fut
+        try:
+            await self.publisher.publish(exchange, routing_key, request, correlation_id=cid,
+                                         reply_to=self._queue.name, persistent=False)
+            body = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise QflareError(Reason.TIMEOUT, f"no reply to {request.TYPE} within {timeout:g}s") from None
+        finally:
+            self._pending.pop(cid, None)
+        exp = expected if isinstance(expected, tuple) else (expected,)
+        answer = decode(body, (*exp, ErrorReply), self.max_bytes)
+        if isinstance(answer, ErrorReply):
+            try:
+                reason = Reason(answer.reason)
+            except ValueError:
+                reason = Reason.INTERNAL
+            raise QflareError(reason, answer.detail)
+        return answer
+
+
+__all__ = ["CodecError", "Publisher", "RpcClient", "consume", "serve_rpc", "TRANSIENT"]

@@ -1,0 +1,64 @@
+"""Declaring the whole topology, idempotently (DESIGN.md, Broker topology).
+
+Every queue dead-letters into one fanout exchange; the updates and control queues are
+quorum queues with a delivery limit, so a poison message cannot loop forever.
+"""
+
+from __future__ import annotations
+
+from aio_pika import ExchangeType
+from aio_pika.abc import AbstractChannel
+
+from ops.settings import Settings
+from schemas.names import Names
+
+#: Bytes of global-model history the models stream keeps for returning devices.
+MODELS_STREAM_MAX_BYTES = 2 * 1024 * 1024 * 1024
+
+
+def _dead_lettered(names: Names) -> dict[str, object]:
+    return {"x-dead-letter-exchange": names.dlx}
+
+
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> Names:
+    """Declare exchanges, queues and bindings; safe to call from every process at start."""
+    names = Names(settings.broker.namespace)
+    limit = settings.broker.delivery_limit
+    ex = {}
+    for name, kind in (
+        (names.rpc_exchange, ExchangeType.DIRECT),
+        (names.updates_exchange, ExchangeType.TOPIC),
+        (names.models_exchange, ExchangeType.FANOUT),
+        (names.events_exchange, ExchangeType.TOPIC),
+        (names.dlx, ExchangeType.FANOUT),
+        (names.control_exchange, ExchangeType.DIRECT),
+    ):
+        ex[name] = await channel.declare_exchange(name, kind, durable=True)
+
+    dlq = await channel.declare_queue(names.dead_letter_queue, durable=True,
+                                      arguments={"x-queue-type": "quorum"})
+    await dlq.bind(ex[names.dlx])
+
+    quorum = {"x-queue-type": "quorum", "x-delivery-limit": limit, **_dead_lettered(names)}
+    coord = await channel.declare_queue(names.coordinator_queue, durable=True, arguments=quorum)
+    await coord.bind(ex[names.rpc_exchange], Names.COORDINATOR_KEY)
+    updates = await channel.declare_queue(names.updates_queue, durable=True, arguments=quorum)
+    await updates.bind(ex[names.updates_exchange], "update.*")
+    control = await channel.declare_queue(names.enclave_control_queue, durable=True, arguments=quorum)
+    await control.bind(ex[names.control_exchange], Names.ENCLAVE_CONTROL_KEY)
+    stream = await channel.declare_queue(
+        names.models_stream, durable=True,
+        arguments={"x-queue-type": "stream", "x-max-length-bytes": MODELS_STREAM_MAX_BYTES},
+    )
+    await stream.bind(ex[names.models_exchange])
+    return names
+
+
+async def delete_topology(channel: AbstractChannel, names: Names) -> None:
+    """Remove everything :func:`declare_topology` made (tests, ``qflare broker reset``)."""
+    for q in (names.coordinator_queue, names.updates_queue, names.enclave_control_queue,
+              names.models_stream, names.dead_letter_queue):
+        await channel.queue_delete(q)
+    for e in (names.rpc_exchange, names.updates_exchange, names.models_exchange,
+              names.events_exchange, names.dlx, names.control_exchange):
+        await channel.exchange_delete(e)

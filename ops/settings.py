@@ -1,0 +1,167 @@
+"""QFLARE settings: one pydantic-settings model, validated at start with readable errors.
+
+Sources, highest first: keyword arguments, ``QFLARE_*`` environment variables (nested with
+``__``, e.g. ``QFLARE_FL__ROUNDS=5``), a ``.env`` file, the YAML file named by ``--config``
+or ``QFLARE_CONFIG``, then defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from pqc.ids import ALIASES, DEFAULT_KEM, DEFAULT_SIG, KemId, SigId
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+class ConfigError(Exception):
+    """Bad configuration; the message is one line naming the field and the reason."""
+
+
+def _canonical(name: str, kind: type[KemId] | type[SigId]) -> str:
+    canon = ALIASES.get(name, name)
+    valid = {k.value for k in kind}
+    if canon not in valid:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(valid)}")
+    return canon
+
+
+class BrokerSettings(BaseModel):
+    namespace: str = Field("qflare", pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    prefetch: int = Field(32, ge=1, le=10_000)
+    rpc_timeout: float = Field(15.0, gt=0)
+    delivery_limit: int = Field(5, ge=1, le=1000)
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=4096, le=128 * 1024 * 1024)
+
+
+class CryptoSettings(BaseModel):
+    kem: str = DEFAULT_KEM.value
+    signature: str = DEFAULT_SIG.value
+    allowed_kems: list[str] = [KemId.ML_KEM_768, KemId.ML_KEM_1024, KemId.ML_KEM_768_X25519,
+                               KemId.FRODOKEM_640_AES]
+    allowed_signatures: list[str] = [SigId.ML_DSA_44, SigId.ML_DSA_65, SigId.ML_DSA_87]
+    session_ttl_seconds: float = Field(3600.0, gt=0)
+    freshness_seconds: float = Field(120.0, gt=0)
+
+    @field_validator("kem")
+    @classmethod
+    def _kem(cls, v: str) -> str:
+        return _canonical(v, KemId)
+
+    @field_validator("signature")
+    @classmethod
+    def _sig(cls, v: str) -> str:
+        return _canonical(v, SigId)
+
+    @field_validator("allowed_kems")
+    @classmethod
+    def _kems(cls, v: list[str]) -> list[str]:
+        return [_canonical(x, KemId) for x in v]
+
+    @field_validator("allowed_signatures")
+    @classmethod
+    def _sigs(cls, v: list[str]) -> list[str]:
+        return [_canonical(x, SigId) for x in v]
+
+
+class FLSettings(BaseModel):
+    rounds: int = Field(3, ge=1)
+    min_updates: int = Field(2, ge=1)
+    deadline_seconds: float = Field(60.0, gt=0)
+    epochs: int = Field(2, ge=1, le=100)
+    lr: float = Field(0.1, gt=0, le=10)
+    batch_size: int = Field(16, ge=1)
+    aggregator: Literal["fedavg", "median", "trimmed_mean", "multi_krum"] = "fedavg"
+    trim_beta: float = Field(0.1, ge=0, lt=0.5)
+    krum_f: int = Field(1, ge=0)
+    max_norm: float | None = Field(None, gt=0)
+    norm_median_multiple: float | None = Field(3.0, gt=1)
+    min_cosine: float | None = Field(0.0, ge=-1, le=1)
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    seed: int = 0
+    evaluate: bool = True
+
+
+class RateLimitSettings(BaseModel):
+    enroll_per_device_per_s: float = Field(0.2, gt=0)
+    enroll_per_device_burst: float = Field(3, ge=1)
+    session_per_device_per_s: float = Field(1.0, gt=0)
+    session_per_device_burst: float = Field(10, ge=1)
+    global_per_s: float = Field(5000.0, gt=0)
+    global_burst: float = Field(10000.0, ge=1)
+
+
+class EnclaveSettings(BaseModel):
+    #: Allowed code measurements (hex). Empty: only this installation's own measurement.
+    allowed_measurements: list[str] = []
+
+
+class Settings(BaseSettings):
+    """Everything a QFLARE process can be told; one instance per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QFLARE_", env_nested_delimiter="__", env_file=".env",
+        extra="forbid", validate_default=True,
+    )
+
+    amqp_url: str = Field(DEFAULT_AMQP_URL, pattern=r"^amqps?://")
+    state_dir: Path = Path(".qflare")
+    registry_path: Path | None = None
+    broker: BrokerSettings = BrokerSettings()
+    crypto: CryptoSettings = CryptoSettings()
+    fl: FLSettings = FLSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
+    enclave: EnclaveSettings = EnclaveSettings()
+
+    @property
+    def registry_file(self) -> Path:
+        return self.registry_path or self.state_dir / "registry.sqlite3"
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings, dotenv_settings]
+        config = _config_path
+        if config is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config))
+        return tuple(sources)
+
+
+_config_path: Path | None = None
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Build settings from all sources; raise :class:`ConfigError` with one clear line."""
+    global _config_path
+    path = config or os.environ.get("QFLARE_CONFIG")
+    _config_path = Path(path) if path else None
+    if _config_path is not None and not _config_path.is_file():
+        raise ConfigError(f"config: file {str(_config_path)!r} does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {msg} (got {err.get('input')!r})") from None
+    except Exception as exc:  # yaml syntax errors and the like
+        raise ConfigError(f"config: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+    finally:
+        _config_path = None

@@ -1,0 +1,329 @@
+"""Every message that crosses the broker, as strict pydantic models.
+
+Models are strict (no type coercion) and forbid unknown fields, so a peer cannot smuggle
+data past validation. Messages that must be authenticated travel as the encoded bytes of
+the inner model inside :class:`Signed`; the signature covers exactly those bytes, so
+verification never depends on re-encoding. ``docs/protocol.md`` documents each one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DeviceId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+AlgName = Annotated[str, Field(min_length=1, max_length=64)]
+Nonce = Annotated[bytes, Field(min_length=16, max_length=64)]
+Key = Annotated[bytes, Field(min_length=1, max_length=65_536)]
+Blob = Annotated[bytes, Field(max_length=256 * 1024 * 1024)]
+Fingerprint = Annotated[str, Field(min_length=8, max_length=128)]
+Scalar = str | int | float | bool | None
+
+
+class Message(BaseModel):
+    """Base of all wire messages; ``TYPE`` is the envelope's type tag."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    TYPE: ClassVar[str] = ""
+
+
+class Signed(Message):
+    """``body`` (an encoded message) signed by the key whose fingerprint is ``signer``."""
+
+    TYPE: ClassVar[str] = "signed"
+    body: Blob
+    alg: AlgName
+    signer: Fingerprint
+    signature: Key
+
+
+class ErrorReply(Message):
+    """Typed failure answer to any request: a reason code, never a traceback."""
+
+    TYPE: ClassVar[str] = "error"
+    reason: str
+    detail: str = ""
+
+
+class Ping(Message):
+    TYPE: ClassVar[str] = "ping"
+    nonce: bytes = b""
+
+
+class Pong(Message):
+    TYPE: ClassVar[str] = "pong"
+    nonce: bytes = b""
+    service: str
+    version: str
+
+
+# --- enrollment (DESIGN.md protocol step 2) -------------------------------------------
+
+
+class EnrollClaim(Message):
+    """What the device proves: it holds the token and the new signature key."""
+
+    TYPE: ClassVar[str] = "enroll.claim"
+    device_id: DeviceId
+    token: Annotated[str, Field(min_length=1, max_length=256)]
+    sig_alg: AlgName
+    sig_pk: Key
+    kem_alg: AlgName
+    kem_pk: Key
+    nonce: Nonce
+    timestamp: float
+
+
+class EnrollRequest(Message):
+    """An encoded ``Signed(EnrollClaim)`` sealed to the coordinator's KEM key."""
+
+    TYPE: ClassVar[str] = "enroll.request"
+    kem_alg: AlgName
+    coordinator_kem_fp: Fingerprint
+    sealed: Blob
+
+
+class EnrollAccept(Message):
+    """Signed by the coordinator; carries the enclave's attested keys when known."""
+
+    TYPE: ClassVar[str] = "enroll.accept"
+    device_id: DeviceId
+    request_nonce: Nonce
+    sig_fp: Fingerprint
+    coordinator_sig_alg: AlgName
+    coordinator_sig_pk: Key
+    enclave_report: bytes | None = None
+
+
+# --- sessions (step 3) -----------------------------------------------------------------
+
+
+class SessionRequest(Message):
+    """Signed by the device's long-term key; ``eph_pk`` is a fresh KEM key."""
+
+    TYPE: ClassVar[str] = "session.request"
+    device_id: DeviceId
+    eph_kem_alg: AlgName
+    eph_pk: Key
+    nonce: Nonce
+    timestamp: float
+
+
+class SessionGrant(Message):
+    """Coordinator-signed, short-lived right to send updates, checked by the enclave."""
+
+    TYPE: ClassVar[str] = "session.grant"
+    device_id: DeviceId
+    session_id: Annotated[str, Field(min_length=8, max_length=64)]
+    sig_alg: AlgName
+    sig_pk: Key
+    sig_fp: Fingerprint
+    issued_at: float
+    not_after: float
+
+
+class SessionAccept(Message):
+    """Signed by the coordinator: ciphertext to the ephemeral key, nonce, grant."""
+
+    TYPE: ClassVar[str] = "session.accept"
+    device_id: DeviceId
+    session_id: Annotated[str, Field(min_length=8, max_length=64)]
+    request_digest: bytes
+    ciphertext: Key
+    nonce: Nonce
+    grant: bytes
+    enclave_report: bytes | None = None
+
+
+class KeyRotation(Message):
+    """Signed by the device's *old* key; ``new_key_proof`` is the new key's signature."""
+
+    TYPE: ClassVar[str] = "device.rotate"
+    device_id: DeviceId
+    sig_alg: AlgName
+    sig_pk: Key
+    kem_alg: AlgName
+    kem_pk: Key
+    nonce: Nonce
+    timestamp: float
+
+
+class RotationRequest(Message):
+    TYPE: ClassVar[str] = "device.rotate.request"
+    claim: bytes  # Signed(KeyRotation) by the old key
+    new_key_proof: bytes  # Signed(KeyRotation) by the new key
+
+
+class RotationAccept(Message):
+    TYPE: ClassVar[str] = "device.rotate.accept"
+    device_id: DeviceId
+    sig_fp: Fingerprint
+    request_nonce: Nonce
+
+
+class CoordinatorKeys(Message):
+    """The coordinator's current public keys; when rotated, signed by the previous key."""
+
+    TYPE: ClassVar[str] = "coordinator.keys"
+    sig_alg: AlgName
+    sig_pk: Key
+    kem_alg: AlgName
+    kem_pk: Key
+    issued_at: float
+    previous_sig_fp: Fingerprint | None = None
+
+
+class KeysRequest(Message):
+    TYPE: ClassVar[str] = "coordinator.keys.request"
+
+
+# --- attestation (step 6) --------------------------------------------------------------
+
+
+class AttestationReport(Message):
+    """Signed by the (simulated) platform key: which code holds which keys."""
+
+    TYPE: ClassVar[str] = "attestation.report"
+    measurement: Annotated[str, Field(min_length=16, max_length=128)]
+    kem_alg: AlgName
+    kem_pk: Key
+    sig_alg: AlgName
+    sig_pk: Key
+    nonce: Nonce
+    created_at: float
+
+
+class AttestRequest(Message):
+    TYPE: ClassVar[str] = "attest.request"
+    report: bytes  # Signed(AttestationReport)
+    platform_pk: Key
+    platform_alg: AlgName
+
+
+class AttestAccept(Message):
+    TYPE: ClassVar[str] = "attest.accept"
+    measurement: str
+    coordinator_sig_alg: AlgName
+    coordinator_sig_pk: Key
+
+
+# --- rounds and models (steps 4-5) -----------------------------------------------------
+
+
+class RoundSpec(Message):
+    TYPE: ClassVar[str] = "round.spec"
+    round_id: Annotated[int, Field(ge=1)]
+    deadline: float
+    min_updates: Annotated[int, Field(ge=1)]
+    expected: list[DeviceId] = []
+    epochs: Annotated[int, Field(ge=1, le=100)]
+    lr: Annotated[float, Field(gt=0, le=10)]
+    batch_size: Annotated[int, Field(ge=1, le=100_000)]
+
+
+class RoundOpen(Message):
+    """Coordinator → enclave, signed: open this round on the current global model."""
+
+    TYPE: ClassVar[str] = "round.open"
+    spec: RoundSpec
+    issued_at: float
+
+
+class RoundStart(Message):
+    """Operator → coordinator: run ``rounds`` rounds with these parameters."""
+
+    TYPE: ClassVar[str] = "round.start"
+    rounds: Annotated[int, Field(ge=1, le=10_000)]
+    min_updates: Annotated[int, Field(ge=1)]
+    deadline_seconds: Annotated[float, Field(gt=0)]
+    expected: list[DeviceId] = []
+    epochs: int = 1
+    lr: float = 0.1
+    batch_size: int = 16
+
+
+class RoundStarted(Message):
+    TYPE: ClassVar[str] = "round.started"
+    round_id: int
+
+
+class Revocation(Message):
+    """Coordinator → enclave, signed: refuse this device from now on."""
+
+    TYPE: ClassVar[str] = "device.revocation"
+    device_id: DeviceId
+    revoked_at: float
+
+
+class UpdateHeader(Message):
+    """Associated data of the sealed payload and half of what the device signs."""
+
+    TYPE: ClassVar[str] = "update.header"
+    device_id: DeviceId
+    grant: bytes  # Signed(SessionGrant)
+    round_id: Annotated[int, Field(ge=1)]
+    update_id: Annotated[str, Field(min_length=8, max_length=64)]
+    base_version: Annotated[int, Field(ge=0)]
+    num_samples: Annotated[int, Field(ge=1, le=10**9)]
+    timestamp: float
+    layout_id: Annotated[str, Field(min_length=1, max_length=64)]
+    kem_alg: AlgName
+    enclave_kem_fp: Fingerprint
+
+
+class Update(Message):
+    """A sealed model delta, signed by the device over ``header`` ‖ ``sealed``."""
+
+    TYPE: ClassVar[str] = "update"
+    header: bytes
+    sealed: Blob
+    sig_alg: AlgName
+    signature: Key
+
+
+class RoundResult(Message):
+    TYPE: ClassVar[str] = "round.result"
+    round_id: int
+    accepted: int
+    rejected: dict[str, int] = {}
+    accuracy: float | None = None
+    seconds: float
+    status: str  # "completed" | "failed"
+
+
+class GlobalModel(Message):
+    """Signed by the enclave: the model every device must start from."""
+
+    TYPE: ClassVar[str] = "model.global"
+    version: Annotated[int, Field(ge=0)]
+    layout_id: Annotated[str, Field(min_length=1, max_length=64)]
+    params: Blob  # little-endian float32 vector
+    created_at: float
+    result: RoundResult | None = None
+    next_round: RoundSpec | None = None
+
+
+class Event(Message):
+    """Published on the events topic exchange with routing key ``type``."""
+
+    TYPE: ClassVar[str] = "event"
+    type: Annotated[str, Field(min_length=1, max_length=128)]
+    at: float
+    device_id: str | None = None
+    round_id: int | None = None
+    reason: str | None = None
+    detail: dict[str, Scalar] = {}
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Signed, ErrorReply, Ping, Pong,
+    EnrollClaim, EnrollRequest, EnrollAccept,
+    SessionRequest, SessionGrant, SessionAccept,
+    KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest,
+    AttestationReport, AttestRequest, AttestAccept,
+    RoundSpec, RoundOpen, RoundStart, RoundStarted, Revocation,
+    UpdateHeader, Update, RoundResult, GlobalModel, Event,
+)
+BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
+assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"

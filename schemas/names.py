@@ -1,0 +1,90 @@
+"""Names of every exchange, queue and routing key: the one place they are spelled.
+
+All names are prefixed by a configurable namespace so that several deployments (or
+tests) can share one broker without touching each other's topology.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Header carrying the codec's reason when a message is dead-lettered.
+REASON_HEADER = "x-qflare-reason"
+#: Header carrying the human-readable detail of that reason.
+DETAIL_HEADER = "x-qflare-detail"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Topology names under one namespace, e.g. ``Names("qflare").updates_queue``."""
+
+    namespace: str = "qflare"
+
+    def _n(self, suffix: str) -> str:
+        return f"{self.namespace}.{suffix}"
+
+    # exchanges
+    @property
+    def rpc_exchange(self) -> str:
+        """Direct exchange for coordinator requests (enroll, session, attest, rounds)."""
+        return self._n("rpc")
+
+    @property
+    def updates_exchange(self) -> str:
+        """Direct exchange for sealed updates; routing key = ``update.<device id>``."""
+        return self._n("updates")
+
+    @property
+    def models_exchange(self) -> str:
+        """Fanout exchange for signed global models and round announcements."""
+        return self._n("models")
+
+    @property
+    def events_exchange(self) -> str:
+        """Topic exchange for events (``device.enrolled``, ``update.rejected.<reason>``...)."""
+        return self._n("events")
+
+    @property
+    def dlx(self) -> str:
+        """Dead-letter exchange (fanout) for malformed or undeliverable messages."""
+        return self._n("dlx")
+
+    @property
+    def control_exchange(self) -> str:
+        """Direct exchange for coordinator → enclave commands (round open, revocations)."""
+        return self._n("control")
+
+    # queues
+    @property
+    def coordinator_queue(self) -> str:
+        return self._n("coordinator.requests")
+
+    @property
+    def updates_queue(self) -> str:
+        """Quorum queue the enclave consumes with manual acks."""
+        return self._n("enclave.updates")
+
+    @property
+    def enclave_control_queue(self) -> str:
+        return self._n("enclave.control")
+
+    @property
+    def models_stream(self) -> str:
+        """Stream holding every global model, for devices returning from offline."""
+        return self._n("models.latest")
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return self._n("dead-letters")
+
+    def device_models_queue(self, device_id: str) -> str:
+        """A device's own queue on the models fanout (live announcements)."""
+        return self._n(f"device.{device_id}.models")
+
+    # routing keys
+    @staticmethod
+    def update_key(device_id: str) -> str:
+        return f"update.{device_id}"
+
+    COORDINATOR_KEY = "coordinator"
+    ENCLAVE_CONTROL_KEY = "enclave"

@@ -1,0 +1,94 @@
+"""The wire codec: round trips for every message shape, and every malformed input refused
+with its reason code (never another exception)."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from schemas.codec import WIRE_VERSION, CodecError, decode, encode
+from schemas.messages import (
+    BY_TYPE, Event, GlobalModel, Ping, RoundResult, RoundSpec, Signed, Update, UpdateHeader,
+)
+from schemas.reasons import Reason
+
+text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**62, 2**62),
+                    st.floats(allow_nan=False), text)
+
+
+@given(type_=st.from_regex(r"[a-z]{1,10}(\.[a-z_]{1,10}){0,3}", fullmatch=True), at=st.floats(allow_nan=False),
+       detail=st.dictionaries(st.text(min_size=1, max_size=10), scalars, max_size=5),
+       round_id=st.none() | st.integers(0, 10**6))
+def test_event_round_trips(type_, at, detail, round_id):
+    ev = Event(type=type_, at=at, detail=detail, round_id=round_id)
+    assert decode(encode(ev), Event) == ev
+
+
+@given(body=st.binary(max_size=4096), sig=st.binary(min_size=1, max_size=3000))
+def test_signed_round_trips(body, sig):
+    s = Signed(body=body, alg="ML-DSA-44", signer="ab" * 32, signature=sig)
+    assert decode(encode(s), Signed) == s
+
+
+def test_nested_models_round_trip():
+    spec = RoundSpec(round_id=3, deadline=1e9, min_updates=2, expected=["d1", "d2"], epochs=1,
+                     lr=0.05, batch_size=16)
+    res = RoundResult(round_id=2, accepted=8, rejected={"norm_bound": 2}, accuracy=0.9, seconds=1.5,
+                      status="completed")
+    gm = GlobalModel(version=2, layout_id="abc", params=b"\x00" * 64, created_at=1.0, result=res,
+                     next_round=spec)
+    assert decode(encode(gm)) == gm
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"\xc1", Reason.MALFORMED),
+    (b"", Reason.MALFORMED),
+    (msgpack.packb([1, 2, 3]), Reason.MALFORMED),
+    (msgpack.packb({"v": 2, "t": "ping", "b": {}}), Reason.UNKNOWN_VERSION),
+    (msgpack.packb({"v": WIRE_VERSION, "t": "nope", "b": {}}), Reason.UNKNOWN_TYPE),
+    (msgpack.packb({"v": WIRE_VERSION, "t": "ping", "b": []}), Reason.MALFORMED),
+    (msgpack.packb({"v": WIRE_VERSION, "t": "ping", "b": {"nonce": "text"}}), Reason.INVALID_FIELD),
+    (msgpack.packb({"v": WIRE_VERSION, "t": "ping", "b": {"extra": 1}}), Reason.INVALID_FIELD),
+    (encode(Ping()) + b"\x00", Reason.TRAILING_BYTES),
+])
+def test_malformed_inputs_have_reasons(raw, reason):
+    with pytest.raises(CodecError) as exc:
+        decode(raw)
+    assert exc.value.reason == reason
+
+
+def test_wrong_type_is_refused_where_another_is_expected():
+    with pytest.raises(CodecError) as exc:
+        decode(encode(Ping()), Update)
+    assert exc.value.reason == Reason.UNKNOWN_TYPE
+
+
+def test_oversize_is_refused_before_parsing():
+    with pytest.raises(CodecError) as exc:
+        decode(b"\x00" * 5000, max_bytes=4096)
+    assert exc.value.reason == Reason.OVERSIZE
+
+
+def test_strict_types_do_not_coerce():
+    body = {"device_id": "d", "grant": b"g", "round_id": "1", "update_id": "u" * 8, "base_version": 0,
+            "num_samples": 1, "timestamp": 0.0, "layout_id": "l", "kem_alg": "ML-KEM-768",
+            "enclave_kem_fp": "f" * 16}
+    with pytest.raises(CodecError) as exc:
+        decode(msgpack.packb({"v": 1, "t": UpdateHeader.TYPE, "b": body}, use_bin_type=True))
+    assert exc.value.reason == Reason.INVALID_FIELD
+    assert "round_id" in exc.value.detail
+
+
+@hsettings(max_examples=300)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_never_raise_anything_but_codec_error(raw):
+    try:
+        decode(raw)
+    except CodecError:
+        pass
+
+
+def test_every_message_type_is_registered_once():
+    assert all(cls.TYPE == t for t, cls in BY_TYPE.items())
