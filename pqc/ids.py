@@ -43,3 +43,27 @@ DEFAULT_SIG = SigId.ML_DSA_44
 AEAD = "AES-256-GCM"
 KDF = "HKDF-SHA-256"
 DIGEST = "SHA3-256"
+
+
+def resolve_kem(name: str) -> KemId:
+    """The canonical KEM id for ``name`` or an alias; :class:`UnsupportedAlgorithm` if unknown."""
+    from pqc.errors import UnsupportedAlgorithm
+
+    canon = ALIASES.get(name, name)
+    try:
+        return KemId(canon)
+    except ValueError:
+        raise UnsupportedAlgorithm(
+            f"unknown KEM {name!r}; known: {', '.join(k.value for k in KemId)}") from None
+
+
+def resolve_sig(name: str) -> SigId:
+    """The canonical signature id for ``name`` or an alias; :class:`UnsupportedAlgorithm` if unknown."""
+    from pqc.errors import UnsupportedAlgorithm
+
+    canon = ALIASES.get(name, name)
+    try:
+        return SigId(canon)
+    except ValueError:
+        raise UnsupportedAlgorithm(
+            f"unknown signature {name!r}; known: {', '.join(s.value for s in SigId)}") from None

@@ -1,0 +1,163 @@
+"""Sealing a payload to a recipient's KEM public key: HPKE (RFC 9180) one-shot, fail closed.
+
+Blob (all integers big-endian)::
+
+    header   = "QFS" ‖ version (1 byte, = 1) ‖ len(alg) (1 byte) ‖ alg (ASCII, e.g. "ML-KEM-768")
+    sealed   = header ‖ enc (the KEM ciphertext, fixed length per alg) ‖ AEAD ciphertext ‖ 16-byte tag
+
+ML-KEM-768, ML-KEM-1024 and ML-KEM-768+X25519 use HPKE base mode (RFC 9180 §5.1.1,
+``SetupBaseS`` + ``Seal``, §6.1 single-shot) with HKDF-SHA256 and AES-256-GCM through
+OpenSSL: ``Suite(KEM, KDF.HKDF_SHA256, AEAD.AES_256_GCM)``. That API takes no associated
+data, so the caller's ``aad`` is bound through HPKE's ``info`` (which enters the key
+schedule, RFC 9180 §5.1): ``info = "QFLARE seal v1" ‖ 0x00 ‖ header ‖ SHA3-256(aad)``.
+A different aad, header or algorithm therefore yields different AEAD keys and the tag fails.
+
+FrodoKEM-640-AES and ML-KEM-512 (no HPKE KEM id in OpenSSL) get the same KEM-then-AEAD
+shape on the :class:`pqc.kem.Kem` interface: ``(enc, ss) = Encap(pk)``;
+``key = HKDF-SHA256(ikm = ss, salt = "", info = label ‖ header ‖ SHA3-256(enc) ‖ SHA3-256(aad))``;
+AES-256-GCM with an all-zero nonce (each key seals exactly one message) and the header as
+associated data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes, hpke
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from pqc.backends import CRYPTOGRAPHY
+from pqc.errors import DecryptionError, InvalidKey, QflareCryptoError
+from pqc.ids import KemId, resolve_kem
+from pqc.kem import CryptographyHybrid, CryptographyMLKEM, Kem
+from pqc.params import KEM_PARAMS
+from pqc.policy import Policy, require_length
+from pqc.registry import _kem, get_kem, kem_backends
+
+MAGIC = b"QFS"
+VERSION = 1
+SEAL_LABEL = b"QFLARE seal v1\x00"
+TAG_SIZE = 16
+_NONCE = bytes(12)
+
+_HPKE_KEM = {
+    KemId.ML_KEM_768: hpke.KEM.MLKEM768,
+    KemId.ML_KEM_1024: hpke.KEM.MLKEM1024,
+    KemId.ML_KEM_768_X25519: hpke.KEM.MLKEM768_X25519,
+}
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA-256 (RFC 5869) extract-then-expand to ``length`` bytes."""
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+def header(alg: KemId) -> bytes:
+    name = alg.value.encode("ascii")
+    return MAGIC + bytes([VERSION, len(name)]) + name
+
+
+def parse_header(sealed: bytes | bytearray | memoryview) -> tuple[KemId, int]:
+    """The algorithm and header length of a sealed blob; DecryptionError if malformed."""
+    view = memoryview(sealed)
+    if view.nbytes < len(MAGIC) + 2 or bytes(view[:3]) != MAGIC:
+        raise DecryptionError("not a sealed payload (bad magic)")
+    if view[3] != VERSION:
+        raise DecryptionError(f"sealed payload version {view[3]} is not supported (expected {VERSION})")
+    end = 5 + view[4]
+    try:
+        alg = resolve_kem(bytes(view[5:end]).decode("ascii"))
+    except (UnicodeDecodeError, QflareCryptoError):
+        raise DecryptionError("sealed payload names an unknown algorithm") from None
+    return alg, end
+
+
+def _aad_digest(aad: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha3_256(aad).digest()
+
+
+def _hpke_keys(alg: KemId, kem: Kem, pk: bytes | None, sk: bytes | None) -> Any:
+    if isinstance(kem, CryptographyHybrid):
+        if pk is not None:
+            return hpke.MLKEM768X25519PublicKey(*kem.split_public(pk))
+        assert sk is not None
+        return hpke.MLKEM768X25519PrivateKey(*kem.split_private(sk))
+    assert isinstance(kem, CryptographyMLKEM)
+    return kem.public_key_object(pk) if pk is not None else kem.private_key_object(sk)
+
+
+def _suite(alg: KemId) -> hpke.Suite:
+    return hpke.Suite(_HPKE_KEM[alg], hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def _kem_key(ss: bytes, hdr: bytes, enc: bytes, aad: bytes | bytearray | memoryview) -> bytes:
+    info = SEAL_LABEL + hdr + hashlib.sha3_256(enc).digest() + _aad_digest(aad)
+    return hkdf_sha256(ss, b"", info, 32)
+
+
+def seal(kem_name: str, recipient_pk: bytes, plaintext: bytes | bytearray | memoryview,
+         aad: bytes | bytearray | memoryview = b"") -> bytes:
+    """Encrypt ``plaintext`` to ``recipient_pk`` with ``aad`` bound; a self-describing blob."""
+    alg = resolve_kem(kem_name)
+    p = KEM_PARAMS[alg]
+    pk = require_length(recipient_pk, p.public_key, f"{alg.value} public key", InvalidKey)
+    hdr = header(alg)
+    if alg in _HPKE_KEM:
+        kem = get_kem(alg, CRYPTOGRAPHY)
+        info = SEAL_LABEL + hdr + _aad_digest(aad)
+        return hdr + _suite(alg).encrypt(plaintext, _hpke_keys(alg, kem, pk, None), info)
+    enc, ss = get_kem(alg).encapsulate(pk)
+    size = memoryview(plaintext).nbytes
+    out = bytearray(len(hdr) + len(enc) + size + TAG_SIZE)
+    out[: len(hdr)] = hdr
+    out[len(hdr): len(hdr) + len(enc)] = enc
+    aead = AESGCM(_kem_key(ss, hdr, enc, aad))
+    aead.encrypt_into(_NONCE, plaintext, hdr, memoryview(out)[len(hdr) + len(enc):])
+    return bytes(out)
+
+
+def _kem_for_secret_key(alg: KemId, sk: bytes) -> Kem:
+    """The installed backend whose secret-key encoding has ``len(sk)`` bytes."""
+    for backend in kem_backends(alg):
+        kem = _kem(alg, backend)
+        if kem is not None and kem.secret_key_size == len(sk):
+            return kem
+    sizes = sorted({k.secret_key_size for b in kem_backends(alg) if (k := _kem(alg, b))})
+    raise InvalidKey(f"{alg.value} secret key must be {' or '.join(map(str, sizes))} bytes, got {len(sk)}")
+
+
+def open_sealed(recipient_sk: bytes, sealed: bytes | bytearray | memoryview,
+                aad: bytes | bytearray | memoryview = b"", policy: Policy | None = None) -> bytes:
+    """The plaintext of ``sealed``; DecryptionError on any tampering, PolicyError if refused."""
+    alg, hlen = parse_header(sealed)
+    (policy or Policy()).check_kem(alg)
+    if not isinstance(recipient_sk, (bytes, bytearray, memoryview)):
+        raise InvalidKey("secret key must be bytes")
+    sk = bytes(recipient_sk)
+    view = memoryview(sealed)
+    hdr = bytes(view[:hlen])
+    enc_size = KEM_PARAMS[alg].ciphertext
+    if view.nbytes < hlen + enc_size + TAG_SIZE:
+        raise DecryptionError(f"sealed {alg.value} payload is truncated")
+    if alg in _HPKE_KEM:
+        kem = get_kem(alg, CRYPTOGRAPHY)
+        require_length(sk, kem.secret_key_size, f"{alg.value} secret key", InvalidKey)
+        key = _hpke_keys(alg, kem, None, sk)
+        try:
+            return _suite(alg).decrypt(view[hlen:], key, SEAL_LABEL + hdr + _aad_digest(aad))
+        except Exception:  # noqa: BLE001 - fail closed, whatever the cause
+            raise DecryptionError(f"sealed {alg.value} payload does not open") from None
+    kem = _kem_for_secret_key(alg, sk)
+    enc = bytes(view[hlen: hlen + enc_size])
+    try:
+        ss = kem.decapsulate(sk, enc)
+        aead = AESGCM(_kem_key(ss, hdr, enc, aad))
+        body = view[hlen + enc_size:]
+        out = bytearray(body.nbytes - TAG_SIZE)
+        aead.decrypt_into(_NONCE, body, hdr, out)
+    except Exception:  # noqa: BLE001
+        raise DecryptionError(f"sealed {alg.value} payload does not open") from None
+    return bytes(out)
