@@ -97,11 +97,11 @@ class Kem:
         raise NotImplementedError
 
 
-_OPENSSL_MLKEM: dict[KemId, type[mlkem.MLKEM768PrivateKey] | type[mlkem.MLKEM1024PrivateKey]] = {
+_OPENSSL_MLKEM: dict[KemId, type[mlkem.MLKEM768PrivateKey | mlkem.MLKEM1024PrivateKey]] = {
     KemId.ML_KEM_768: mlkem.MLKEM768PrivateKey,
     KemId.ML_KEM_1024: mlkem.MLKEM1024PrivateKey,
 }
-_OPENSSL_MLKEM_PUB: dict[KemId, type[mlkem.MLKEM768PublicKey] | type[mlkem.MLKEM1024PublicKey]] = {
+_OPENSSL_MLKEM_PUB: dict[KemId, type[mlkem.MLKEM768PublicKey | mlkem.MLKEM1024PublicKey]] = {
     KemId.ML_KEM_768: mlkem.MLKEM768PublicKey,
     KemId.ML_KEM_1024: mlkem.MLKEM1024PublicKey,
 }
