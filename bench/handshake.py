@@ -1,0 +1,10 @@
+"""Enrollments/s and sessions/s per algorithm suite; writes docs/benchmarks.md."""
+
+import asyncio
+import json
+
+from ops.bench_handshake import run_bench
+from ops.settings import load_settings
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(run_bench(load_settings())), indent=2))

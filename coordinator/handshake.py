@@ -1,0 +1,44 @@
+"""Pure protocol rules shared by the coordinator and the edge agent (DESIGN.md steps 2-3).
+
+No I/O here: freshness, transcript hashing and the session-key derivation, so both ends
+compute exactly the same values and tests can check them without a broker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pqc
+
+SESSION_KEY_BYTES = 32
+SESSION_INFO = b"qflare/v1/session-key"
+ENROLL_AAD = b"qflare/v1/enroll/"
+
+
+def enroll_aad(device_id: str) -> bytes:
+    """Associated data binding a sealed enrollment to the device id it claims."""
+    return ENROLL_AAD + device_id.encode()
+
+
+def is_fresh(timestamp: float, now: float, window: float) -> bool:
+    """A request is fresh when its clock is within ``window`` seconds of ours."""
+    return abs(now - timestamp) <= window
+
+
+def transcript_hash(signed_request: bytes, ciphertext: bytes, coordinator_nonce: bytes, session_id: str) -> bytes:
+    """SHA3-256 over the whole handshake: the signed request and the coordinator's answer."""
+    h = hashlib.sha3_256()
+    for part in (signed_request, ciphertext, coordinator_nonce, session_id.encode()):
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.digest()
+
+
+def session_key(shared_secret: bytes, device_nonce: bytes, coordinator_nonce: bytes, transcript: bytes) -> bytes:
+    """HKDF-SHA-256(ss, salt = both nonces, info = label ‖ transcript) → 32-byte key.
+
+    The shared secret comes from a KEM to an ephemeral key the device discards, so the
+    key cannot be recomputed later from the device's long-term keys (forward secrecy).
+    """
+    return pqc.hkdf_sha256(shared_secret, device_nonce + coordinator_nonce, SESSION_INFO + transcript,
+                           SESSION_KEY_BYTES)

@@ -1,0 +1,361 @@
+"""The coordinator: enrollment, sessions, rotation, attestation admission and rounds.
+
+Handlers are small async functions from a decoded request to a reply; every refusal is a
+:class:`QflareError` with a reason code (the RPC plumbing turns it into a typed
+``ErrorReply``) plus an event. Cheap checks (rate limits, policy, freshness) run before
+any expensive crypto.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import pqc
+from broker.client import BrokerClient
+from broker.messaging import serve_rpc
+from coordinator import handshake
+from coordinator.ratelimit import RateLimiter
+from coordinator.registry import Registry
+from ops.settings import Settings
+from pqc.identity import Identity
+from schemas import signing
+from schemas.codec import CodecError, decode, encode
+from schemas.messages import (
+    AttestAccept, AttestationReport, AttestRequest, CoordinatorKeys, EnrollAccept, EnrollClaim,
+    EnrollRequest, Event, KeyRotation, KeysRequest, Message, Ping, Pong, Revocation, RotationAccept,
+    RotationRequest, RoundOpen, RoundSpec, RoundStart, RoundStarted, SessionAccept, SessionGrant,
+    SessionRequest, Signed,
+)
+from schemas.reasons import QflareError, Reason
+
+log = logging.getLogger("qflare.coordinator")
+VERSION = "0.1.0"
+
+#: What the coordinator's request queue accepts (the broker dead-letters anything else).
+REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed, RotationRequest,
+                                       AttestRequest, RoundStart)
+META_ENCLAVE_REPORT = "enclave_report"
+META_ROUND = "last_round_id"
+
+
+def coordinator_dir(settings: Settings) -> Path:
+    return settings.state_dir / "coordinator"
+
+
+def load_identity(settings: Settings) -> Identity:
+    """The coordinator's long-term keys, created on first use."""
+    return Identity.load_or_create(coordinator_dir(settings), settings.crypto.signature, settings.crypto.kem)
+
+
+def platform_dir(settings: Settings) -> Path:
+    """Where the simulated TEE platform keeps its vendor key (see enclave_worker.attestation)."""
+    return settings.state_dir / "platform"
+
+
+class Coordinator:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.identity = load_identity(settings)
+        self.registry = registry or Registry(str(settings.registry_file))
+        self.policy = pqc.Policy(kems=set(settings.crypto.allowed_kems),
+                                 signatures=set(settings.crypto.allowed_signatures))
+        rl = settings.rate_limits
+        self.enroll_limits = RateLimiter(rl.enroll_per_device_per_s, rl.enroll_per_device_burst,
+                                         rl.global_per_s, rl.global_burst)
+        self.session_limits = RateLimiter(rl.session_per_device_per_s, rl.session_per_device_burst,
+                                          rl.global_per_s, rl.global_burst)
+        self.broker: BrokerClient | None = None
+        self._rounds_task: asyncio.Task | None = None
+        self._round_done: asyncio.Queue[Event] = asyncio.Queue()
+        self.keys_message = signing.sign(self._keys(), self.identity.sig_alg, self.identity.sig_sk,
+                                         self.identity.sig_pk)
+
+    def _keys(self) -> CoordinatorKeys:
+        i = self.identity
+        return CoordinatorKeys(sig_alg=i.sig_alg, sig_pk=i.sig_pk, kem_alg=i.kem_alg, kem_pk=i.kem_pk,
+                               issued_at=time.time())
+
+    def _sign(self, msg: Message) -> Signed:
+        return signing.sign(msg, self.identity.sig_alg, self.identity.sig_sk, self.identity.sig_pk)
+
+    async def _event(self, type_: str, **kw) -> None:
+        if self.broker is not None:
+            await self.broker.publisher.event(type_, **kw)
+
+    async def _refuse(self, kind: str, err: QflareError, device_id: str | None) -> QflareError:
+        await self._event(f"{kind}.rejected.{err.reason.value}", device_id=device_id, reason=err.reason.value,
+                          detail_text=err.detail[:200])
+        self.registry.audit("coordinator", f"{kind}.rejected", device_id=device_id, reason=err.reason.value)
+        return err
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.broker = await BrokerClient.open(self.settings, name="qflare-coordinator")
+        b = self.broker
+        await serve_rpc(b.channel, b.publisher, b.names.coordinator_queue, self.handle,
+                        expected=REQUESTS, max_bytes=self.settings.broker.max_message_bytes)
+        # round progress: the enclave announces each closed round on the events exchange
+        q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
+        await q.bind(b.names.events_exchange, "round.completed")
+        await q.bind(b.names.events_exchange, "round.failed")
+        await q.consume(self._on_round_event, no_ack=True)
+        log.info("coordinator ready: signature key %s", self.identity.sig_fp)
+
+    async def _on_round_event(self, message) -> None:
+        try:
+            await self._round_done.put(decode(message.body, Event))
+        except CodecError:
+            pass
+
+    async def stop(self) -> None:
+        if self._rounds_task:
+            self._rounds_task.cancel()
+        if self.broker:
+            await self.broker.close()
+        self.registry.close()
+
+    # --- dispatch ------------------------------------------------------------------------
+
+    async def handle(self, msg: Message) -> Message:
+        if isinstance(msg, Ping):
+            return Pong(nonce=msg.nonce, service="coordinator", version=VERSION)
+        if isinstance(msg, KeysRequest):
+            return self.keys_message
+        if isinstance(msg, EnrollRequest):
+            return await self.enroll(msg)
+        if isinstance(msg, Signed):
+            return await self.open_session(msg)
+        if isinstance(msg, RotationRequest):
+            return await self.rotate(msg)
+        if isinstance(msg, AttestRequest):
+            return await self.admit_enclave(msg)
+        if isinstance(msg, RoundStart):
+            return await self.start_rounds(msg)
+        raise QflareError(Reason.UNKNOWN_TYPE, msg.TYPE)
+
+    # --- enrollment (DESIGN.md step 2) ---------------------------------------------------
+
+    async def enroll(self, req: EnrollRequest) -> Signed:
+        try:
+            return await self._enroll(req)
+        except QflareError as err:
+            raise await self._refuse("enrollment", err, None) from None
+
+    async def _enroll(self, req: EnrollRequest) -> Signed:
+        if not self.enroll_limits.allow("enroll", time.monotonic()):
+            raise QflareError(Reason.RATE_LIMITED, "too many enrollment requests")
+        if req.coordinator_kem_fp != self.identity.kem_fp:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "sealed to a key this coordinator does not hold")
+        try:
+            inner = pqc.open_sealed(self.identity.kem_sk, req.sealed, handshake.ENROLL_AAD, policy=self.policy)
+        except pqc.errors.PolicyError as exc:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+        except pqc.errors.QflareCryptoError:
+            raise QflareError(Reason.MALFORMED, "enrollment request does not open") from None
+        signed = decode(inner, Signed)
+        claim = signing.unverified(signed, EnrollClaim)
+        if not self.enroll_limits.allow(claim.device_id, time.monotonic()):
+            raise QflareError(Reason.RATE_LIMITED, f"device {claim.device_id} is enrolling too often")
+        try:
+            self.policy.check_sig(claim.sig_alg)
+            self.policy.check_kem(claim.kem_alg)
+        except pqc.errors.QflareCryptoError as exc:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+        if not handshake.is_fresh(claim.timestamp, time.time(), self.settings.crypto.freshness_seconds):
+            raise QflareError(Reason.STALE, "enrollment timestamp outside the freshness window")
+        existing = self.registry.get_device(claim.device_id)
+        if existing is not None and existing.status == "revoked":
+            raise QflareError(Reason.REVOKED, f"device {claim.device_id} is revoked")
+        outcome = self.registry.check_token(claim.token, claim.device_id)
+        if outcome != "ok":
+            raise QflareError(Reason(outcome), "token refused")
+        try:
+            signing.verify(signed, EnrollClaim, claim.sig_alg, claim.sig_pk)
+        except QflareError:
+            raise
+        except pqc.errors.QflareCryptoError as exc:
+            raise QflareError(Reason.BAD_SIGNATURE, str(exc)) from None
+        if not self.registry.remember_nonce(claim.nonce, window_seconds=self.settings.crypto.freshness_seconds * 2):
+            raise QflareError(Reason.REPLAY, "enrollment nonce seen before")
+        outcome = self.registry.consume_token(claim.token, claim.device_id)  # atomic burn: the final word
+        if outcome != "ok":
+            raise QflareError(Reason(outcome), "token refused")
+        device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg, claim.kem_pk)
+        await self._event("device.enrolled", device_id=device.device_id, sig_fp=device.sig_fp)
+        return self._sign(EnrollAccept(
+            device_id=device.device_id, request_nonce=claim.nonce, sig_fp=device.sig_fp,
+            coordinator_sig_alg=self.identity.sig_alg, coordinator_sig_pk=self.identity.sig_pk,
+            enclave_report=self.registry.get_meta(META_ENCLAVE_REPORT)))
+
+    # --- sessions (step 3) ---------------------------------------------------------------
+
+    async def open_session(self, signed: Signed) -> Signed:
+        device_id = None
+        try:
+            req = signing.unverified(signed, SessionRequest)
+            device_id = req.device_id
+            return await self._open_session(signed, req)
+        except CodecError as err:
+            raise await self._refuse("session", err, device_id) from None
+        except QflareError as err:
+            raise await self._refuse("session", err, device_id) from None
+
+    async def _open_session(self, signed: Signed, req: SessionRequest) -> Signed:
+        now = time.time()
+        if not self.session_limits.allow(req.device_id, time.monotonic()):
+            raise QflareError(Reason.RATE_LIMITED, "too many session requests")
+        device = self.registry.get_device(req.device_id)
+        if device is None:
+            raise QflareError(Reason.NOT_ENROLLED, f"device {req.device_id} is not enrolled")
+        if device.status != "active":
+            raise QflareError(Reason.REVOKED, f"device {req.device_id} is revoked")
+        try:
+            self.policy.check_kem(req.eph_kem_alg)
+            kem = pqc.get_kem(req.eph_kem_alg)
+        except pqc.errors.QflareCryptoError as exc:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+        if not handshake.is_fresh(req.timestamp, now, self.settings.crypto.freshness_seconds):
+            raise QflareError(Reason.STALE, "session request outside the freshness window")
+        signing.verify(signed, SessionRequest, device.sig_alg, device.sig_pk)
+        if not self.registry.remember_nonce(req.nonce, window_seconds=self.settings.crypto.freshness_seconds * 2):
+            raise QflareError(Reason.REPLAY, "session request seen before")
+        try:
+            ct, ss = kem.encapsulate(req.eph_pk)
+        except (ValueError, pqc.errors.QflareCryptoError) as exc:
+            raise QflareError(Reason.MALFORMED, f"ephemeral key refused: {exc}") from None
+        session_id = secrets.token_hex(16)
+        nonce = secrets.token_bytes(32)
+        not_after = now + self.settings.crypto.session_ttl_seconds
+        grant = self._sign(SessionGrant(device_id=device.device_id, session_id=session_id, sig_alg=device.sig_alg,
+                                        sig_pk=device.sig_pk, sig_fp=device.sig_fp, issued_at=now,
+                                        not_after=not_after))
+        self.registry.record_session(session_id, device.device_id, not_after)
+        transcript = handshake.transcript_hash(encode(signed), ct, nonce, session_id)
+        # The coordinator's copy of the key would protect its control traffic to the device;
+        # it is derived and then dropped here, since no control message needs it yet.
+        handshake.session_key(ss, req.nonce, nonce, transcript)
+        await self._event("session.opened", device_id=device.device_id, session_id=session_id)
+        return self._sign(SessionAccept(
+            device_id=device.device_id, session_id=session_id, request_digest=transcript, ciphertext=ct,
+            nonce=nonce, grant=encode(grant), enclave_report=self.registry.get_meta(META_ENCLAVE_REPORT)))
+
+    # --- device key rotation -------------------------------------------------------------
+
+    async def rotate(self, req: RotationRequest) -> Signed:
+        device_id = None
+        try:
+            old_signed = decode(req.claim, Signed)
+            claim = signing.unverified(old_signed, KeyRotation)
+            device_id = claim.device_id
+            device = self.registry.get_device(claim.device_id)
+            if device is None:
+                raise QflareError(Reason.NOT_ENROLLED, claim.device_id)
+            if device.status != "active":
+                raise QflareError(Reason.REVOKED, claim.device_id)
+            if not handshake.is_fresh(claim.timestamp, time.time(), self.settings.crypto.freshness_seconds):
+                raise QflareError(Reason.STALE, "rotation request outside the freshness window")
+            try:
+                self.policy.check_sig(claim.sig_alg)
+                self.policy.check_kem(claim.kem_alg)
+            except pqc.errors.QflareCryptoError as exc:
+                raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+            signing.verify(old_signed, KeyRotation, device.sig_alg, device.sig_pk)
+            new_signed = decode(req.new_key_proof, Signed)
+            if signing.verify(new_signed, KeyRotation, claim.sig_alg, claim.sig_pk) != claim:
+                raise QflareError(Reason.BAD_SIGNATURE, "new-key proof does not match the claim")
+            if not self.registry.remember_nonce(claim.nonce):
+                raise QflareError(Reason.REPLAY, "rotation request seen before")
+            device = self.registry.rotate_device_keys(claim.device_id, claim.sig_alg, claim.sig_pk,
+                                                      claim.kem_alg, claim.kem_pk)
+        except QflareError as err:
+            raise await self._refuse("rotation", err, device_id) from None
+        await self._event("device.rotated", device_id=device.device_id, sig_fp=device.sig_fp)
+        return self._sign(RotationAccept(device_id=device.device_id, sig_fp=device.sig_fp, request_nonce=claim.nonce))
+
+    # --- attestation admission (step 6) --------------------------------------------------
+
+    async def admit_enclave(self, req: AttestRequest) -> Signed:
+        from enclave_worker.attestation import allowed_measurements, trusted_platform_key
+
+        try:
+            platform = trusted_platform_key(platform_dir(self.settings))
+            if platform is None or platform != (req.platform_alg, req.platform_pk):
+                raise QflareError(Reason.BAD_SIGNATURE, "report not signed by a trusted platform key")
+            report = signing.verify(decode(req.report, Signed), AttestationReport, req.platform_alg, req.platform_pk)
+            if report.measurement not in allowed_measurements(self.settings):
+                raise QflareError(Reason.MEASUREMENT_NOT_ALLOWED, report.measurement)
+        except QflareError as err:
+            raise await self._refuse("attestation", err, None) from None
+        self.registry.set_meta(META_ENCLAVE_REPORT, req.report)
+        self.registry.audit("coordinator", "enclave.admitted", measurement=report.measurement)
+        await self._event("enclave.attested", measurement=report.measurement,
+                          kem_fp=pqc.fingerprint(report.kem_pk, report.kem_alg))
+        return self._sign(AttestAccept(measurement=report.measurement, coordinator_sig_alg=self.identity.sig_alg,
+                                       coordinator_sig_pk=self.identity.sig_pk))
+
+    # --- revocation ----------------------------------------------------------------------
+
+    async def revoke(self, device_id: str, reason: str = "operator") -> None:
+        await revoke_device(self.settings, device_id, reason, registry=self.registry, broker=self.broker,
+                            identity=self.identity)
+
+    # --- rounds --------------------------------------------------------------------------
+
+    async def start_rounds(self, req: RoundStart) -> RoundStarted:
+        if self._rounds_task is not None and not self._rounds_task.done():
+            raise QflareError(Reason.INVALID_FIELD, "rounds are already running")
+        first = int(self.registry.get_meta(META_ROUND) or b"0") + 1
+        self._rounds_task = asyncio.create_task(self._run_rounds(req, first))
+        return RoundStarted(round_id=first)
+
+    async def _run_rounds(self, req: RoundStart, first: int) -> None:
+        assert self.broker is not None
+        for round_id in range(first, first + req.rounds):
+            spec = RoundSpec(round_id=round_id, deadline=time.time() + req.deadline_seconds,
+                             min_updates=req.min_updates, expected=req.expected, epochs=req.epochs, lr=req.lr,
+                             batch_size=req.batch_size)
+            self.registry.set_meta(META_ROUND, str(round_id).encode())
+            await self.broker.publisher.publish(self.broker.names.control_exchange, "enclave",
+                                                self._sign(RoundOpen(spec=spec, issued_at=time.time())))
+            self.registry.audit("coordinator", "round.opened", round_id=round_id)
+            while True:
+                ev = await self._round_done.get()
+                if ev.round_id == round_id:
+                    break
+
+
+async def revoke_device(settings: Settings, device_id: str, reason: str = "operator", *,
+                        registry: Registry | None = None, broker: BrokerClient | None = None,
+                        identity: Identity | None = None) -> None:
+    """Revoke at once: registry, a signed notice the enclave consumes, an event."""
+    own_registry = registry is None
+    registry = registry or Registry(str(settings.registry_file))
+    identity = identity or load_identity(settings)
+    own_broker = broker is None
+    try:
+        device = registry.revoke_device(device_id, reason)
+        broker = broker or await BrokerClient.open(settings, name="qflare-revoke")
+        notice = signing.sign(Revocation(device_id=device_id, revoked_at=time.time()), identity.sig_alg,
+                              identity.sig_sk, identity.sig_pk)
+        await broker.publisher.publish(broker.names.control_exchange, "enclave", notice)
+        await broker.publisher.event("device.revoked", device_id=device_id, reason=reason, sig_fp=device.sig_fp)
+    finally:
+        if own_broker and broker is not None:
+            await broker.close()
+        if own_registry:
+            registry.close()
+
+
+async def run(settings: Settings) -> None:
+    """``qflare coordinator run``: serve until cancelled."""
+    coord = Coordinator(settings)
+    await coord.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await coord.stop()

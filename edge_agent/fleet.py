@@ -1,0 +1,179 @@
+"""Running devices: each verifies the enclave-signed model, trains, and sends its update.
+
+One process can run one device (``qflare agent run``) or thousands (the simulator): all
+devices of a process share one connection and one subscription to the models fanout, and
+each keeps its own keys, data shard and outbox entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from aio_pika.abc import AbstractIncomingMessage
+
+from broker.client import BrokerClient
+from broker.messaging import TRANSIENT
+from edge_agent import updates
+from edge_agent.client import Device
+from edge_agent.outbox import Outbox
+from edge_agent.trainer import train_local
+from schemas import signing
+from schemas.codec import CodecError, decode
+from schemas.messages import GlobalModel, Signed
+from schemas.reasons import QflareError, Reason
+
+log = logging.getLogger("qflare.agent")
+
+
+@dataclass
+class Member:
+    device: Device
+    x: np.ndarray
+    y: np.ndarray
+    attack: str | None = None
+    last_round: int = 0
+    model_version: int = -1
+
+
+def verify_model(body: bytes, device: Device) -> GlobalModel:
+    """The global model if it carries a valid signature of the device's attested enclave."""
+    if device.enclave is None:
+        raise QflareError(Reason.NO_ENCLAVE, "no attested enclave known")
+    signed = decode(body, Signed)
+    return signing.verify(signed, GlobalModel, device.enclave.sig_alg, device.enclave.sig_pk)
+
+
+class Fleet:
+    def __init__(self, broker: BrokerClient, outbox: Outbox, *, on_sent: Callable[[str, int], None] | None = None,
+                 on_reject: Callable[[str, str], None] | None = None) -> None:
+        self.broker = broker
+        self.outbox = outbox
+        self.members: dict[str, Member] = {}
+        self.latest: GlobalModel | None = None
+        self.on_sent = on_sent
+        self.on_reject = on_reject
+        self._tasks: set[asyncio.Task] = set()
+        self._queue = None
+
+    def add(self, member: Member) -> None:
+        self.members[member.device.device_id] = member
+
+    async def listen(self) -> None:
+        """Subscribe to the models fanout, after reading the latest model from the stream."""
+        ch = self.broker.channel
+        self._queue = await ch.declare_queue(exclusive=True, auto_delete=True)
+        await self._queue.bind(self.broker.names.models_exchange)
+        await self._queue.consume(self._on_message)
+        body = await latest_model_body(self.broker)
+        if body is not None:
+            await self.handle_model(body)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        async with message.process(ignore_processed=True):
+            await self.handle_model(bytes(message.body))
+
+    async def handle_model(self, body: bytes) -> None:
+        """Verify once per enclave key, then let each device train if the round includes it."""
+        verdicts: dict[bytes, GlobalModel | None] = {}
+        for m in list(self.members.values()):
+            key = m.device.enclave.sig_pk if m.device.enclave else b""
+            if key not in verdicts:
+                try:
+                    verdicts[key] = verify_model(body, m.device)
+                except (QflareError, CodecError) as err:
+                    log.warning("model refused by %s: %s", m.device.device_id, err)
+                    if self.on_reject:
+                        self.on_reject(m.device.device_id, err.reason.value)
+                    verdicts[key] = None
+            model = verdicts[key]
+            if model is None or model.version < m.model_version:
+                continue  # unsigned, forged or older than what this device has
+            m.model_version = model.version
+            if self.latest is None or model.version >= self.latest.version:
+                self.latest = model
+            spec = model.next_round
+            if spec is None or spec.round_id <= m.last_round:
+                continue
+            if spec.expected and m.device.device_id not in spec.expected:
+                continue
+            m.last_round = spec.round_id
+            task = asyncio.create_task(self._train_and_send(m, model))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _train_and_send(self, m: Member, model: GlobalModel) -> None:
+        spec = model.next_round
+        base = np.frombuffer(model.params, dtype="<f4").copy()
+        seed = zlib.crc32(f"{m.device.device_id}/{spec.round_id}".encode())
+        delta, n = await asyncio.to_thread(train_local, base, m.x, m.y, epochs=spec.epochs, lr=spec.lr,
+                                           batch_size=spec.batch_size, seed=seed, attack=m.attack)
+        update_id, key, body = updates.build(m.device, spec.round_id, model.version, model.layout_id, delta, n)
+        self.outbox.put(update_id, m.device.device_id, key, body, spec.round_id)
+        await self.send(update_id, key, body)
+        if self.on_sent:
+            self.on_sent(m.device.device_id, spec.round_id)
+
+    async def send(self, update_id: str, routing_key: str, body: bytes) -> bool:
+        """Publish with confirm; the outbox keeps the update until the broker confirmed it."""
+        self.outbox.attempt(update_id)
+        try:
+            await self.broker.publisher.publish(self.broker.names.updates_exchange, routing_key, body,
+                                                message_id=update_id)
+        except TRANSIENT as exc:
+            log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
+            return False
+        self.outbox.confirmed(update_id)
+        return True
+
+    async def flush(self) -> int:
+        """Resend every pending update of this fleet's devices (same update ids)."""
+        sent = 0
+        for update_id, device_id, key, body in self.outbox.pending():
+            if device_id in self.members and await self.send(update_id, key, body):
+                sent += 1
+        return sent
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+async def latest_model_body(broker: BrokerClient, settle: float = 0.3) -> bytes | None:
+    """The highest-version model in the models stream (``x-stream-offset: last``).
+
+    ``last`` starts at the last chunk, which may hold several messages: keep the highest.
+    """
+    ch = await broker.connection.channel()
+    try:
+        await ch.set_qos(prefetch_count=16)
+        q = await ch.declare_queue(broker.names.models_stream, passive=True)
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on(msg: AbstractIncomingMessage) -> None:
+            await got.put(bytes(msg.body))
+            await msg.ack()
+
+        tag = await q.consume(on, arguments={"x-stream-offset": "last"})
+        best: tuple[int, bytes] | None = None
+        while True:
+            try:
+                body = await asyncio.wait_for(got.get(), settle)
+            except asyncio.TimeoutError:
+                break
+            try:
+                version = signing.unverified(decode(body, Signed), GlobalModel).version
+            except (CodecError, QflareError):
+                continue
+            if best is None or version > best[0]:
+                best = (version, body)
+        await q.cancel(tag)
+        return best[1] if best else None
+    finally:
+        await ch.close()
+
+

@@ -1,0 +1,49 @@
+"""The device's durable outbox: an update stays here until the broker confirmed it.
+
+After a reconnect or a restart, pending updates are sent again with the same update id,
+which the enclave uses to count each update once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+
+class Outbox:
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS outbox (update_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, "
+                        "routing_key TEXT NOT NULL, body BLOB NOT NULL, round_id INTEGER NOT NULL, "
+                        "created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)")
+        self.lock = threading.Lock()
+
+    def put(self, update_id: str, device_id: str, routing_key: str, body: bytes, round_id: int) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,?,?,0)",
+                            (update_id, device_id, routing_key, body, round_id, time.time()))
+
+    def attempt(self, update_id: str) -> None:
+        with self.lock:
+            self.db.execute("UPDATE outbox SET attempts = attempts + 1 WHERE update_id=?", (update_id,))
+
+    def confirmed(self, update_id: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,))
+
+    def pending(self, device_id: str | None = None) -> list[tuple[str, str, str, bytes]]:
+        """(update_id, device_id, routing_key, body) of every unconfirmed update, oldest first."""
+        q = "SELECT update_id, device_id, routing_key, body FROM outbox"
+        args: tuple = ()
+        if device_id is not None:
+            q += " WHERE device_id=?"
+            args = (device_id,)
+        return self.db.execute(q + " ORDER BY created_at", args).fetchall()
+
+    def close(self) -> None:
+        self.db.close()

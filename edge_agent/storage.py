@@ -1,0 +1,39 @@
+"""A real device's state on disk: its keys (0600), the pinned coordinator key, the enclave."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+from edge_agent.client import Device
+from pqc.identity import Identity
+from schemas.codec import decode, encode
+from schemas.messages import AttestationReport
+
+
+def device_dir(state_dir: Path, device_id: str) -> Path:
+    return state_dir / "devices" / device_id
+
+
+def save_device(state_dir: Path, device: Device) -> Path:
+    d = device_dir(state_dir, device.device_id)
+    device.identity.save(d / "keys")
+    meta = {"device_id": device.device_id, "coordinator_sig_alg": device.coordinator_sig_alg,
+            "coordinator_sig_pk": base64.b64encode(device.coordinator_sig_pk).decode(),
+            "enclave": base64.b64encode(encode(device.enclave)).decode() if device.enclave else None}
+    tmp = d / "device.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, d / "device.json")
+    return d
+
+
+def load_device(state_dir: Path, device_id: str) -> Device:
+    d = device_dir(state_dir, device_id)
+    if not (d / "device.json").exists():
+        raise FileNotFoundError(f"device {device_id} is not enrolled here ({d}); run `qflare agent enroll` first")
+    meta = json.loads((d / "device.json").read_text())
+    enclave = decode(base64.b64decode(meta["enclave"]), AttestationReport) if meta["enclave"] else None
+    return Device(device_id, Identity.load(d / "keys"), meta["coordinator_sig_alg"],
+                  base64.b64decode(meta["coordinator_sig_pk"]), enclave)

@@ -1,0 +1,75 @@
+"""Simulated TEE attestation and sealed storage (DESIGN.md step 6).
+
+The platform is simulated: a "vendor" ML-DSA key in ``<state>/platform`` stands in for the
+CPU's attestation key, and the code measurement is a SHA3-256 over the enclave's source.
+The interface is the one a real quote (SGX/TDX/SEV) would fill: a report {measurement,
+keys, nonce} signed by a key the coordinator trusts, and keys sealed to the measurement so
+only the same code on the same platform can unseal them after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from pathlib import Path
+
+import pqc
+from ops.settings import Settings
+from pqc.identity import Identity
+from schemas import signing
+from schemas.codec import encode
+from schemas.messages import AttestationReport, AttestRequest
+
+PLATFORM_SIG = "ML-DSA-44"
+_SOURCE = Path(__file__).resolve().parent
+
+
+def measurement() -> str:
+    """SHA3-256 over the enclave worker's source files, in name order (the "MRENCLAVE")."""
+    h = hashlib.sha3_256()
+    for path in sorted(_SOURCE.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def allowed_measurements(settings: Settings) -> set[str]:
+    """The allow-list: configured measurements, or this installation's own code."""
+    return set(settings.enclave.allowed_measurements) or {measurement()}
+
+
+def platform_identity(directory: Path) -> Identity:
+    """The simulated platform's key pair, created once per state directory."""
+    return Identity.load_or_create(directory, PLATFORM_SIG, pqc.ids.DEFAULT_KEM)
+
+
+def trusted_platform_key(directory: Path) -> tuple[str, bytes] | None:
+    """(alg, public key) of the platform the coordinator trusts, if one exists."""
+    if not (directory / "public.json").exists():
+        return None
+    ident = Identity.load(directory)
+    return ident.sig_alg, ident.sig_pk
+
+
+def sealing_key(platform: Identity, code: str) -> bytes:
+    """Key bound to platform and measurement: other code cannot unseal the enclave's keys."""
+    return pqc.hkdf_sha256(platform.sig_sk, b"qflare/v1/seal", code.encode(), 32)
+
+
+def load_enclave_keys(settings: Settings, platform: Identity, code: str) -> Identity:
+    """Unseal the enclave's keys, or generate and seal new ones on first start."""
+    directory = settings.state_dir / "enclave" / "keys"
+    key = sealing_key(platform, code)
+    if (directory / "public.json").exists():
+        return Identity.load(directory, passphrase=key)
+    ident = Identity.generate(settings.crypto.signature, settings.crypto.kem)
+    ident.save(directory, passphrase=key)
+    return ident
+
+
+def attest_request(platform: Identity, enclave: Identity, code: str) -> AttestRequest:
+    report = AttestationReport(measurement=code, kem_alg=enclave.kem_alg, kem_pk=enclave.kem_pk,
+                               sig_alg=enclave.sig_alg, sig_pk=enclave.sig_pk, nonce=secrets.token_bytes(32),
+                               created_at=time.time())
+    signed = signing.sign(report, platform.sig_alg, platform.sig_sk, platform.sig_pk)
+    return AttestRequest(report=encode(signed), platform_pk=platform.sig_pk, platform_alg=platform.sig_alg)

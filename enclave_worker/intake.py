@@ -1,0 +1,100 @@
+"""Checking and opening one sealed update (DESIGN.md step 5), without I/O.
+
+Checks run cheapest first: header, routing, round, replay, revocation, grant, device
+signature, then decryption and the payload's shape. Any failure raises
+:class:`QflareError` with the reason that goes into the rejection event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import pqc
+from schemas import signing
+from schemas.codec import CodecError, decode
+from schemas.messages import SessionGrant, Signed, Update, UpdateHeader
+from schemas.reasons import QflareError, Reason
+
+
+@dataclass(frozen=True)
+class IntakeContext:
+    """What the enclave knows when an update arrives."""
+
+    coordinator_sig_alg: str
+    coordinator_sig_pk: bytes
+    kem_alg: str
+    kem_sk: bytes
+    kem_fp: str
+    open_round: int | None
+    layout_id: str
+    n_params: int
+    revoked: frozenset[str]
+    policy: pqc.Policy
+    now: float
+
+
+@dataclass(frozen=True)
+class Opened:
+    header: UpdateHeader
+    delta: np.ndarray
+
+
+def update_aad(header_bytes: bytes) -> bytes:
+    """Associated data of a sealed update: its encoded header, under a label."""
+    return b"qflare/v1/update\0" + header_bytes
+
+
+def signed_parts(update_header: bytes, sealed: bytes) -> list[bytes]:
+    """What the device signs: header ‖ ciphertext, streamed (never concatenated)."""
+    return [update_header, sealed]
+
+
+def read_header(update: Update) -> UpdateHeader:
+    try:
+        return decode(update.header, UpdateHeader)
+    except CodecError as err:
+        raise QflareError(Reason.MALFORMED, err.detail) from None
+
+
+def check_and_open(update: Update, header: UpdateHeader, routed_device: str | None, ctx: IntakeContext,
+                   seen: bool) -> Opened:
+    """Verify everything about ``update`` and return its delta, or raise with a reason."""
+    if routed_device is not None and routed_device != header.device_id:
+        raise QflareError(Reason.DEVICE_MISMATCH, "routing key names another device")
+    if ctx.open_round is None or header.round_id != ctx.open_round:
+        raise QflareError(Reason.WRONG_ROUND, f"round {header.round_id} is not open (open: {ctx.open_round})")
+    if seen:
+        raise QflareError(Reason.REPLAY, f"update {header.update_id} was already received")
+    if header.device_id in ctx.revoked:
+        raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
+    try:
+        grant = signing.verify(decode(header.grant, Signed), SessionGrant, ctx.coordinator_sig_alg,
+                               ctx.coordinator_sig_pk)
+    except (QflareError, CodecError) as err:
+        raise QflareError(Reason.BAD_GRANT, err.detail) from None
+    if grant.device_id != header.device_id:
+        raise QflareError(Reason.BAD_GRANT, "grant issued to another device")
+    if ctx.now > grant.not_after:
+        raise QflareError(Reason.GRANT_EXPIRED, "session grant expired")
+    if update.sig_alg != grant.sig_alg or pqc.fingerprint(grant.sig_pk, grant.sig_alg) != grant.sig_fp:
+        raise QflareError(Reason.BAD_SIGNATURE, "signature algorithm or key differs from the grant")
+    sig = pqc.get_signature(grant.sig_alg)
+    if not sig.verify(grant.sig_pk, signed_parts(update.header, update.sealed), update.signature,
+                      context=signing.context_for(Update.TYPE)):
+        raise QflareError(Reason.BAD_SIGNATURE, "device signature does not verify")
+    if header.enclave_kem_fp != ctx.kem_fp or header.kem_alg != ctx.kem_alg:
+        raise QflareError(Reason.DECRYPTION_FAILED, "sealed to a key this enclave does not hold")
+    if header.layout_id != ctx.layout_id:
+        raise QflareError(Reason.LAYOUT_MISMATCH, f"layout {header.layout_id} is not {ctx.layout_id}")
+    try:
+        payload = pqc.open_sealed(ctx.kem_sk, update.sealed, update_aad(update.header), policy=ctx.policy)
+    except pqc.errors.QflareCryptoError as exc:
+        raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
+    if len(payload) != 4 * ctx.n_params:
+        raise QflareError(Reason.LAYOUT_MISMATCH, f"{len(payload)} bytes for {ctx.n_params} parameters")
+    delta = np.frombuffer(payload, dtype="<f4")
+    if not np.isfinite(delta).all():
+        raise QflareError(Reason.NON_FINITE, "delta has NaN or infinity")
+    return Opened(header, delta)

@@ -1,0 +1,265 @@
+"""The enclave worker: attested keys, intake, round state, filters, aggregation, publishing.
+
+Round life: the coordinator's signed ``RoundOpen`` opens a round on the current global
+model (announced, signed, on the models fanout); updates are checked and stored durably
+before their ack; the round closes when every expected device has sent one, or at the
+deadline once the minimum is met; a round short of its minimum is reported as failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+import pqc
+from broker.client import BrokerClient
+from broker.messaging import consume
+from edge_agent import model as model_lib
+from enclave_worker import aggregate as agg
+from enclave_worker import attestation, filters, intake, publisher
+from enclave_worker.store import EnclaveStore
+from ops.settings import Settings
+from schemas import signing
+from schemas.codec import decode, encode
+from schemas.messages import (
+    AttestAccept, Message, Revocation, RoundOpen, RoundResult, RoundSpec, Signed, Update,
+)
+from schemas.names import Names
+from schemas.reasons import QflareError, Reason
+
+log = logging.getLogger("qflare.enclave")
+
+
+def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray | None, filters.ScreenResult]:
+    """Screen the round's updates and aggregate the survivors (pure; no I/O)."""
+    verdict = filters.screen(deltas, weights, max_norm=fl.max_norm, norm_median_multiple=fl.norm_median_multiple,
+                             min_cosine=fl.min_cosine)
+    keep = verdict.accepted
+    if not keep.any():
+        return None, verdict
+    params = {"trimmed_mean": {"beta": fl.trim_beta}, "multi_krum": {"f": fl.krum_f}}.get(fl.aggregator, {})
+    if fl.aggregator == "multi_krum":
+        params["f"] = min(fl.krum_f, max(0, int(keep.sum()) - 3))
+    return agg.aggregate(fl.aggregator, deltas[keep], weights[keep], **params), verdict
+
+
+class Enclave:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.code = attestation.measurement()
+        self.platform = attestation.platform_identity(settings.state_dir / "platform")
+        self.identity = attestation.load_enclave_keys(settings, self.platform, self.code)
+        self.store = EnclaveStore(settings.state_dir / "enclave")
+        self.policy = pqc.Policy(kems=set(settings.crypto.allowed_kems),
+                                 signatures=set(settings.crypto.allowed_signatures))
+        net = model_lib.build_model(settings.fl.seed)
+        self.layout_id = model_lib.layout_id(net)
+        latest = self.store.latest_model()
+        if latest is None:
+            latest = (0, model_lib.get_flat(net))
+            self.store.save_model(0, None, latest[1], None)
+        self.version, self.params = latest
+        self.coordinator_key: tuple[str, bytes] | None = None
+        self.broker: BrokerClient | None = None
+        self.round: RoundSpec | None = None
+        self.lock = asyncio.Lock()
+        self._deadline: asyncio.Task | None = None
+        self._test_data = None
+        self.started = time.time()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self, attest_timeout: float = 60.0) -> None:
+        self.broker = await BrokerClient.open(self.settings, name="qflare-enclave")
+        await self._attest(attest_timeout)
+        b = self.broker
+        for round_id, spec in self.store.open_rounds():
+            await self._resume(decode(spec, RoundSpec))
+        mb = self.settings.broker.max_message_bytes
+        await consume(b.channel, b.publisher, b.names.enclave_control_queue, self._on_control, expected=Signed,
+                      max_bytes=mb)
+        await consume(b.channel, b.publisher, b.names.updates_queue, self._on_update, expected=Update,
+                      max_bytes=mb)
+        log.info("enclave ready: measurement %s, KEM key %s", self.code[:16], self.identity.kem_fp[:16])
+
+    async def _attest(self, timeout: float) -> None:
+        """Register the attestation report with the coordinator, retrying until it answers."""
+        assert self.broker is not None
+        rpc = await self.broker.rpc()
+        req = attestation.attest_request(self.platform, self.identity, self.code)
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                signed = await rpc.call(self.broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, 5.0)
+                break
+            except QflareError as err:
+                if err.reason != Reason.TIMEOUT or time.monotonic() > end:
+                    raise
+                log.info("waiting for the coordinator to admit this enclave...")
+        accept = signing.unverified(signed, AttestAccept)
+        signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
+        self.coordinator_key = (accept.coordinator_sig_alg, accept.coordinator_sig_pk)
+
+    async def stop(self) -> None:
+        if self._deadline:
+            self._deadline.cancel()
+        if self.broker:
+            await self.broker.close()
+        self.store.close()
+
+    # --- control -------------------------------------------------------------------------
+
+    def _verify_coordinator(self, signed: Signed, expected: type[Message]) -> Message:
+        assert self.coordinator_key is not None
+        return signing.verify(signed, expected, *self.coordinator_key)
+
+    async def _on_control(self, signed: Signed, raw) -> None:
+        inner_type = signing.unverified(signed, (RoundOpen, Revocation))
+        msg = self._verify_coordinator(signed, type(inner_type))
+        if isinstance(msg, Revocation):
+            self.store.revoke(msg.device_id, msg.revoked_at)
+            log.info("device %s revoked", msg.device_id)
+            return
+        async with self.lock:
+            await self._open_round(msg.spec)
+
+    async def _open_round(self, spec: RoundSpec) -> None:
+        status = self.store.round_status(spec.round_id)
+        if status is not None and status != "open":
+            return  # a redelivered command for a round already closed
+        if self.round is not None and self.round.round_id != spec.round_id:
+            await self._finish(self.round, forced=True)
+        self.store.open_round(spec.round_id, encode(spec))
+        await self._resume(spec)
+        await self.broker.publisher.event("round.opened", round_id=spec.round_id, deadline=spec.deadline,
+                                          min_updates=spec.min_updates, expected=len(spec.expected))
+
+    async def _resume(self, spec: RoundSpec) -> None:
+        """Announce ``spec`` on the current model and arm its deadline."""
+        self.round = spec
+        signed = publisher.build_global_model(self.identity, self.version, self.layout_id, self.params,
+                                              next_round=spec)
+        await publisher.publish_model(self.broker.publisher, signed, self.version)
+        if self._deadline:
+            self._deadline.cancel()
+        self._deadline = asyncio.create_task(self._deadline_timer(spec))
+        if self._complete(spec):
+            await self._finish(spec)
+
+    async def _deadline_timer(self, spec: RoundSpec) -> None:
+        await asyncio.sleep(max(0.0, spec.deadline - time.time()))
+        async with self.lock:
+            if self.round is not None and self.round.round_id == spec.round_id:
+                await self._finish(spec)
+
+    def _complete(self, spec: RoundSpec) -> bool:
+        if not spec.expected:
+            return False
+        return set(spec.expected) <= self.store.devices_in_round(spec.round_id)
+
+    # --- intake --------------------------------------------------------------------------
+
+    def _context(self) -> intake.IntakeContext:
+        alg, pk = self.coordinator_key
+        return intake.IntakeContext(
+            coordinator_sig_alg=alg, coordinator_sig_pk=pk, kem_alg=self.identity.kem_alg,
+            kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
+            open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
+            n_params=int(self.params.shape[0]), revoked=frozenset(self.store.revoked()), policy=self.policy,
+            now=time.time())
+
+    async def _on_update(self, update: Update, raw) -> None:
+        routed = raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
+        header = None
+        try:
+            header = intake.read_header(update)
+            async with self.lock:
+                seen = self.store.has_update(header.update_id)
+                if seen and raw.redelivered:
+                    return  # its effect is already durable: a redelivery after a crash counts once
+                opened = intake.check_and_open(update, header, routed, self._context(), seen)
+                if header.device_id in self.store.devices_in_round(header.round_id):
+                    raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
+                self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
+                                      opened.delta)
+                await self.broker.publisher.event("update.accepted", device_id=header.device_id,
+                                                  round_id=header.round_id, update_id=header.update_id)
+                if self._complete(self.round):
+                    await self._finish(self.round)
+        except QflareError as err:
+            device = header.device_id if header else routed
+            if header is not None and self.round is not None and header.round_id == self.round.round_id:
+                self.store.count_rejection(self.round.round_id, err.reason.value)
+            elif self.round is not None and err.reason == Reason.WRONG_ROUND:
+                self.store.count_rejection(self.round.round_id, err.reason.value)
+            log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
+            await self.broker.publisher.event(f"update.rejected.{err.reason.value}", device_id=device,
+                                              round_id=header.round_id if header else None, reason=err.reason.value,
+                                              detail_text=err.detail[:200])
+
+    # --- closing -------------------------------------------------------------------------
+
+    def _evaluate(self, params: np.ndarray) -> float | None:
+        if not self.settings.fl.evaluate:
+            return None
+        from edge_agent.data import load_digits_split
+        from edge_agent.trainer import evaluate
+
+        if self._test_data is None:
+            _, _, xt, yt = load_digits_split(seed=self.settings.fl.seed)
+            self._test_data = (xt, yt)
+        return evaluate(params, *self._test_data)
+
+    async def _finish(self, spec: RoundSpec, forced: bool = False) -> None:
+        """Close ``spec``: screen, aggregate, sign and publish the model, then record it."""
+        t0 = time.time()
+        stored = self.store.round_updates(spec.round_id)
+        rejected = self.store.rejections(spec.round_id)
+        if self._deadline and not forced and asyncio.current_task() is not self._deadline:
+            self._deadline.cancel()
+        self.round = None
+        if len(stored) < spec.min_updates:
+            result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected, seconds=t0 - spec.deadline,
+                                 status="failed")
+            self.store.close_round(spec.round_id, "failed", result.model_dump())
+            await self.broker.publisher.event("round.failed", round_id=spec.round_id, received=len(stored),
+                                              min_updates=spec.min_updates, reason="too_few_updates")
+            log.warning("round %d failed: %d of %d updates", spec.round_id, len(stored), spec.min_updates)
+            return
+        deltas = np.stack([self.store.load_delta(u) for u in stored])
+        weights = np.array([u.num_samples for u in stored], dtype=np.float64)
+        combined, verdict = close_round(deltas, weights, self.settings.fl)
+        for u, reason in zip(stored, verdict.reasons, strict=True):
+            if reason is not None:
+                rejected[reason] = rejected.get(reason, 0) + 1
+                await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
+                                                  round_id=spec.round_id, reason=reason, update_id=u.update_id)
+        accepted = int(verdict.accepted.sum())
+        new_params = self.params + combined if combined is not None else self.params
+        accuracy = self._evaluate(new_params)
+        result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected, accuracy=accuracy,
+                             seconds=round(time.time() - t0, 4), status="completed")
+        version = self.version + 1
+        signed = publisher.build_global_model(self.identity, version, self.layout_id, new_params, result=result)
+        await publisher.publish_model(self.broker.publisher, signed, version)  # confirmed by the broker
+        self.store.save_model(version, spec.round_id, new_params, signed)
+        self.store.close_round(spec.round_id, "completed", result.model_dump())
+        self.version, self.params = version, new_params
+        await self.broker.publisher.event("round.completed", round_id=spec.round_id, version=version,
+                                          accepted=accepted, accuracy=accuracy,
+                                          rejected=",".join(f"{k}={v}" for k, v in sorted(rejected.items())))
+        log.info("round %d completed: %d accepted, rejected %s, accuracy %s", spec.round_id, accepted, rejected,
+                 accuracy)
+
+
+async def run(settings: Settings) -> None:
+    """``qflare enclave run``: serve until cancelled."""
+    enclave = Enclave(settings)
+    await enclave.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await enclave.stop()

@@ -1,0 +1,139 @@
+"""The enclave's durable state: rounds, accepted updates, revocations and global models.
+
+An update is acknowledged to the broker only after its delta and its row are on disk, so a
+crash redelivers at most what was not yet durable, and the update id (primary key) keeps a
+redelivered update from counting twice. In a real TEE this directory would be sealed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+  round_id INTEGER PRIMARY KEY, spec BLOB NOT NULL, status TEXT NOT NULL,
+  opened_at REAL NOT NULL, closed_at REAL, result TEXT, rejected TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS updates (
+  update_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
+  num_samples INTEGER NOT NULL, file TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_round ON updates(round_id);
+CREATE TABLE IF NOT EXISTS revoked (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS models (
+  version INTEGER PRIMARY KEY, round_id INTEGER, params BLOB NOT NULL, signed BLOB, created_at REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    update_id: str
+    device_id: str
+    num_samples: int
+    file: Path
+
+
+class EnclaveStore:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(directory / "enclave.sqlite3"), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # rounds
+    def open_round(self, round_id: int, spec: bytes) -> bool:
+        """Record an open round; False if that round id was already known."""
+        with self.lock:
+            cur = self.db.execute("INSERT OR IGNORE INTO rounds(round_id, spec, status, opened_at) VALUES (?,?,?,?)",
+                                  (round_id, spec, "open", time.time()))
+            return cur.rowcount == 1
+
+    def round_status(self, round_id: int) -> str | None:
+        row = self.db.execute("SELECT status FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        return row[0] if row else None
+
+    def open_rounds(self) -> list[tuple[int, bytes]]:
+        return self.db.execute("SELECT round_id, spec FROM rounds WHERE status='open' ORDER BY round_id").fetchall()
+
+    def close_round(self, round_id: int, status: str, result: dict) -> None:
+        with self.lock:
+            self.db.execute("UPDATE rounds SET status=?, closed_at=?, result=? WHERE round_id=?",
+                            (status, time.time(), json.dumps(result), round_id))
+
+    def count_rejection(self, round_id: int, reason: str) -> None:
+        with self.lock:
+            row = self.db.execute("SELECT rejected FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+            if row is None:
+                return
+            rejected = json.loads(row[0])
+            rejected[reason] = rejected.get(reason, 0) + 1
+            self.db.execute("UPDATE rounds SET rejected=? WHERE round_id=?", (json.dumps(rejected), round_id))
+
+    def rejections(self, round_id: int) -> dict[str, int]:
+        row = self.db.execute("SELECT rejected FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        return json.loads(row[0]) if row else {}
+
+    # updates
+    def has_update(self, update_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
+
+    def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray) -> bool:
+        """Write the delta (fsync) then its row; False if the id was already stored."""
+        if self.has_update(update_id):
+            return False
+        rdir = self.dir / "rounds" / str(round_id)
+        rdir.mkdir(parents=True, exist_ok=True)
+        path = rdir / f"{update_id}.f32"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(np.ascontiguousarray(delta, dtype="<f4").data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        with self.lock:
+            cur = self.db.execute("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?)",
+                                  (update_id, round_id, device_id, num_samples, str(path), time.time()))
+            return cur.rowcount == 1
+
+    def round_updates(self, round_id: int) -> list[StoredUpdate]:
+        rows = self.db.execute("SELECT update_id, device_id, num_samples, file FROM updates WHERE round_id=? "
+                               "ORDER BY at", (round_id,)).fetchall()
+        return [StoredUpdate(u, d, n, Path(f)) for u, d, n, f in rows]
+
+    def devices_in_round(self, round_id: int) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT device_id FROM updates WHERE round_id=?", (round_id,))}
+
+    @staticmethod
+    def load_delta(update: StoredUpdate) -> np.ndarray:
+        return np.fromfile(update.file, dtype="<f4")
+
+    # revocations
+    def revoke(self, device_id: str, at: float) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO revoked VALUES (?,?)", (device_id, at))
+
+    def revoked(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT device_id FROM revoked")}
+
+    # models
+    def save_model(self, version: int, round_id: int | None, params: np.ndarray, signed: bytes | None) -> None:
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO models VALUES (?,?,?,?,?)",
+                            (version, round_id, np.ascontiguousarray(params, dtype="<f4").tobytes(), signed,
+                             time.time()))
+
+    def latest_model(self) -> tuple[int, np.ndarray] | None:
+        row = self.db.execute("SELECT version, params FROM models ORDER BY version DESC LIMIT 1").fetchone()
+        return (row[0], np.frombuffer(row[1], dtype="<f4").copy()) if row else None

@@ -1,0 +1,505 @@
+"""The ``qflare`` command line: a thin shell over library functions.
+
+Every command calls one function that tests can call too; ``--json`` prints machine-
+readable output, rich tables are for people. Errors print one line with a reason and exit
+non-zero; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ops.settings import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="QFLARE: quantum-resistant federated learning over RabbitMQ.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+token_app = typer.Typer(help="One-time enrollment tokens.", no_args_is_help=True)
+device_app = typer.Typer(help="The device registry: list, show, revoke.", no_args_is_help=True)
+coordinator_app = typer.Typer(help="The coordinator service.", no_args_is_help=True)
+enclave_app = typer.Typer(help="The enclave worker (simulated TEE).", no_args_is_help=True)
+agent_app = typer.Typer(help="The edge agent: enroll, open a session, train and send updates.",
+                        no_args_is_help=True)
+round_app = typer.Typer(help="Federated rounds.", no_args_is_help=True)
+broker_app = typer.Typer(help="The broker: check it, watch queue depths.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (figures go to docs/benchmarks.md).", no_args_is_help=True)
+for sub, name in ((token_app, "token"), (device_app, "device"), (coordinator_app, "coordinator"),
+                  (enclave_app, "enclave"), (agent_app, "agent"), (round_app, "round"), (broker_app, "broker"),
+                  (bench_app, "bench")):
+    app.add_typer(sub, name=name)
+try:
+    from ops.crypto_cmd import crypto_app
+
+    app.add_typer(crypto_app, name="crypto")
+except ImportError:  # pragma: no cover - the crypto commands ship with the pqc suite
+    pass
+
+console = Console()
+err_console = Console(stderr=True)
+_state: dict[str, Any] = {"config": None}
+
+
+@app.callback()
+def main(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file (or QFLARE_CONFIG)."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do.")) -> None:
+    _state["config"] = config
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def settings() -> Settings:
+    try:
+        return load_settings(_state["config"])
+    except ConfigError as exc:
+        raise fail(f"bad configuration: {exc}", 2) from None
+
+
+def run(coro: Coroutine) -> Any:
+    """Run ``coro``; turn the expected failures into one line and a non-zero exit."""
+    from broker.connection import BrokerUnavailable
+    from schemas.reasons import QflareError
+
+    try:
+        return asyncio.run(coro)
+    except BrokerUnavailable as exc:
+        raise fail(str(exc)) from None
+    except QflareError as exc:
+        raise fail(f"{exc.reason.value}: {exc.detail}" if exc.detail else exc.reason.value) from None
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '24h', '7d' → seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration like 90s, 15m, 24h or 7d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# --- tokens and devices ---------------------------------------------------------------------
+
+
+def _registry(s: Settings):
+    from coordinator.registry import Registry
+
+    s.registry_file.parent.mkdir(parents=True, exist_ok=True)
+    return Registry(str(s.registry_file))
+
+
+@token_app.command("create")
+def token_create(device_id: str = typer.Option(..., "--device-id", help="The device this token enrolls."),
+                 ttl: str = typer.Option("24h", help="Lifetime: 90s, 15m, 24h, 7d."),
+                 json_out: bool = typer.Option(False, "--json")) -> None:
+    """Create a one-time token; prints it and the coordinator fingerprint the device pins."""
+    from coordinator.service import load_identity
+
+    s = settings()
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", device_id):
+        raise fail("device id must be 1-128 characters of A-Z a-z 0-9 _ . -", 2)
+    seconds = parse_duration(ttl)
+    reg = _registry(s)
+    token = reg.create_token(device_id, seconds)
+    reg.close()
+    fp = load_identity(s).sig_fp
+    out = {"device_id": device_id, "token": token, "expires_in_seconds": seconds, "coordinator_fingerprint": fp}
+    if json_out:
+        print_json(out)
+    else:
+        console.print(f"token for [bold]{device_id}[/] (one use, expires in {ttl}):\n  {token}\n"
+                      f"coordinator fingerprint to pin:\n  {fp}")
+
+
+@token_app.command("list")
+def token_list(all_: bool = typer.Option(False, "--all", help="Include used tokens."),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """List tokens (their hashes only: the registry never stores a token)."""
+    reg = _registry(settings())
+    rows = reg.list_tokens(include_used=all_)
+    reg.close()
+    if json_out:
+        print_json([r.__dict__ for r in rows])
+        return
+    t = Table("hash", "device", "expires", "used", "revoked")
+    for r in rows:
+        t.add_row(r.token_hash[:16], r.device_id, _when(r.expires_at), _when(r.used_at), _when(r.revoked_at))
+    console.print(t)
+
+
+@token_app.command("revoke")
+def token_revoke(token: str = typer.Argument(..., help="The token, or a prefix of its hash.")) -> None:
+    """Revoke an unused token."""
+    reg = _registry(settings())
+    try:
+        reg.revoke_token(token)
+    except Exception as exc:  # noqa: BLE001
+        raise fail(str(exc)) from None
+    finally:
+        reg.close()
+    console.print("token revoked")
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+@device_app.command("list")
+def device_list(status: Optional[str] = typer.Option(None, help="active or revoked"),
+                json_out: bool = typer.Option(False, "--json")) -> None:
+    """List enrolled devices."""
+    reg = _registry(settings())
+    rows = reg.list_devices(status)
+    reg.close()
+    if json_out:
+        print_json([{k: v for k, v in d.__dict__.items() if not isinstance(v, bytes)} for d in rows])
+        return
+    t = Table("device", "status", "signature", "fingerprint", "enrolled", "revoked")
+    for d in rows:
+        t.add_row(d.device_id, d.status, d.sig_alg, d.sig_fp[:16], _when(d.enrolled_at), _when(d.revoked_at))
+    console.print(t)
+
+
+@device_app.command("show")
+def device_show(device_id: str, json_out: bool = typer.Option(False, "--json")) -> None:
+    """Show one device."""
+    reg = _registry(settings())
+    d = reg.get_device(device_id)
+    reg.close()
+    if d is None:
+        raise fail(f"no device {device_id!r}")
+    info = {k: v for k, v in d.__dict__.items() if not isinstance(v, bytes)}
+    if json_out:
+        print_json(info)
+    else:
+        for k, v in info.items():
+            console.print(f"{k:>12}: {_when(v) if k.endswith('_at') else v}")
+
+
+@device_app.command("revoke")
+def device_revoke(device_id: str, reason: str = typer.Option("operator", help="Recorded in the audit log.")) -> None:
+    """Revoke a device at once: registry, the enclave's notice, an event."""
+    from coordinator.service import revoke_device
+
+    s = settings()
+    try:
+        run(revoke_device(s, device_id, reason))
+    except KeyError:
+        raise fail(f"no device {device_id!r}") from None
+    console.print(f"device {device_id} revoked")
+
+
+# --- services ----------------------------------------------------------------------------
+
+
+@coordinator_app.command("run")
+def coordinator_run() -> None:
+    """Serve enrollment, sessions, attestation and rounds until interrupted."""
+    from coordinator.service import run as serve
+
+    run(serve(settings()))
+
+
+@enclave_app.command("run")
+def enclave_run() -> None:
+    """Attest to the coordinator, then verify, filter and aggregate updates until interrupted."""
+    from enclave_worker.service import run as serve
+
+    run(serve(settings()))
+
+
+@enclave_app.command("measurement")
+def enclave_measurement() -> None:
+    """Print this installation's enclave code measurement (for the allow-list)."""
+    from enclave_worker.attestation import measurement
+
+    console.print(measurement())
+
+
+# --- agent -------------------------------------------------------------------------------
+
+
+async def _with_rpc(s: Settings, fn):
+    from broker.client import BrokerClient
+
+    broker = await BrokerClient.open(s, name="qflare-agent")
+    try:
+        return await fn(broker, await broker.rpc())
+    finally:
+        await broker.close()
+
+
+@agent_app.command("enroll")
+def agent_enroll(device_id: str = typer.Option(..., "--device-id"), token: str = typer.Option(..., "--token"),
+                 coordinator_fingerprint: str = typer.Option(..., "--coordinator-fingerprint",
+                                                             help="As printed by `qflare token create`.")) -> None:
+    """Enroll this device with a one-time token; keys are kept under the state directory."""
+    from edge_agent import client
+    from edge_agent.storage import save_device
+
+    s = settings()
+
+    async def go(broker, rpc):
+        return await client.enroll(rpc, broker.names, device_id, token, coordinator_fingerprint,
+                                   sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+
+    dev = run(_with_rpc(s, go))
+    path = save_device(s.state_dir, dev)
+    console.print(f"enrolled {device_id}; keys in {path}")
+
+
+@agent_app.command("session")
+def agent_session(device_id: str = typer.Option(..., "--device-id"),
+                  json_out: bool = typer.Option(False, "--json")) -> None:
+    """Open a forward-secret session (the seed's challenge step) and print the grant."""
+    from edge_agent import client
+    from edge_agent.storage import load_device, save_device
+
+    s = settings()
+    dev = load_device(s.state_dir, device_id) if _exists(s, device_id) else None
+    if dev is None:
+        raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
+
+    async def go(broker, rpc):
+        return await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+
+    sess = run(_with_rpc(s, go))
+    save_device(s.state_dir, dev)
+    out = {"device_id": device_id, "session_id": sess.session_id, "not_after": sess.not_after}
+    if json_out:
+        print_json(out)
+    else:
+        console.print(f"session {sess.session_id} open until {_when(sess.not_after)}")
+
+
+def _exists(s: Settings, device_id: str) -> bool:
+    from edge_agent.storage import device_dir
+
+    return (device_dir(s.state_dir, device_id) / "device.json").exists()
+
+
+@agent_app.command("rotate")
+def agent_rotate(device_id: str = typer.Option(..., "--device-id")) -> None:
+    """Rotate this device's keys (the request is signed by the old key)."""
+    from edge_agent import client
+    from edge_agent.storage import load_device, save_device
+
+    s = settings()
+    if not _exists(s, device_id):
+        raise fail(f"device {device_id} is not enrolled here")
+    dev = load_device(s.state_dir, device_id)
+    run(_with_rpc(s, lambda broker, rpc: client.rotate_keys(rpc, broker.names, dev, timeout=s.broker.rpc_timeout)))
+    save_device(s.state_dir, dev)
+    console.print(f"keys of {device_id} rotated; new fingerprint {dev.identity.sig_fp}")
+
+
+@agent_app.command("run")
+def agent_run(device_id: str = typer.Option(..., "--device-id"),
+              shard: int = typer.Option(0, help="Which part of the digits training set this device holds."),
+              of: int = typer.Option(1, help="Into how many parts the set is split."),
+              attack: Optional[str] = typer.Option(None, help="Simulate a malicious device (tests, demos).")) -> None:
+    """Train on every round this device is part of; resend unconfirmed updates after reconnects."""
+    from edge_agent.agent import run_agent
+
+    s = settings()
+    if not _exists(s, device_id):
+        raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
+    run(run_agent(s, device_id, shard, of, attack))
+
+
+# --- rounds ------------------------------------------------------------------------------
+
+
+@round_app.command("start")
+def round_start(rounds: int = typer.Option(None, help="How many rounds (default: fl.rounds)."),
+                min_updates: int = typer.Option(None, help="Fewest updates a round needs."),
+                deadline: float = typer.Option(None, help="Seconds a round waits for updates."),
+                expected: Optional[list[str]] = typer.Option(None, "--device", help="Expected device (repeat)."),
+                ) -> None:
+    """Ask the running coordinator to run rounds (the seed's federated_start)."""
+    from schemas.messages import RoundStart, RoundStarted
+    from schemas.names import Names
+
+    s = settings()
+    fl = s.fl
+    req = RoundStart(rounds=rounds or fl.rounds, min_updates=min_updates or fl.min_updates,
+                     deadline_seconds=deadline or fl.deadline_seconds, expected=expected or [], epochs=fl.epochs,
+                     lr=fl.lr, batch_size=fl.batch_size)
+
+    async def go(broker, rpc):
+        return await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, RoundStarted,
+                              s.broker.rpc_timeout)
+
+    started = run(_with_rpc(s, go))
+    console.print(f"rounds {started.round_id}..{started.round_id + req.rounds - 1} started")
+
+
+# --- broker ------------------------------------------------------------------------------
+
+
+@broker_app.command("check")
+def broker_check(json_out: bool = typer.Option(False, "--json")) -> None:
+    """Connect, declare the topology, and ping the coordinator if one runs."""
+    from broker.client import BrokerClient
+    from broker.connection import redact
+    from schemas.messages import Ping, Pong
+    from schemas.names import Names
+    from schemas.reasons import QflareError
+
+    s = settings()
+
+    async def go():
+        b = await BrokerClient.open(s, name="qflare-check")
+        try:
+            rpc = await b.rpc()
+            try:
+                t0 = time.perf_counter()
+                pong = await rpc.call(b.names.rpc_exchange, Names.COORDINATOR_KEY, Ping(nonce=b"check"), Pong, 2.0)
+                return {"broker": redact(s.amqp_url), "coordinator": pong.version,
+                        "rpc_ms": round((time.perf_counter() - t0) * 1e3, 2)}
+            except QflareError:
+                return {"broker": redact(s.amqp_url), "coordinator": None}
+        finally:
+            await b.close()
+
+    out = run(go())
+    if json_out:
+        print_json(out)
+    else:
+        console.print(f"broker OK at {out['broker']}; topology declared; coordinator: "
+                      f"{'answers in %s ms' % out['rpc_ms'] if out['coordinator'] else 'not running'}")
+
+
+@broker_app.command("status")
+def broker_status(json_out: bool = typer.Option(False, "--json")) -> None:
+    """Queue depths and consumers: what an operator watches."""
+    from broker.client import BrokerClient
+
+    s = settings()
+
+    async def go():
+        b = await BrokerClient.open(s, name="qflare-status")
+        try:
+            n = b.names
+            rows = []
+            for q in (n.coordinator_queue, n.updates_queue, n.enclave_control_queue, n.dead_letter_queue):
+                ch = await b.connection.channel()
+                decl = await ch.declare_queue(q, passive=True)
+                res = decl.declaration_result
+                rows.append({"queue": q, "messages": res.message_count, "consumers": res.consumer_count})
+                await ch.close()
+            return rows
+        finally:
+            await b.close()
+
+    rows = run(go())
+    if json_out:
+        print_json(rows)
+        return
+    t = Table("queue", "messages", "consumers")
+    for r in rows:
+        t.add_row(r["queue"], str(r["messages"]), str(r["consumers"]))
+    console.print(t)
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices."),
+         rounds: int = typer.Option(3, min=1, max=1000, help="Federated rounds."),
+         malicious: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of malicious devices."),
+         attack: str = typer.Option("sign-flip", help="sign-flip | scale | noise | label-flip"),
+         deadline: Optional[float] = typer.Option(None, help="Seconds a round waits (default fl.deadline_seconds)."),
+         json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
+    """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
+    from edge_agent.trainer import ATTACKS
+    from ops.demo import run_demo
+
+    if attack not in ATTACKS:
+        raise fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}", 2)
+    s = settings()
+    if json_out:
+        report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
+                              deadline=deadline))
+        print_json(report.as_json())
+        return
+    with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console) as bar:
+        tasks: dict[str, int] = {}
+        labels = {"broker": "broker check", "enroll": "enrolling devices", "rounds": "federated rounds"}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(labels[stage], total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
+                              deadline=deadline, progress=progress))
+    console.print(f"{report.devices} devices enrolled through the real protocol in {report.enroll_seconds:.2f}s"
+                  + (f"; malicious ({report.attack}): {', '.join(report.malicious)}" if report.malicious else ""))
+    t = Table("round", "status", "accuracy", "accepted", "rejected (reason: count)", "seconds",
+              title="QFLARE rounds")
+    for r in report.rounds:
+        rej = ", ".join(f"{k}: {v}" for k, v in sorted(r.rejected.items())) or "-"
+        t.add_row(str(r.round), r.status, f"{r.accuracy:.3f}" if r.accuracy is not None else "-", str(r.accepted),
+                  rej, f"{r.seconds:.2f}")
+    console.print(t)
+
+
+# --- benchmarks --------------------------------------------------------------------------
+
+try:
+    from ops.crypto_cmd import bench_crypto_cmd
+
+    bench_app.command("crypto")(bench_crypto_cmd)
+except ImportError:  # pragma: no cover
+    pass
+
+
+@bench_app.command("handshake")
+def bench_handshake(seconds: float = typer.Option(5.0, help="Time per measurement."),
+                    json_out: bool = typer.Option(False, "--json")) -> None:
+    """Enrollments/s and sessions/s per algorithm suite (in-process and over the broker)."""
+    from ops.bench_handshake import run_bench
+
+    result = run(run_bench(settings(), seconds=seconds))
+    if json_out:
+        print_json(result)
+
+
+@bench_app.command("round")
+def bench_round(json_out: bool = typer.Option(False, "--json"),
+                quick: bool = typer.Option(False, help="Fewer updates, for a smoke run.")) -> None:
+    """Updates/s through the enclave (100k and 1M parameters), sealed vs plaintext, memory."""
+    from ops.bench_round import run_bench
+
+    result = run(run_bench(settings(), quick=quick))
+    if json_out:
+        print_json(result)
+
+
+if __name__ == "__main__":
+    app()

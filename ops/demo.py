@@ -1,0 +1,166 @@
+"""``qflare demo``: the whole product on one machine, through the real protocol.
+
+Starts a coordinator, an enclave and N simulated devices in one process over RabbitMQ;
+creates a token per device and enrolls each one, opens sessions, runs R rounds and
+reports per round: accuracy, accepted updates, rejections by reason, seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from broker.client import BrokerClient
+from broker.topology import delete_topology
+from coordinator.service import Coordinator
+from edge_agent import client
+from edge_agent.data import device_shard
+from edge_agent.fleet import Fleet, Member
+from edge_agent.outbox import Outbox
+from enclave_worker.service import Enclave
+from ops.settings import Settings
+from schemas.codec import CodecError, decode
+from schemas.messages import Event, RoundStart, RoundStarted
+from schemas.names import Names
+
+
+@dataclass
+class RoundRow:
+    round: int
+    status: str
+    accuracy: float | None
+    accepted: int
+    rejected: dict[str, int]
+    seconds: float
+
+
+@dataclass
+class DemoReport:
+    devices: int
+    malicious: list[str]
+    attack: str | None
+    rounds: list[RoundRow] = field(default_factory=list)
+    enroll_seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        return {"devices": self.devices, "malicious": self.malicious, "attack": self.attack,
+                "enroll_seconds": round(self.enroll_seconds, 3),
+                "rounds": [{"round": r.round, "status": r.status, "accuracy": r.accuracy, "accepted": r.accepted,
+                            "rejected": r.rejected, "seconds": round(r.seconds, 3)} for r in self.rounds]}
+
+
+def parse_rejected(text: str | None) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k] = int(v)
+    return out
+
+
+def malicious_ids(device_ids: list[str], fraction: float) -> list[str]:
+    """The last ``round(fraction * n)`` devices misbehave (deterministic, easy to read)."""
+    k = int(round(fraction * len(device_ids)))
+    return device_ids[len(device_ids) - k:] if k else []
+
+
+async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, malicious: float = 0.0,
+                   attack: str = "sign-flip", deadline: float | None = None,
+                   progress: Callable[[str, int, int], None] | None = None, keep_state: bool = False) -> DemoReport:
+    """Run the demo in a fresh namespace and state directory; clean both up afterwards."""
+    state = Path(tempfile.mkdtemp(prefix="qflare-demo-"))
+    ns = f"demo-{uuid.uuid4().hex[:8]}"
+    settings = settings.model_copy(update={"state_dir": state, "registry_path": None,
+                                           "broker": settings.broker.model_copy(update={"namespace": ns})})
+    say = progress or (lambda *_: None)
+    ids = [f"device-{i:04d}" for i in range(devices)]
+    bad = malicious_ids(ids, malicious)
+    report = DemoReport(devices, bad, attack if bad else None)
+    fl = settings.fl
+    coordinator = Coordinator(settings)
+    enclave = Enclave(settings)
+    fleet_broker: BrokerClient | None = None
+    try:
+        say("broker", 0, 1)
+        await coordinator.start()
+        await enclave.start()
+        fleet_broker = await BrokerClient.open(settings, name="qflare-fleet")
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        q = await fleet_broker.channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in ("round.*",):
+            await q.bind(fleet_broker.names.events_exchange, key)
+
+        async def on_event(message) -> None:
+            try:
+                await events.put(decode(message.body, Event))
+            except CodecError:
+                pass
+
+        await q.consume(on_event, no_ack=True)
+        say("broker", 1, 1)
+
+        rpc = await fleet_broker.rpc()
+        fleet = Fleet(fleet_broker, Outbox(state / "fleet-outbox.sqlite3"))
+        fp = coordinator.identity.sig_fp
+        t0 = time.perf_counter()
+        done = 0
+
+        async def join(i: int, device_id: str) -> None:
+            nonlocal done
+            token = coordinator.registry.create_token(device_id, 3600)
+            dev = await client.enroll(rpc, fleet_broker.names, device_id, token, fp,
+                                      sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
+            await client.open_session(rpc, fleet_broker.names, dev)
+            x, y = device_shard(i, devices, fl.partition, fl.dirichlet_alpha, fl.seed)
+            fleet.add(Member(dev, x, y, attack=attack if device_id in bad else None))
+            done += 1
+            say("enroll", done, devices)
+
+        for start in range(0, devices, 32):
+            await asyncio.gather(*(join(i, ids[i]) for i in range(start, min(devices, start + 32))))
+        report.enroll_seconds = time.perf_counter() - t0
+        await fleet.listen()
+
+        started = await rpc.call(fleet_broker.names.rpc_exchange, Names.COORDINATOR_KEY, RoundStart(
+            rounds=rounds, min_updates=max(1, math.ceil(devices / 2)),
+            deadline_seconds=deadline or fl.deadline_seconds, expected=ids, epochs=fl.epochs, lr=fl.lr,
+            batch_size=fl.batch_size), RoundStarted, settings.broker.rpc_timeout)
+        first = started.round_id
+        opened: dict[int, float] = {}
+        say("rounds", 0, rounds)
+        while len(report.rounds) < rounds:
+            ev = await asyncio.wait_for(events.get(), (deadline or fl.deadline_seconds) + 120)
+            if ev.round_id is None or ev.round_id < first:
+                continue
+            if ev.type == "round.opened":
+                opened[ev.round_id] = time.perf_counter()
+                continue
+            secs = time.perf_counter() - opened.get(ev.round_id, time.perf_counter())
+            if ev.type == "round.completed":
+                acc = ev.detail.get("accuracy")
+                report.rounds.append(RoundRow(ev.round_id - first + 1, "completed",
+                                              float(acc) if acc is not None else None,
+                                              int(ev.detail.get("accepted") or 0),
+                                              parse_rejected(ev.detail.get("rejected")), secs))
+            elif ev.type == "round.failed":
+                report.rounds.append(RoundRow(ev.round_id - first + 1, "failed", None, 0,
+                                              {"too_few_updates": 1}, secs))
+            say("rounds", len(report.rounds), rounds)
+        await fleet.drain()
+        return report
+    finally:
+        await enclave.stop()
+        await coordinator.stop()
+        if fleet_broker is not None:
+            ch = await fleet_broker.connection.channel()
+            await delete_topology(ch, fleet_broker.names)
+            await fleet_broker.close()
+        if not keep_state:
+            shutil.rmtree(state, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""Helpers for integration tests: real coordinator and enclave on the test's broker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from broker.client import BrokerClient
+from coordinator.service import Coordinator
+from edge_agent import client
+from enclave_worker.service import Enclave
+from ops.settings import Settings
+from schemas.codec import CodecError, decode
+from schemas.messages import Event
+
+
+class EventLog:
+    """Collects events matching binding keys, for assertions."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    @classmethod
+    async def bind(cls, broker: BrokerClient, *keys: str) -> EventLog:
+        log = cls()
+        q = await broker.channel.declare_queue(exclusive=True, auto_delete=True)
+        for k in keys:
+            await q.bind(broker.names.events_exchange, k)
+
+        async def on(message) -> None:
+            with contextlib.suppress(CodecError):
+                log.events.append(decode(message.body, Event))
+
+        await q.consume(on, no_ack=True)
+        return log
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    async def wait(self, type_: str, count: int = 1, timeout: float = 20.0) -> list[Event]:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while True:
+            got = [e for e in self.events if e.type == type_]
+            if len(got) >= count:
+                return got
+            if loop.time() > end:
+                raise AssertionError(f"expected {count} {type_!r} events, saw {self.types()}")
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def coordinator(settings: Settings) -> AsyncIterator[Coordinator]:
+    c = Coordinator(settings)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+@contextlib.asynccontextmanager
+async def enclave(settings: Settings) -> AsyncIterator[Enclave]:
+    e = Enclave(settings)
+    await e.start(attest_timeout=15)
+    try:
+        yield e
+    finally:
+        await e.stop()
+
+
+async def enrolled(broker: BrokerClient, coord: Coordinator, device_id: str, *, session: bool = True) -> client.Device:
+    rpc = await broker.rpc()
+    token = coord.registry.create_token(device_id, 600)
+    s = coord.settings
+    dev = await client.enroll(rpc, broker.names, device_id, token, coord.identity.sig_fp,
+                              sig_alg=s.crypto.signature, kem_alg=s.crypto.kem)
+    if session:
+        await client.open_session(rpc, broker.names, dev)
+    return dev

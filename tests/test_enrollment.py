@@ -1,0 +1,239 @@
+"""Enrollment, sessions, revocation, rotation and rate limits on a real broker.
+
+One test per property or attack, each asserting the reason code the device receives and
+the event the coordinator emits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+import pytest
+
+import pqc
+from coordinator import handshake
+from edge_agent import client
+from pqc.identity import Identity
+from schemas import signing
+from schemas.codec import encode
+from schemas.messages import EnrollClaim, EnrollRequest, Signed, SessionRequest
+from schemas.names import Names
+from schemas.reasons import QflareError, Reason
+from tests.services import EventLog, coordinator, enrolled
+
+pytestmark = pytest.mark.broker
+
+
+async def enroll(broker, coord, device_id, token, **kw):
+    rpc = await broker.rpc()
+    s = coord.settings
+    return await client.enroll(rpc, broker.names, device_id, token, coord.identity.sig_fp,
+                               sig_alg=kw.pop("sig_alg", s.crypto.signature), kem_alg=s.crypto.kem, **kw)
+
+
+async def expect_reason(coro, reason: Reason) -> QflareError:
+    with pytest.raises(QflareError) as exc:
+        await coro
+    assert exc.value.reason == reason, exc.value
+    return exc.value
+
+
+async def send_claim(broker, coord, claim: EnrollClaim, signer: Identity, *, sealed: bytes | None = None):
+    """Build an enrollment request by hand (for attacks the client would never make)."""
+    keys = coord.identity
+    body = encode(signing.sign(claim, signer.sig_alg, signer.sig_sk, signer.sig_pk))
+    req = EnrollRequest(kem_alg=keys.kem_alg, coordinator_kem_fp=keys.kem_fp,
+                        sealed=sealed if sealed is not None else pqc.seal(keys.kem_alg, keys.kem_pk, body,
+                                                                          handshake.ENROLL_AAD))
+    rpc = await broker.rpc()
+    return await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, 10)
+
+
+def claim_for(ident: Identity, device_id: str, token: str, **over) -> EnrollClaim:
+    fields = dict(device_id=device_id, token=token, sig_alg=ident.sig_alg, sig_pk=ident.sig_pk,
+                  kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32), timestamp=time.time())
+    fields.update(over)
+    return EnrollClaim(**fields)
+
+
+async def test_enroll_then_open_session(broker, settings):
+    async with coordinator(settings) as coord:
+        events = await EventLog.bind(broker, "device.#", "session.#")
+        dev = await enrolled(broker, coord, "cam-1")
+        assert dev.session is not None and len(dev.session.key) == 32
+        assert coord.registry.get_device("cam-1").sig_fp == dev.identity.sig_fp
+        await events.wait("device.enrolled")
+        await events.wait("session.opened")
+
+
+async def test_token_is_single_use(broker, settings):
+    async with coordinator(settings) as coord:
+        events = await EventLog.bind(broker, "enrollment.rejected.#")
+        token = coord.registry.create_token("cam-2", 600)
+        await enroll(broker, coord, "cam-2", token)
+        await expect_reason(enroll(broker, coord, "cam-2", token), Reason.TOKEN_USED)
+        await events.wait("enrollment.rejected.token_used")
+
+
+async def test_token_is_single_use_under_race(broker, settings):
+    async with coordinator(settings) as coord:
+        token = coord.registry.create_token("cam-3", 600)
+        results = await asyncio.gather(*(enroll(broker, coord, "cam-3", token) for _ in range(4)),
+                                       return_exceptions=True)
+        ok = [r for r in results if isinstance(r, client.Device)]
+        refused = [r for r in results if isinstance(r, QflareError)]
+        assert len(ok) == 1 and len(refused) == 3
+        assert {r.reason for r in refused} == {Reason.TOKEN_USED}
+
+
+async def test_unknown_expired_and_mismatched_tokens(broker, settings):
+    async with coordinator(settings) as coord:
+        await expect_reason(enroll(broker, coord, "cam-4", "not-a-token"), Reason.TOKEN_UNKNOWN)
+        short = coord.registry.create_token("cam-4", 0.05)
+        await asyncio.sleep(0.2)
+        await expect_reason(enroll(broker, coord, "cam-4", short), Reason.TOKEN_EXPIRED)
+        other = coord.registry.create_token("cam-5", 600)
+        await expect_reason(enroll(broker, coord, "cam-4", other), Reason.DEVICE_MISMATCH)
+        # the mismatched attempt did not burn the other device's token
+        assert isinstance(await enroll(broker, coord, "cam-5", other), client.Device)
+
+
+async def test_forged_proof_of_possession_is_refused(broker, settings):
+    async with coordinator(settings) as coord:
+        events = await EventLog.bind(broker, "enrollment.rejected.#")
+        token = coord.registry.create_token("cam-6", 600)
+        victim, attacker = Identity.generate("ML-DSA-44", "ML-KEM-768"), Identity.generate("ML-DSA-44", "ML-KEM-768")
+        # claims the victim's public key but signs with another: no proof of possession
+        await expect_reason(send_claim(broker, coord, claim_for(victim, "cam-6", token), attacker),
+                            Reason.BAD_SIGNATURE)
+        await events.wait("enrollment.rejected.bad_signature")
+        # the token was not burnt by the forgery
+        assert isinstance(await enroll(broker, coord, "cam-6", token), client.Device)
+
+
+async def test_algorithm_outside_policy_is_refused(broker, settings):
+    settings = settings.model_copy(update={"crypto": settings.crypto.model_copy(
+        update={"allowed_signatures": ["ML-DSA-44"]})})
+    async with coordinator(settings) as coord:
+        token = coord.registry.create_token("cam-7", 600)
+        await expect_reason(enroll(broker, coord, "cam-7", token, sig_alg="ML-DSA-65"),
+                            Reason.UNSUPPORTED_ALGORITHM)
+
+
+async def test_garbage_sealed_request_is_malformed(broker, settings):
+    async with coordinator(settings) as coord:
+        ident = Identity.generate("ML-DSA-44", "ML-KEM-768")
+        claim = claim_for(ident, "cam-8", "t")
+        await expect_reason(send_claim(broker, coord, claim, ident, sealed=b"\x01" * 2000), Reason.MALFORMED)
+
+
+async def test_enrollment_is_rate_limited_before_crypto(broker, settings):
+    settings = settings.model_copy(update={"rate_limits": settings.rate_limits.model_copy(
+        update={"global_per_s": 0.001, "global_burst": 2})})
+    async with coordinator(settings) as coord:
+        for i in range(2):
+            await expect_reason(enroll(broker, coord, f"rl-{i}", "x"), Reason.TOKEN_UNKNOWN)
+        await expect_reason(enroll(broker, coord, "rl-3", "x"), Reason.RATE_LIMITED)
+
+
+async def test_revoked_device_cannot_enroll_or_open_sessions(broker, settings):
+    async with coordinator(settings) as coord:
+        events = await EventLog.bind(broker, "device.revoked", "session.rejected.#")
+        dev = await enrolled(broker, coord, "cam-9")
+        await coord.revoke("cam-9")
+        await events.wait("device.revoked")
+        rpc = await broker.rpc()
+        await expect_reason(client.open_session(rpc, broker.names, dev), Reason.REVOKED)
+        await events.wait("session.rejected.revoked")
+        token = coord.registry.create_token("cam-9", 600)
+        await expect_reason(enroll(broker, coord, "cam-9", token), Reason.REVOKED)
+
+
+async def test_replayed_session_request_is_refused(broker, settings):
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "cam-10", session=False)
+        kem = pqc.get_kem("ML-KEM-768")
+        eph_pk, _ = kem.generate_keypair()
+        req = SessionRequest(device_id="cam-10", eph_kem_alg=kem.name, eph_pk=eph_pk,
+                             nonce=secrets.token_bytes(32), timestamp=time.time())
+        ident = dev.identity
+        signed = signing.sign(req, ident.sig_alg, ident.sig_sk, ident.sig_pk)
+        rpc = await broker.rpc()
+        call = lambda: rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, signed, Signed, 10)  # noqa: E731
+        await call()
+        await expect_reason(call(), Reason.REPLAY)
+
+
+async def test_stale_and_unenrolled_session_requests(broker, settings):
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "cam-11", session=False)
+        kem = pqc.get_kem("ML-KEM-768")
+        eph_pk, _ = kem.generate_keypair()
+        rpc = await broker.rpc()
+        ident = dev.identity
+        for device_id, ts, reason in (("cam-11", time.time() - 3600, Reason.STALE),
+                                      ("ghost", time.time(), Reason.NOT_ENROLLED)):
+            req = SessionRequest(device_id=device_id, eph_kem_alg=kem.name, eph_pk=eph_pk,
+                                 nonce=secrets.token_bytes(32), timestamp=ts)
+            signed = signing.sign(req, ident.sig_alg, ident.sig_sk, ident.sig_pk)
+            await expect_reason(rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, signed, Signed, 10),
+                                reason)
+
+
+async def test_recorded_session_key_is_not_recoverable_from_long_term_keys(broker, settings):
+    """Forward secrecy: everything on the wire plus the device's long-term private keys
+    does not give the session key, because the KEM went to a discarded ephemeral key."""
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "cam-12", session=False)
+        recorded: list[bytes] = []
+        rpc = await broker.rpc()
+        original = rpc.call
+
+        async def recording_call(*args, **kw):
+            reply = await original(*args, **kw)
+            recorded.extend([encode(args[2]), encode(reply)])
+            return reply
+
+        rpc.call = recording_call
+        session = await client.open_session(rpc, broker.names, dev)
+        rpc.call = original
+        from schemas.codec import decode
+        from schemas.messages import SessionAccept
+        request = signing.unverified(decode(recorded[-2], Signed), SessionRequest)
+        accept = signing.unverified(decode(recorded[-1], Signed), SessionAccept)
+        # The attacker holds the device's long-term KEM secret and tries it on the ciphertext.
+        kem = pqc.get_kem(dev.identity.kem_alg)
+        guess_ss = kem.decapsulate(dev.identity.kem_sk, accept.ciphertext)
+        transcript = handshake.transcript_hash(recorded[-2], accept.ciphertext, accept.nonce, accept.session_id)
+        assert transcript == accept.request_digest  # the attacker has the whole transcript
+        guess = handshake.session_key(guess_ss, request.nonce, accept.nonce, transcript)
+        assert guess != session.key
+        # and the session key is not derivable from public transcript values alone
+        assert session.key not in recorded[-1]
+
+
+async def test_device_key_rotation(broker, settings):
+    async with coordinator(settings) as coord:
+        events = await EventLog.bind(broker, "device.rotated")
+        dev = await enrolled(broker, coord, "cam-13", session=False)
+        old = dev.identity
+        rpc = await broker.rpc()
+        await client.rotate_keys(rpc, broker.names, dev)
+        await events.wait("device.rotated")
+        assert coord.registry.get_device("cam-13").sig_fp == dev.identity.sig_fp != old.sig_fp
+        await client.open_session(rpc, broker.names, dev)  # the new key works
+        dev.identity = old
+        await expect_reason(client.open_session(rpc, broker.names, dev), Reason.BAD_SIGNATURE)
+
+
+async def test_coordinator_restart_between_token_and_enrollment(broker, settings):
+    async with coordinator(settings) as coord:
+        token = coord.registry.create_token("cam-14", 600)
+        fp = coord.identity.sig_fp
+    async with coordinator(settings) as coord:  # a new process: same keys, same registry
+        assert coord.identity.sig_fp == fp
+        dev = await enroll(broker, coord, "cam-14", token)
+        rpc = await broker.rpc()
+        await client.open_session(rpc, broker.names, dev)

@@ -1,0 +1,175 @@
+"""Federated rounds end to end on a real broker: accuracy, poisoning, attacks on intake,
+and an enclave crash mid-round."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+import pqc
+from edge_agent import updates
+from edge_agent.data import device_shard, load_digits_split
+from edge_agent.fleet import verify_model
+from edge_agent.trainer import train_centralised, train_local
+from enclave_worker.service import Enclave
+from ops.demo import run_demo
+from schemas import signing
+from schemas.codec import decode, encode
+from schemas.messages import RoundOpen, RoundSpec, Update
+from tests.services import EventLog, coordinator, enclave, enrolled
+
+pytestmark = pytest.mark.broker
+
+
+async def test_five_devices_three_rounds_reach_85_percent(settings, capsys):
+    report = await run_demo(settings, devices=5, rounds=3)
+    acc = [r.accuracy for r in report.rounds]
+    assert [r.status for r in report.rounds] == ["completed"] * 3
+    assert all(r.accepted == 5 for r in report.rounds)
+    assert acc[-1] >= 0.85, acc
+    x, y, xt, yt = load_digits_split()
+    central = train_centralised(x, y, xt, yt, epochs=6)
+    with capsys.disabled():
+        print(f"\nfederated accuracy by round {acc}; centralised baseline {central:.3f}")
+
+
+async def test_malicious_updates_are_rejected_and_accuracy_holds(settings):
+    clean = await run_demo(settings, devices=10, rounds=3)
+    for attack in ("sign-flip", "scale"):
+        poisoned = await run_demo(settings, devices=10, rounds=3, malicious=0.2, attack=attack)
+        for r in poisoned.rounds:
+            assert r.accepted == 8, (attack, r)
+            assert sum(r.rejected.values()) == 2, (attack, r)
+            assert set(r.rejected) <= {"norm_bound", "low_cosine"}
+        assert poisoned.rounds[-1].accuracy >= clean.rounds[-1].accuracy - 0.05
+
+
+# --- attacks on intake -----------------------------------------------------------------
+
+
+async def open_round(coord, broker, round_id: int, expected: list[str], deadline: float = 60.0) -> None:
+    spec = RoundSpec(round_id=round_id, deadline=time.time() + deadline, min_updates=1, expected=expected,
+                     epochs=1, lr=0.1, batch_size=16)
+    await broker.publisher.publish(broker.names.control_exchange, "enclave", coord._sign(
+        RoundOpen(spec=spec, issued_at=time.time())))
+
+
+def honest_update(dev, enc: Enclave, round_id: int, index: int = 0, update_id: str | None = None):
+    x, y = device_shard(index, 5)
+    delta, n = train_local(enc.params, x, y, epochs=1, lr=0.1, batch_size=16, seed=index)
+    return updates.build(dev, round_id, enc.version, enc.layout_id, delta, n, update_id=update_id)
+
+
+async def publish(broker, key: str, body: bytes) -> None:
+    await broker.publisher.publish(broker.names.updates_exchange, key, body)
+
+
+def tamper(body: bytes, **change) -> bytes:
+    u = decode(body, Update)
+    return encode(u.model_copy(update=change))
+
+
+async def test_attacks_on_intake_are_rejected_with_reasons_and_leave_the_model_unchanged(broker, settings):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "update.#", "round.*")
+        good = await enrolled(broker, coord, "good")
+        bad = await enrolled(broker, coord, "bad")
+        gone = await enrolled(broker, coord, "gone")
+        await open_round(coord, broker, 1, ["good", "bad"])
+        await events.wait("round.opened")
+        before = enc.params.copy()
+
+        # a tampered ciphertext: the device signature no longer verifies
+        _, key, body = honest_update(bad, enc, 1, 1)
+        u = decode(body, Update)
+        flipped = bytearray(u.sealed)
+        flipped[-5] ^= 1
+        await publish(broker, key, tamper(body, sealed=bytes(flipped)))
+        await events.wait("update.rejected.bad_signature")
+
+        # a tampered ciphertext re-signed by the device itself: the AEAD refuses it
+        sig = pqc.get_signature(bad.identity.sig_alg)
+        resigned = sig.sign(bad.identity.sig_sk, [u.header, bytes(flipped)], context=signing.context_for(Update.TYPE))
+        await publish(broker, key, tamper(body, sealed=bytes(flipped), signature=resigned))
+        await events.wait("update.rejected.decryption_failed")
+
+        # a forged signature: another key signs the bad device's update
+        other = pqc.get_signature("ML-DSA-44")
+        _, osk = other.generate_keypair()
+        forged = other.sign(osk, [u.header, u.sealed], context=signing.context_for(Update.TYPE))
+        await publish(broker, key, tamper(body, signature=forged))
+        await events.wait("update.rejected.bad_signature", 2)
+
+        # a wrong round
+        _, key2, wrong = honest_update(bad, enc, 7, 1)
+        await publish(broker, key2, wrong)
+        await events.wait("update.rejected.wrong_round")
+
+        # a device publishing under another device's routing key
+        await publish(broker, "update.good", body)
+        await events.wait("update.rejected.device_mismatch")
+
+        # a revoked device
+        await coord.revoke("gone")
+        await asyncio.sleep(0.3)
+        _, gkey, gbody = honest_update(gone, enc, 1, 2)
+        await publish(broker, gkey, gbody)
+        await events.wait("update.rejected.revoked")
+
+        assert enc.store.round_updates(1) == []
+        np.testing.assert_array_equal(enc.params, before)
+
+        # an honest update is accepted, then replayed: counted once
+        uid, gk, gb = honest_update(good, enc, 1, 0)
+        await publish(broker, gk, gb)
+        await events.wait("update.accepted")
+        await publish(broker, gk, gb)
+        await events.wait("update.rejected.replay")
+        assert [s.update_id for s in enc.store.round_updates(1)] == [uid]
+
+
+async def test_returning_device_rejects_a_model_not_signed_by_the_enclave(broker, settings):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        dev = await enrolled(broker, coord, "verifier")
+        from enclave_worker.publisher import build_global_model
+        from pqc.identity import Identity
+
+        genuine = build_global_model(enc.identity, 5, enc.layout_id, enc.params)
+        assert verify_model(genuine, dev).version == 5
+        impostor = Identity.generate("ML-DSA-44", "ML-KEM-768")
+        from schemas.reasons import QflareError
+
+        with pytest.raises(QflareError):
+            verify_model(build_global_model(impostor, 6, enc.layout_id, enc.params), dev)
+
+
+async def test_enclave_crash_mid_round_completes_without_double_counting(broker, settings):
+    async with coordinator(settings) as coord:
+        events = await EventLog.bind(broker, "update.*", "round.*")
+        enc = Enclave(settings)
+        await enc.start(attest_timeout=15)
+        devices = [await enrolled(broker, coord, f"d{i}") for i in range(4)]
+        await open_round(coord, broker, 1, [d.device_id for d in devices])
+        await events.wait("round.opened")
+        built = [honest_update(d, enc, 1, i) for i, d in enumerate(devices)]
+        for _, key, body in built[:2]:
+            await publish(broker, key, body)
+        await events.wait("update.accepted", 2)
+        # crash: the connection drops without a clean shutdown of the round
+        await enc.broker.connection.close()
+        enc.store.close()
+        # the devices did not see confirms for everything: they resend with the same ids
+        for _, key, body in built:
+            await publish(broker, key, body)
+        restarted = Enclave(settings)
+        await restarted.start(attest_timeout=15)
+        try:
+            done = await events.wait("round.completed", 1, timeout=30)
+            assert done[0].detail["accepted"] == 4
+            assert sorted(u.update_id for u in restarted.store.round_updates(1)) == sorted(b[0] for b in built)
+            assert restarted.version == 1
+        finally:
+            await restarted.stop()
