@@ -34,6 +34,11 @@ def transcript_hash(signed_request: bytes, ciphertext: bytes, coordinator_nonce:
     return h.digest()
 
 
+def enclave_digest(report: bytes | None) -> bytes | None:
+    """SHA3-256 of the enclave report sent beside a grant (None when no enclave is known)."""
+    return hashlib.sha3_256(report).digest() if report else None
+
+
 def session_key(shared_secret: bytes, device_nonce: bytes, coordinator_nonce: bytes, transcript: bytes) -> bytes:
     """HKDF-SHA-256(ss, salt = both nonces, info = label ‖ transcript) → 32-byte key.
 

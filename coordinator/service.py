@@ -144,10 +144,10 @@ class Coordinator:
         try:
             return await self._enroll(req)
         except QflareError as err:
-            raise await self._refuse("enrollment", err, None) from None
+            raise await self._refuse("enrollment", err, req.device_id) from None
 
     async def _enroll(self, req: EnrollRequest) -> Signed:
-        if not self.enroll_limits.allow("enroll", time.monotonic()):
+        if not self.enroll_limits.allow(req.device_id, time.monotonic()):
             raise QflareError(Reason.RATE_LIMITED, "too many enrollment requests")
         if req.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "sealed to a key this coordinator does not hold")
@@ -159,8 +159,8 @@ class Coordinator:
             raise QflareError(Reason.MALFORMED, "enrollment request does not open") from None
         signed = decode(inner, Signed)
         claim = signing.unverified(signed, EnrollClaim)
-        if not self.enroll_limits.allow(claim.device_id, time.monotonic()):
-            raise QflareError(Reason.RATE_LIMITED, f"device {claim.device_id} is enrolling too often")
+        if claim.device_id != req.device_id:
+            raise QflareError(Reason.DEVICE_MISMATCH, "sealed claim names another device")
         try:
             self.policy.check_sig(claim.sig_alg)
             self.policy.check_kem(claim.kem_alg)
@@ -194,7 +194,7 @@ class Coordinator:
 
     # --- sessions (step 3) ---------------------------------------------------------------
 
-    async def open_session(self, signed: Signed) -> Signed:
+    async def open_session(self, signed: Signed) -> SessionAccept:
         device_id = None
         try:
             req = signing.unverified(signed, SessionRequest)
@@ -205,7 +205,7 @@ class Coordinator:
         except QflareError as err:
             raise await self._refuse("session", err, device_id) from None
 
-    async def _open_session(self, signed: Signed, req: SessionRequest) -> Signed:
+    async def _open_session(self, signed: Signed, req: SessionRequest) -> SessionAccept:
         now = time.time()
         if not self.session_limits.allow(req.device_id, time.monotonic()):
             raise QflareError(Reason.RATE_LIMITED, "too many session requests")
@@ -231,18 +231,19 @@ class Coordinator:
         session_id = secrets.token_hex(16)
         nonce = secrets.token_bytes(32)
         not_after = now + self.settings.crypto.session_ttl_seconds
+        transcript = handshake.transcript_hash(encode(signed), ct, nonce, session_id)
+        report = self.registry.get_meta(META_ENCLAVE_REPORT)
         grant = self._sign(SessionGrant(device_id=device.device_id, session_id=session_id, sig_alg=device.sig_alg,
                                         sig_pk=device.sig_pk, sig_fp=device.sig_fp, issued_at=now,
-                                        not_after=not_after))
+                                        not_after=not_after, transcript=transcript,
+                                        enclave_digest=handshake.enclave_digest(report)))
         self.registry.record_session(session_id, device.device_id, not_after)
-        transcript = handshake.transcript_hash(encode(signed), ct, nonce, session_id)
-        # The coordinator's copy of the key would protect its control traffic to the device;
-        # it is derived and then dropped here, since no control message needs it yet.
-        handshake.session_key(ss, req.nonce, nonce, transcript)
+        # The coordinator's copy of the session key would protect its control traffic to the
+        # device; no control message needs it yet, so it is not derived (see docs/decisions.md).
+        del ss
         await self._event("session.opened", device_id=device.device_id, session_id=session_id)
-        return self._sign(SessionAccept(
-            device_id=device.device_id, session_id=session_id, request_digest=transcript, ciphertext=ct,
-            nonce=nonce, grant=encode(grant), enclave_report=self.registry.get_meta(META_ENCLAVE_REPORT)))
+        return SessionAccept(device_id=device.device_id, session_id=session_id, ciphertext=ct, nonce=nonce,
+                             grant=encode(grant), enclave_report=report)
 
     # --- device key rotation -------------------------------------------------------------
 

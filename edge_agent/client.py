@@ -70,7 +70,7 @@ async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coord
                         timestamp=time.time())
     signed = signing.sign(claim, ident.sig_alg, ident.sig_sk, ident.sig_pk)
     sealed = pqc.seal(keys.kem_alg, keys.kem_pk, encode(signed), handshake.ENROLL_AAD)
-    req = EnrollRequest(kem_alg=keys.kem_alg, coordinator_kem_fp=pqc.fingerprint(keys.kem_pk, keys.kem_alg),
+    req = EnrollRequest(device_id=device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=pqc.fingerprint(keys.kem_pk, keys.kem_alg),
                         sealed=sealed)
     reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, timeout)
     accept = signing.verify(reply, EnrollAccept, keys.sig_alg, keys.sig_pk)
@@ -88,16 +88,17 @@ async def open_session(rpc: RpcClient, names: Names, device: Device, *, kem_alg:
                          nonce=secrets.token_bytes(32), timestamp=time.time())
     ident = device.identity
     signed_req = signing.sign(req, ident.sig_alg, ident.sig_sk, ident.sig_pk)
-    reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, signed_req, Signed, timeout)
-    accept = signing.verify(reply, SessionAccept, device.coordinator_sig_alg, device.coordinator_sig_pk)
+    accept = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, signed_req, SessionAccept, timeout)
+    grant = signing.verify(decode(accept.grant, Signed), SessionGrant, device.coordinator_sig_alg,
+                           device.coordinator_sig_pk)
     transcript = handshake.transcript_hash(encode(signed_req), accept.ciphertext, accept.nonce, accept.session_id)
-    if accept.device_id != device.device_id or accept.request_digest != transcript:
-        raise QflareError(Reason.BAD_SIGNATURE, "session reply does not answer this request")
+    if (grant.transcript != transcript or grant.device_id != device.device_id
+            or grant.session_id != accept.session_id or grant.sig_fp != ident.sig_fp
+            or grant.enclave_digest != handshake.enclave_digest(accept.enclave_report)):
+        raise QflareError(Reason.BAD_SIGNATURE, "session reply does not match its signed grant")
     ss = kem.decapsulate(eph_sk, accept.ciphertext)
     del eph_sk  # forward secrecy: nothing kept can recompute ss
     key = handshake.session_key(ss, req.nonce, accept.nonce, transcript)
-    grant = signing.verify(decode(accept.grant, Signed), SessionGrant, device.coordinator_sig_alg,
-                           device.coordinator_sig_pk)
     if accept.enclave_report:
         device.enclave = _enclave_report(accept.enclave_report)
     device.session = Session(accept.session_id, key, accept.grant, grant.not_after)

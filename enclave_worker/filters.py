@@ -42,7 +42,12 @@ def norm_filter(
     The relative bound adapts as training converges and updates shrink; the absolute one
     caps the damage when most updates of a round are large. Non-finite rows never pass.
     """
-    norms = l2_norms(updates)
+    return norm_verdict(l2_norms(updates), max_norm, median_multiple)
+
+
+def norm_verdict(norms: np.ndarray, max_norm: float | None, median_multiple: float | None) -> np.ndarray:
+    """:func:`norm_filter` on precomputed norms, so a caller can stream the updates."""
+    norms = np.asarray(norms, dtype=np.float64)
     accept = np.isfinite(norms)
     if max_norm is not None:
         accept &= norms <= max_norm

@@ -33,6 +33,10 @@ from schemas.reasons import QflareError, Reason
 log = logging.getLogger("qflare.enclave")
 
 
+#: Updates sampled for the cosine filter's median reference when streaming a round.
+REFERENCE_SAMPLE = 64
+
+
 def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray | None, filters.ScreenResult]:
     """Screen the round's updates and aggregate the survivors (pure; no I/O)."""
     verdict = filters.screen(deltas, weights, max_norm=fl.max_norm, norm_median_multiple=fl.norm_median_multiple,
@@ -46,8 +50,38 @@ def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray
     return agg.aggregate(fl.aggregator, deltas[keep], weights[keep], **params), verdict
 
 
+def close_round_streaming(load, n: int, weights: np.ndarray, fl,
+                          sample: int = REFERENCE_SAMPLE) -> tuple[np.ndarray | None, filters.ScreenResult]:
+    """FedAvg with the same filters, holding O(sample × d) floats whatever the round size.
+
+    Pass 1 streams the norms; the cosine reference is the coordinate-wise median of up to
+    ``sample`` norm survivors (evenly spaced, so deterministic); pass 2 streams the cosine
+    test and a running weighted mean. With ``n <= sample`` the result equals
+    :func:`close_round`'s.
+    """
+    norms = np.array([float(np.linalg.norm(load(i).astype(np.float64))) for i in range(n)])
+    accepted = filters.norm_verdict(norms, fl.max_norm, fl.norm_median_multiple)
+    reasons: list[str | None] = [None if ok else filters.REASON_NORM for ok in accepted]
+    survivors = np.flatnonzero(accepted)
+    reference = None
+    if fl.min_cosine is not None and survivors.size >= filters.MIN_UPDATES_FOR_MEDIAN:
+        picks = survivors[np.linspace(0, survivors.size - 1, min(sample, survivors.size)).astype(int)]
+        reference = filters.robust_reference(np.stack([load(int(i)) for i in picks]))
+    running = agg.RunningFedAvg()
+    for i in survivors:
+        delta = load(int(i))
+        if reference is not None and filters.cosine_to_reference(delta[None, :], reference)[0] < fl.min_cosine:
+            accepted[i] = False
+            reasons[i] = filters.REASON_COSINE
+            continue
+        running.add(delta, float(weights[i]))
+    verdict = filters.ScreenResult(accepted=accepted, reasons=reasons)
+    return (running.result() if running.count else None), verdict
+
+
 class Enclave:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, initial: tuple[np.ndarray, str] | None = None) -> None:
+        """``initial`` (parameters, layout id) replaces the digits MLP, e.g. for benchmarks."""
         self.settings = settings
         self.code = attestation.measurement()
         self.platform = attestation.platform_identity(settings.state_dir / "platform")
@@ -55,11 +89,13 @@ class Enclave:
         self.store = EnclaveStore(settings.state_dir / "enclave")
         self.policy = pqc.Policy(kems=set(settings.crypto.allowed_kems),
                                  signatures=set(settings.crypto.allowed_signatures))
-        net = model_lib.build_model(settings.fl.seed)
-        self.layout_id = model_lib.layout_id(net)
+        if initial is None:
+            net = model_lib.build_model(settings.fl.seed)
+            initial = (model_lib.get_flat(net), model_lib.layout_id(net))
+        self.layout_id = initial[1]
         latest = self.store.latest_model()
         if latest is None:
-            latest = (0, model_lib.get_flat(net))
+            latest = (0, initial[0])
             self.store.save_model(0, None, latest[1], None)
         self.version, self.params = latest
         self.coordinator_key: tuple[str, bytes] | None = None
@@ -229,9 +265,13 @@ class Enclave:
                                               min_updates=spec.min_updates, reason="too_few_updates")
             log.warning("round %d failed: %d of %d updates", spec.round_id, len(stored), spec.min_updates)
             return
-        deltas = np.stack([self.store.load_delta(u) for u in stored])
         weights = np.array([u.num_samples for u in stored], dtype=np.float64)
-        combined, verdict = close_round(deltas, weights, self.settings.fl)
+        if self.settings.fl.aggregator == "fedavg":
+            combined, verdict = close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored),
+                                                      weights, self.settings.fl)
+        else:  # robust aggregators need every update at once
+            deltas = np.stack([self.store.load_delta(u) for u in stored])
+            combined, verdict = close_round(deltas, weights, self.settings.fl)
         for u, reason in zip(stored, verdict.reasons, strict=True):
             if reason is not None:
                 rejected[reason] = rejected.get(reason, 0) + 1

@@ -55,7 +55,7 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int) -> d
                             kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32),
                             timestamp=time.time())
         body = encode(signing.sign(claim, ident.sig_alg, ident.sig_sk, ident.sig_pk))
-        reqs.append(EnrollRequest(kem_alg=keys.kem_alg, coordinator_kem_fp=keys.kem_fp,
+        reqs.append(EnrollRequest(device_id=claim.device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=keys.kem_fp,
                                   sealed=pqc.seal(keys.kem_alg, keys.kem_pk, body, handshake.ENROLL_AAD)))
     t0 = time.perf_counter()
     for r in reqs:

@@ -76,9 +76,14 @@ class EnrollClaim(Message):
 
 
 class EnrollRequest(Message):
-    """An encoded ``Signed(EnrollClaim)`` sealed to the coordinator's KEM key."""
+    """An encoded ``Signed(EnrollClaim)`` sealed to the coordinator's KEM key.
+
+    ``device_id`` is in clear (it is no secret: routing keys carry it) so rate limits apply
+    before any crypto; the sealed claim must name the same device.
+    """
 
     TYPE: ClassVar[str] = "enroll.request"
+    device_id: DeviceId
     kem_alg: AlgName
     coordinator_kem_fp: Fingerprint
     sealed: Blob
@@ -111,7 +116,12 @@ class SessionRequest(Message):
 
 
 class SessionGrant(Message):
-    """Coordinator-signed, short-lived right to send updates, checked by the enclave."""
+    """Coordinator-signed, short-lived right to send updates, checked by the enclave.
+
+    It also authenticates the handshake to the device: ``transcript`` binds the request,
+    the ciphertext, the coordinator's nonce and the session id, and ``enclave_digest`` the
+    enclave report sent beside it, so one signature serves both readers.
+    """
 
     TYPE: ClassVar[str] = "session.grant"
     device_id: DeviceId
@@ -121,18 +131,22 @@ class SessionGrant(Message):
     sig_fp: Fingerprint
     issued_at: float
     not_after: float
+    transcript: bytes
+    enclave_digest: bytes | None = None
 
 
 class SessionAccept(Message):
-    """Signed by the coordinator: ciphertext to the ephemeral key, nonce, grant."""
+    """The coordinator's answer: ciphertext to the ephemeral key, its nonce, the grant.
+
+    Not signed itself: every field is bound by the signed grant's transcript/enclave digest.
+    """
 
     TYPE: ClassVar[str] = "session.accept"
     device_id: DeviceId
     session_id: Annotated[str, Field(min_length=8, max_length=64)]
-    request_digest: bytes
     ciphertext: Key
     nonce: Nonce
-    grant: bytes
+    grant: bytes  # Signed(SessionGrant)
     enclave_report: bytes | None = None
 
 

@@ -1,0 +1,11 @@
+"""Updates/s through the enclave, sealed vs plaintext, latency, memory; writes docs/benchmarks.md."""
+
+import asyncio
+import json
+import sys
+
+from ops.bench_round import run_bench
+from ops.settings import load_settings
+
+if __name__ == "__main__":
+    print(json.dumps(asyncio.run(run_bench(load_settings(), quick="--quick" in sys.argv)), indent=2))

@@ -1,0 +1,321 @@
+"""The device registry: devices, token hashes, sessions, seen nonces and an audit log.
+
+SQLite by default (WAL, migrations in order); :class:`RegistryStore` is the interface a
+PostgreSQL store would implement for several coordinators. Tokens are stored only as
+SHA3-256 hashes, and burning one is a single conditional UPDATE, so two requests racing
+with one token cannot both win, even from two processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE devices (
+      device_id TEXT PRIMARY KEY, status TEXT NOT NULL CHECK (status IN ('active', 'revoked')),
+      sig_alg TEXT NOT NULL, sig_pk BLOB NOT NULL, sig_fp TEXT NOT NULL,
+      kem_alg TEXT NOT NULL, kem_pk BLOB NOT NULL, kem_fp TEXT NOT NULL,
+      enrolled_at REAL NOT NULL, rotated_at REAL, revoked_at REAL);
+    CREATE TABLE tokens (
+      token_hash TEXT PRIMARY KEY, device_id TEXT NOT NULL, created_at REAL NOT NULL,
+      expires_at REAL NOT NULL, used_at REAL, revoked_at REAL);
+    CREATE TABLE sessions (
+      session_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, opened_at REAL NOT NULL, not_after REAL NOT NULL);
+    CREATE INDEX sessions_device ON sessions(device_id);
+    CREATE TABLE seen_nonces (nonce TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+    CREATE INDEX seen_nonces_at ON seen_nonces(seen_at);
+    CREATE TABLE audit (
+      id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+      device_id TEXT, detail TEXT NOT NULL);
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    """,
+]
+
+
+class RegistryError(Exception):
+    """A registry rule was broken; ``reason`` is a reason code (e.g. ``revoked``)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    status: str
+    sig_alg: str
+    sig_pk: bytes
+    sig_fp: str
+    kem_alg: str
+    kem_pk: bytes
+    kem_fp: str
+    enrolled_at: float
+    rotated_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    token_hash: str
+    device_id: str
+    created_at: float
+    expires_at: float
+    used_at: float | None
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    device_id: str
+    opened_at: float
+    not_after: float
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    device_id: str | None
+    detail: dict
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha3_256(token.encode()).hexdigest()
+
+
+class RegistryStore(Protocol):
+    """What the coordinator needs from a registry (SQLite here; PostgreSQL later)."""
+
+    def create_token(self, device_id: str, ttl_seconds: float, now: float | None = None) -> str: ...
+    def check_token(self, token: str, device_id: str, now: float | None = None) -> str: ...
+    def consume_token(self, token: str, device_id: str, now: float | None = None) -> str: ...
+    def enroll_device(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
+                      now: float | None = None) -> Device: ...
+    def get_device(self, device_id: str) -> Device | None: ...
+    def revoke_device(self, device_id: str, reason: str, now: float | None = None) -> Device: ...
+    def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
+                           now: float | None = None) -> Device: ...
+    def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None) -> None: ...
+    def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
+    def audit(self, actor: str, action: str, device_id: str | None = None, **detail: object) -> None: ...
+    def get_meta(self, key: str) -> bytes | None: ...
+    def set_meta(self, key: str, value: bytes) -> None: ...
+
+
+class Registry:
+    """SQLite implementation of :class:`RegistryStore`."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.lock = threading.RLock()
+        if path != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+                row = self.db.execute("SELECT version FROM schema_version").fetchone()
+                current = row[0] if row else 0
+                for version, sql in enumerate(MIGRATIONS[current:], start=current + 1):
+                    for stmt in _statements(sql):
+                        self.db.execute(stmt)
+                    self.db.execute("DELETE FROM schema_version")
+                    self.db.execute("INSERT INTO schema_version VALUES (?)", (version,))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return self.db.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    # --- tokens --------------------------------------------------------------------------
+
+    def create_token(self, device_id: str, ttl_seconds: float, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        token = secrets.token_urlsafe(32)
+        with self.lock:
+            self.db.execute("INSERT INTO tokens VALUES (?,?,?,?,NULL,NULL)",
+                            (token_hash(token), device_id, now, now + ttl_seconds))
+        self.audit("operator", "token.created", device_id, expires_at=now + ttl_seconds)
+        return token
+
+    def list_tokens(self, include_used: bool = False) -> list[TokenRecord]:
+        q = "SELECT * FROM tokens" + ("" if include_used else " WHERE used_at IS NULL AND revoked_at IS NULL")
+        return [TokenRecord(*r) for r in self.db.execute(q + " ORDER BY created_at")]
+
+    def revoke_token(self, token_or_hash_prefix: str, now: float | None = None) -> TokenRecord:
+        now = time.time() if now is None else now
+        h = token_hash(token_or_hash_prefix)
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM tokens WHERE token_hash=? OR token_hash LIKE ?",
+                                   (h, token_or_hash_prefix + "%") if len(token_or_hash_prefix) >= 8 else (h, h)
+                                   ).fetchall()
+            if len(rows) != 1:
+                raise RegistryError("token_unknown", "no single token matches")
+            self.db.execute("UPDATE tokens SET revoked_at=? WHERE token_hash=?", (now, rows[0][0]))
+        self.audit("operator", "token.revoked", rows[0][1])
+        return TokenRecord(*rows[0])
+
+    def _why(self, h: str, device_id: str, now: float) -> str:
+        row = self.db.execute("SELECT device_id, expires_at, used_at, revoked_at FROM tokens WHERE token_hash=?",
+                              (h,)).fetchone()
+        if row is None or row[3] is not None:
+            return "token_unknown"  # a revoked token is as good as none
+        if row[2] is not None:
+            return "token_used"
+        if row[1] <= now:
+            return "token_expired"
+        if row[0] != device_id:
+            return "device_mismatch"
+        return "ok"
+
+    def check_token(self, token: str, device_id: str, now: float | None = None) -> str:
+        """Would :meth:`consume_token` succeed? (No burn: checked before expensive crypto.)"""
+        return self._why(token_hash(token), device_id, time.time() if now is None else now)
+
+    def consume_token(self, token: str, device_id: str, now: float | None = None) -> str:
+        """Check and burn in one statement: exactly one of racing callers gets ``ok``."""
+        now = time.time() if now is None else now
+        h = token_hash(token)
+        with self.lock:
+            cur = self.db.execute(
+                "UPDATE tokens SET used_at=? WHERE token_hash=? AND used_at IS NULL AND revoked_at IS NULL "
+                "AND expires_at>? AND device_id=?", (now, h, now, device_id))
+            if cur.rowcount == 1:
+                return "ok"
+            return self._why(h, device_id, now)
+
+    # --- devices -------------------------------------------------------------------------
+
+    def enroll_device(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
+                      now: float | None = None) -> Device:
+        import pqc
+
+        now = time.time() if now is None else now
+        with self.lock:
+            existing = self.get_device(device_id)
+            if existing is not None and existing.status == "revoked":
+                raise RegistryError("revoked", device_id)
+            self.db.execute(
+                "INSERT INTO devices VALUES (?,?,?,?,?,?,?,?,?,NULL,NULL) ON CONFLICT(device_id) DO UPDATE SET "
+                "sig_alg=excluded.sig_alg, sig_pk=excluded.sig_pk, sig_fp=excluded.sig_fp, kem_alg=excluded.kem_alg, "
+                "kem_pk=excluded.kem_pk, kem_fp=excluded.kem_fp, enrolled_at=excluded.enrolled_at",
+                (device_id, "active", sig_alg, sig_pk, pqc.fingerprint(sig_pk, sig_alg), kem_alg, kem_pk,
+                 pqc.fingerprint(kem_pk, kem_alg), now))
+        self.audit("coordinator", "device.enrolled", device_id)
+        return self.get_device(device_id)  # type: ignore[return-value]
+
+    def get_device(self, device_id: str) -> Device | None:
+        row = self.db.execute("SELECT * FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        return Device(*row) if row else None
+
+    def list_devices(self, status: str | None = None) -> list[Device]:
+        q, args = "SELECT * FROM devices", ()
+        if status:
+            q, args = q + " WHERE status=?", (status,)
+        return [Device(*r) for r in self.db.execute(q + " ORDER BY device_id", args)]
+
+    def revoke_device(self, device_id: str, reason: str, now: float | None = None) -> Device:
+        now = time.time() if now is None else now
+        with self.lock:
+            if self.get_device(device_id) is None:
+                raise KeyError(device_id)
+            self.db.execute("UPDATE devices SET status='revoked', revoked_at=COALESCE(revoked_at, ?) "
+                            "WHERE device_id=?", (now, device_id))
+            self.db.execute("UPDATE sessions SET not_after=MIN(not_after, ?) WHERE device_id=?", (now, device_id))
+        self.audit("operator", "device.revoked", device_id, reason=reason)
+        return self.get_device(device_id)  # type: ignore[return-value]
+
+    def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
+                           now: float | None = None) -> Device:
+        import pqc
+
+        now = time.time() if now is None else now
+        with self.lock:
+            cur = self.db.execute(
+                "UPDATE devices SET sig_alg=?, sig_pk=?, sig_fp=?, kem_alg=?, kem_pk=?, kem_fp=?, rotated_at=? "
+                "WHERE device_id=? AND status='active'",
+                (sig_alg, sig_pk, pqc.fingerprint(sig_pk, sig_alg), kem_alg, kem_pk, pqc.fingerprint(kem_pk, kem_alg),
+                 now, device_id))
+            if cur.rowcount != 1:
+                raise RegistryError("revoked", device_id)
+        self.audit("device", "device.rotated", device_id)
+        return self.get_device(device_id)  # type: ignore[return-value]
+
+    # --- sessions and nonces -------------------------------------------------------------
+
+    def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.lock:
+            self.db.execute("INSERT INTO sessions VALUES (?,?,?,?)", (session_id, device_id, now, not_after))
+
+    def get_session(self, session_id: str) -> SessionRecord | None:
+        row = self.db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
+        return SessionRecord(*row) if row else None
+
+    def session_active(self, session_id: str, now: float | None = None) -> bool:
+        s = self.get_session(session_id)
+        return s is not None and (time.time() if now is None else now) < s.not_after
+
+    def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool:
+        """False if ``nonce`` was seen within the window (a replay); prunes older nonces."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self.db.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - window_seconds,))
+            cur = self.db.execute("INSERT OR IGNORE INTO seen_nonces VALUES (?,?)", (nonce.hex(), now))
+            return cur.rowcount == 1
+
+    # --- audit and meta ------------------------------------------------------------------
+
+    def audit(self, actor: str, action: str, device_id: str | None = None, **detail: object) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO audit(at, actor, action, device_id, detail) VALUES (?,?,?,?,?)",
+                            (time.time(), actor, action, device_id, json.dumps(detail, default=str)))
+
+    def audit_log(self, limit: int = 100) -> list[AuditEntry]:
+        rows = self.db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [AuditEntry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def set_meta(self, key: str, value: bytes) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO meta VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                            (key, value))
+
+    def get_meta(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    out, buf = [], []
+    for line in sql.strip().splitlines():
+        buf.append(line)
+        text = "\n".join(buf).strip()
+        if text.endswith(";") and (not text.upper().startswith("CREATE TRIGGER") or text.upper().endswith("END;")):
+            out.append(text)
+            buf = []
+    return out
