@@ -29,7 +29,8 @@ class BrokerClient:
         channel = await conn.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.broker.prefetch)
         names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
-        return cls(settings, conn, channel, Publisher(channel, names), names)
+        events = await conn.channel(publisher_confirms=False)
+        return cls(settings, conn, channel, Publisher(channel, names, events), names)
 
     async def rpc(self) -> RpcClient:
         if self._rpc is None:

@@ -39,10 +39,13 @@ RpcHandler = Callable[[Message], Awaitable[Message]]
 class Publisher:
     """Publishes encoded messages and waits for the broker's confirm of each one."""
 
-    def __init__(self, channel: AbstractChannel, names: Names) -> None:
+    def __init__(self, channel: AbstractChannel, names: Names,
+                 events_channel: AbstractChannel | None = None) -> None:
         self.channel = channel
         self.names = names
+        self.events_channel = events_channel
         self._exchanges: dict[str, AbstractExchange] = {}
+        self._events_exchange: AbstractExchange | None = None
 
     async def exchange(self, name: str) -> AbstractExchange:
         if name == "":
@@ -72,7 +75,15 @@ class Publisher:
         """Emit an event on the events topic exchange (routing key = event type)."""
         ev = Event(type=type_, at=time.time(), device_id=device_id, round_id=round_id,
                    reason=reason, detail=detail)
-        await self.publish(self.names.events_exchange, type_, ev, persistent=False)
+        if self.events_channel is None:
+            await self.publish(self.names.events_exchange, type_, ev, persistent=False)
+            return
+        # Events are notifications, not state: sent on a channel without publisher confirms
+        # so a handler does not wait a broker round trip per event.
+        if self._events_exchange is None:
+            self._events_exchange = await self.events_channel.get_exchange(self.names.events_exchange, ensure=False)
+        await self._events_exchange.publish(
+            aio_pika.Message(encode(ev), content_type="application/msgpack"), type_, mandatory=False)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str,
                           detail: str) -> None:

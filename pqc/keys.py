@@ -16,6 +16,7 @@ swapped. Private key files are written atomically with mode 0600.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -69,7 +70,13 @@ def fingerprint(public_key: bytes, alg: str) -> str:
 
     The algorithm is hashed in so one key byte string can never be mistaken for a key of
     another algorithm; aliases (Dilithium2) give the same fingerprint as their FIPS name.
+    Cached: handshakes fingerprint the same few keys over and over.
     """
+    return _fingerprint(bytes(public_key), alg)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fingerprint(public_key: bytes, alg: str) -> str:
     canon = canonical_alg(alg)
     pk = require_length(public_key, public_key_size(canon), f"{canon.value} public key", InvalidKey)
     return hashlib.sha3_256(FINGERPRINT_LABEL + canon.value.encode() + b"\x00" + pk).hexdigest()

@@ -12,6 +12,8 @@ it raises only for a malformed public key or context (caller errors).
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -114,6 +116,17 @@ _OPENSSL_MLDSA: dict[SigId, Any] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
+def _private_key(cls: Any, seed: bytes) -> Any:
+    """Key objects rebuilt from a seed, cached: expanding ξ costs as much as a verify."""
+    return cls.from_seed_bytes(seed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(cls: Any, pk: bytes) -> Any:
+    return cls.from_public_bytes(pk)
+
+
 class CryptographyMLDSA(Signature):
     """ML-DSA through OpenSSL. The secret key is the 32-byte seed ξ (FIPS 204 §6.1)."""
 
@@ -127,7 +140,7 @@ class CryptographyMLDSA(Signature):
 
     def public_key_object(self, pk: bytes) -> Any:
         try:
-            return self._pub.from_public_bytes(pk)
+            return _public_key(self._pub, bytes(pk))
         except ValueError as exc:
             raise InvalidKey(f"{self.name} public key refused: {exc}") from None
 
@@ -140,7 +153,7 @@ class CryptographyMLDSA(Signature):
         return key.public_key().public_bytes_raw(), key.private_bytes_raw()
 
     def _sign(self, sk: bytes, message: Message, context: bytes) -> bytes:
-        key = self._priv.from_seed_bytes(sk)
+        key = _private_key(self._priv, bytes(sk))
         if isinstance(message, (list, tuple)):
             hasher = mldsa.MLDSAMuHasher(key.public_key(), context or None)
             for part in message:

@@ -1,0 +1,49 @@
+"""Closing a round (pure): the streaming FedAvg path used for large rounds agrees with the
+in-memory one, and poisoned updates are screened out on both."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enclave_worker.service import close_round, close_round_streaming
+from ops.settings import FLSettings
+
+
+def round_of(k: int, d: int, bad: dict[int, float], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=d)
+    u = (direction + 0.5 * rng.normal(size=(k, d))).astype(np.float32)
+    for i, factor in bad.items():
+        u[i] *= factor
+    return u
+
+
+@pytest.mark.parametrize("bad", [{}, {0: -4.0}, {1: 20.0, 5: -4.0}])
+def test_streaming_close_equals_in_memory_close(bad):
+    u = round_of(10, 300, bad)
+    w = np.arange(1, 11, dtype=np.float64)
+    fl = FLSettings()
+    a, va = close_round(u, w, fl)
+    b, vb = close_round_streaming(lambda i: u[i], len(u), w, fl)
+    assert va.reasons == vb.reasons
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for i in bad:
+        assert va.reasons[i] in ("norm_bound", "low_cosine")
+
+
+def test_streaming_close_holds_only_a_sample_for_the_reference():
+    u = round_of(200, 50, {3: -4.0, 7: 20.0})
+    loads = []
+    b, v = close_round_streaming(lambda i: loads.append(i) or u[i], len(u), np.ones(200), FLSettings(), sample=16)
+    assert not v.accepted[3] and not v.accepted[7]
+    assert v.accepted.sum() == 198
+    # two streaming passes plus a 16-update sample: never the whole round at once
+    assert len(loads) == 200 + 16 + 198
+
+
+def test_a_round_of_only_rejected_updates_leaves_no_aggregate():
+    u = round_of(2, 20, {})
+    fl = FLSettings(max_norm=1e-6)
+    agg, verdict = close_round_streaming(lambda i: u[i], 2, np.ones(2), fl)
+    assert agg is None and verdict.reasons == ["norm_bound", "norm_bound"]
