@@ -47,3 +47,32 @@ def session_key(shared_secret: bytes, device_nonce: bytes, coordinator_nonce: by
     """
     return pqc.hkdf_sha256(shared_secret, device_nonce + coordinator_nonce, SESSION_INFO + transcript,
                            SESSION_KEY_BYTES)
+
+
+def follow_key_chain(chain_current: bytes, rotations: list[bytes], pinned_fp: str) -> "CoordinatorKeys":
+    """Walk from the pinned coordinator key to the current one, checking every signature.
+
+    Each rotation is signed by the key it replaces, so trust flows only forward from what
+    the operator gave the device. Raises ``QflareError(bad_signature)`` when the chain does
+    not lead from ``pinned_fp`` to the self-signed current keys.
+    """
+    from schemas import signing
+    from schemas.codec import decode
+    from schemas.messages import CoordinatorKeys, Signed
+    from schemas.reasons import QflareError, Reason
+
+    fp = pinned_fp
+    for raw in rotations:
+        signed = decode(raw, Signed)
+        step = signing.unverified(signed, CoordinatorKeys)
+        if step.previous_sig_pk is None or step.previous_sig_alg is None:
+            raise QflareError(Reason.BAD_SIGNATURE, "rotation without its previous key")
+        if pqc.fingerprint(step.previous_sig_pk, step.previous_sig_alg) != fp:
+            continue  # a rotation before the pinned key: not needed
+        signing.verify(signed, CoordinatorKeys, step.previous_sig_alg, step.previous_sig_pk)
+        fp = pqc.fingerprint(step.sig_pk, step.sig_alg)
+    current = decode(chain_current, Signed)
+    keys = signing.unverified(current, CoordinatorKeys)
+    if pqc.fingerprint(keys.sig_pk, keys.sig_alg) != fp:
+        raise QflareError(Reason.BAD_SIGNATURE, "coordinator key does not match the pinned fingerprint")
+    return signing.verify(current, CoordinatorKeys, keys.sig_alg, keys.sig_pk)

@@ -14,6 +14,8 @@ import secrets
 import time
 from pathlib import Path
 
+import msgpack
+
 import pqc
 from broker.client import BrokerClient
 from broker.messaging import serve_rpc
@@ -26,10 +28,11 @@ from schemas import signing
 from schemas.codec import CodecError, decode, encode
 from schemas.messages import (
     AttestAccept, AttestationReport, AttestRequest, CoordinatorKeys, EnrollAccept, EnrollClaim,
-    EnrollRequest, Event, KeyRotation, KeysRequest, Message, Ping, Pong, Revocation, RotationAccept,
+    EnrollRequest, Event, KeyChain, KeyRotation, KeysRequest, Message, Ping, Pong, Revocation, RotationAccept,
     RotationRequest, RoundOpen, RoundSpec, RoundStart, RoundStarted, SessionAccept, SessionGrant,
     SessionRequest, Signed,
 )
+from schemas.names import Names
 from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.coordinator")
@@ -40,6 +43,7 @@ REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed,
                                        AttestRequest, RoundStart)
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
+META_ROTATIONS = "coordinator_rotations"
 
 
 def coordinator_dir(settings: Settings) -> Path:
@@ -125,7 +129,7 @@ class Coordinator:
         if isinstance(msg, Ping):
             return Pong(nonce=msg.nonce, service="coordinator", version=VERSION)
         if isinstance(msg, KeysRequest):
-            return self.keys_message
+            return KeyChain(current=encode(self.keys_message), rotations=rotations(self.registry))
         if isinstance(msg, EnrollRequest):
             return await self.enroll(msg)
         if isinstance(msg, Signed):
@@ -328,6 +332,41 @@ class Coordinator:
                 ev = await self._round_done.get()
                 if ev.round_id == round_id:
                     break
+
+
+def rotations(registry: Registry) -> list[bytes]:
+    """Every coordinator key rotation so far, oldest first."""
+    raw = registry.get_meta(META_ROTATIONS)
+    return list(msgpack.unpackb(raw)) if raw else []
+
+
+async def rotate_coordinator_keys(settings: Settings) -> tuple[str, str]:
+    """Replace the coordinator's keys; the old key signs the announcement of the new one.
+
+    Run it while the coordinator is stopped (it loads its keys at start). The signed
+    announcement goes to the registry (served in every key chain) and to the enclave's
+    control queue, so both devices and the enclave can follow the change.
+    """
+    old = load_identity(settings)
+    new = Identity.generate(old.sig_alg, old.kem_alg)
+    statement = signing.sign(CoordinatorKeys(sig_alg=new.sig_alg, sig_pk=new.sig_pk, kem_alg=new.kem_alg,
+                                             kem_pk=new.kem_pk, issued_at=time.time(), previous_sig_alg=old.sig_alg,
+                                             previous_sig_pk=old.sig_pk), old.sig_alg, old.sig_sk, old.sig_pk)
+    registry = Registry(str(settings.registry_file))
+    broker = await BrokerClient.open(settings, name="qflare-rotate")
+    try:
+        chain = rotations(registry) + [encode(statement)]
+        registry.set_meta(META_ROTATIONS, msgpack.packb(chain, use_bin_type=True))
+        archive = coordinator_dir(settings) / "previous" / old.sig_fp[:16]
+        old.save(archive)
+        new.save(coordinator_dir(settings))
+        registry.audit("operator", "coordinator.rotated", old_fp=old.sig_fp, new_fp=new.sig_fp)
+        await broker.publisher.publish(broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY, statement)
+        await broker.publisher.event("coordinator.rotated", old_fp=old.sig_fp, new_fp=new.sig_fp)
+    finally:
+        await broker.close()
+        registry.close()
+    return old.sig_fp, new.sig_fp
 
 
 async def revoke_device(settings: Settings, device_id: str, reason: str = "operator", *,

@@ -18,7 +18,7 @@ from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
-    AttestationReport, CoordinatorKeys, EnrollAccept, EnrollClaim, EnrollRequest, KeyRotation, KeysRequest,
+    AttestationReport, CoordinatorKeys, EnrollAccept, EnrollClaim, EnrollRequest, KeyChain, KeyRotation, KeysRequest,
     RotationAccept, RotationRequest, SessionAccept, SessionGrant, SessionRequest, Signed,
 )
 from schemas.names import Names
@@ -52,12 +52,19 @@ def _enclave_report(raw: bytes | None) -> AttestationReport | None:
 
 
 async def coordinator_keys(rpc: RpcClient, names: Names, pinned_sig_fp: str, timeout: float) -> CoordinatorKeys:
-    """Fetch the coordinator's keys and check them against the fingerprint the operator gave."""
-    signed = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, KeysRequest(), Signed, timeout)
-    keys = signing.unverified(signed, CoordinatorKeys)
-    if pqc.fingerprint(keys.sig_pk, keys.sig_alg) != pinned_sig_fp:
-        raise QflareError(Reason.BAD_SIGNATURE, "coordinator key does not match the pinned fingerprint")
-    return signing.verify(signed, CoordinatorKeys, keys.sig_alg, keys.sig_pk)
+    """The coordinator's current keys, reached from the pinned fingerprint through every
+    rotation (each signed by the key it replaces)."""
+    chain = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, KeysRequest(), KeyChain, timeout)
+    return handshake.follow_key_chain(chain.current, chain.rotations, pinned_sig_fp)
+
+
+async def refresh_coordinator_key(rpc: RpcClient, names: Names, device: Device, timeout: float = 15.0) -> bool:
+    """Follow a coordinator key rotation from the device's pinned key; True if it changed."""
+    keys = await coordinator_keys(rpc, names, pqc.fingerprint(device.coordinator_sig_pk, device.coordinator_sig_alg),
+                                  timeout)
+    changed = keys.sig_pk != device.coordinator_sig_pk
+    device.coordinator_sig_alg, device.coordinator_sig_pk = keys.sig_alg, keys.sig_pk
+    return changed
 
 
 async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coordinator_fp: str, *,
@@ -89,8 +96,10 @@ async def open_session(rpc: RpcClient, names: Names, device: Device, *, kem_alg:
     ident = device.identity
     signed_req = signing.sign(req, ident.sig_alg, ident.sig_sk, ident.sig_pk)
     accept = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, signed_req, SessionAccept, timeout)
-    grant = signing.verify(decode(accept.grant, Signed), SessionGrant, device.coordinator_sig_alg,
-                           device.coordinator_sig_pk)
+    signed_grant = decode(accept.grant, Signed)
+    if signed_grant.signer != pqc.fingerprint(device.coordinator_sig_pk, device.coordinator_sig_alg):
+        await refresh_coordinator_key(rpc, names, device, timeout)  # the coordinator rotated its key
+    grant = signing.verify(signed_grant, SessionGrant, device.coordinator_sig_alg, device.coordinator_sig_pk)
     transcript = handshake.transcript_hash(encode(signed_req), accept.ciphertext, accept.nonce, accept.session_id)
     if (grant.transcript != transcript or grant.device_id != device.device_id
             or grant.session_id != accept.session_id or grant.sig_fp != ident.sig_fp

@@ -22,8 +22,7 @@ from schemas.reasons import QflareError, Reason
 class IntakeContext:
     """What the enclave knows when an update arrives."""
 
-    coordinator_sig_alg: str
-    coordinator_sig_pk: bytes
+    coordinator_keys: dict[str, tuple[str, bytes]]  # fingerprint -> (alg, public key)
     kem_alg: str
     kem_sk: bytes
     kem_fp: str
@@ -70,8 +69,11 @@ def check_and_open(update: Update, header: UpdateHeader, routed_device: str | No
     if header.device_id in ctx.revoked:
         raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
     try:
-        grant = signing.verify(decode(header.grant, Signed), SessionGrant, ctx.coordinator_sig_alg,
-                               ctx.coordinator_sig_pk)
+        signed_grant = decode(header.grant, Signed)
+        key = ctx.coordinator_keys.get(signed_grant.signer)
+        if key is None:
+            raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
+        grant = signing.verify(signed_grant, SessionGrant, *key)
     except (QflareError, CodecError) as err:
         raise QflareError(Reason.BAD_GRANT, err.detail) from None
     if grant.device_id != header.device_id:

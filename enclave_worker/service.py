@@ -25,7 +25,7 @@ from ops.settings import Settings
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
-    AttestAccept, Message, Revocation, RoundOpen, RoundResult, RoundSpec, Signed, Update,
+    AttestAccept, CoordinatorKeys, Message, Revocation, RoundOpen, RoundResult, RoundSpec, Signed, Update,
 )
 from schemas.names import Names
 from schemas.reasons import QflareError, Reason
@@ -98,7 +98,9 @@ class Enclave:
             latest = (0, initial[0])
             self.store.save_model(0, None, latest[1], None)
         self.version, self.params = latest
-        self.coordinator_key: tuple[str, bytes] | None = None
+        #: Trusted coordinator signature keys by fingerprint: the admitted one, plus each key
+        #: it rotated to (grants signed by the previous key stay valid until they expire).
+        self.coordinator_keys: dict[str, tuple[str, bytes]] = {}
         self.broker: BrokerClient | None = None
         self.round: RoundSpec | None = None
         self.lock = asyncio.Lock()
@@ -137,7 +139,11 @@ class Enclave:
                 log.info("waiting for the coordinator to admit this enclave...")
         accept = signing.unverified(signed, AttestAccept)
         signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
+        self._trust(accept.coordinator_sig_alg, accept.coordinator_sig_pk)
         self.coordinator_key = (accept.coordinator_sig_alg, accept.coordinator_sig_pk)
+
+    def _trust(self, alg: str, pk: bytes) -> None:
+        self.coordinator_keys[pqc.fingerprint(pk, alg)] = (alg, pk)
 
     async def stop(self) -> None:
         if self._deadline:
@@ -149,12 +155,19 @@ class Enclave:
     # --- control -------------------------------------------------------------------------
 
     def _verify_coordinator(self, signed: Signed, expected: type[Message]) -> Message:
-        assert self.coordinator_key is not None
-        return signing.verify(signed, expected, *self.coordinator_key)
+        key = self.coordinator_keys.get(signed.signer)
+        if key is None:
+            raise QflareError(Reason.BAD_SIGNATURE, "control message signed by an untrusted key")
+        return signing.verify(signed, expected, *key)
 
     async def _on_control(self, signed: Signed, raw) -> None:
-        inner_type = signing.unverified(signed, (RoundOpen, Revocation))
+        inner_type = signing.unverified(signed, (RoundOpen, Revocation, CoordinatorKeys))
         msg = self._verify_coordinator(signed, type(inner_type))
+        if isinstance(msg, CoordinatorKeys):  # a rotation, signed by a key we trust
+            self._trust(msg.sig_alg, msg.sig_pk)
+            self.coordinator_key = (msg.sig_alg, msg.sig_pk)
+            log.info("coordinator key rotated to %s", pqc.fingerprint(msg.sig_pk, msg.sig_alg)[:16])
+            return
         if isinstance(msg, Revocation):
             self.store.revoke(msg.device_id, msg.revoked_at)
             log.info("device %s revoked", msg.device_id)
@@ -199,9 +212,8 @@ class Enclave:
     # --- intake --------------------------------------------------------------------------
 
     def _context(self) -> intake.IntakeContext:
-        alg, pk = self.coordinator_key
         return intake.IntakeContext(
-            coordinator_sig_alg=alg, coordinator_sig_pk=pk, kem_alg=self.identity.kem_alg,
+            coordinator_keys=dict(self.coordinator_keys), kem_alg=self.identity.kem_alg,
             kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
             open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
             n_params=int(self.params.shape[0]), revoked=frozenset(self.store.revoked()), policy=self.policy,

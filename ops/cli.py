@@ -222,6 +222,16 @@ def coordinator_run() -> None:
     run(serve(settings()))
 
 
+@coordinator_app.command("rotate-keys")
+def coordinator_rotate_keys() -> None:
+    """Replace the coordinator's keys (run while it is stopped); the old key signs the new."""
+    from coordinator.service import rotate_coordinator_keys
+
+    old, new = run(rotate_coordinator_keys(settings()))
+    console.print(f"coordinator key rotated:\n  old {old}\n  new {new}\n"
+                  "Enrolled devices and the enclave follow the signed chain; give new devices the new fingerprint.")
+
+
 @enclave_app.command("run")
 def enclave_run() -> None:
     """Attest to the coordinator, then verify, filter and aggregate updates until interrupted."""

@@ -177,7 +177,8 @@ class RotationAccept(Message):
 
 
 class CoordinatorKeys(Message):
-    """The coordinator's current public keys; when rotated, signed by the previous key."""
+    """The coordinator's public keys: self-signed when current, signed by the *previous*
+    key (named here) when it announces a rotation."""
 
     TYPE: ClassVar[str] = "coordinator.keys"
     sig_alg: AlgName
@@ -185,11 +186,22 @@ class CoordinatorKeys(Message):
     kem_alg: AlgName
     kem_pk: Key
     issued_at: float
-    previous_sig_fp: Fingerprint | None = None
+    previous_sig_alg: AlgName | None = None
+    previous_sig_pk: Key | None = None
 
 
 class KeysRequest(Message):
     TYPE: ClassVar[str] = "coordinator.keys.request"
+
+
+class KeyChain(Message):
+    """The current keys (self-signed) and every rotation since the first key, oldest first,
+    each ``Signed(CoordinatorKeys)`` by the key it replaces: a device pinned to any earlier
+    key can walk to the current one."""
+
+    TYPE: ClassVar[str] = "coordinator.keychain"
+    current: bytes
+    rotations: list[bytes] = []
 
 
 # --- attestation (step 6) --------------------------------------------------------------
@@ -334,7 +346,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Signed, ErrorReply, Ping, Pong,
     EnrollClaim, EnrollRequest, EnrollAccept,
     SessionRequest, SessionGrant, SessionAccept,
-    KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest,
+    KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
     AttestationReport, AttestRequest, AttestAccept,
     RoundSpec, RoundOpen, RoundStart, RoundStarted, Revocation,
     UpdateHeader, Update, RoundResult, GlobalModel, Event,

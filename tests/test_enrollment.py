@@ -239,3 +239,62 @@ async def test_coordinator_restart_between_token_and_enrollment(broker, settings
         dev = await enroll(broker, coord, "cam-14", token)
         rpc = await broker.rpc()
         await client.open_session(rpc, broker.names, dev)
+
+
+async def test_coordinator_key_rotation_is_followed_by_devices_and_enclave(broker, settings):
+    from coordinator.service import rotate_coordinator_keys
+    from enclave_worker.service import Enclave
+    from tests.test_rounds import honest_update, open_round, publish
+
+    events = await EventLog.bind(broker, "coordinator.rotated", "update.accepted")
+    async with coordinator(settings) as coord:
+        old_fp = coord.identity.sig_fp
+        enc = Enclave(settings)
+        await enc.start(attest_timeout=15)  # admitted under the old key
+        dev = await enrolled(broker, coord, "rot-1", session=False)
+        old_token = coord.registry.create_token("rot-2", 600)
+    try:
+        old, new = await rotate_coordinator_keys(settings)
+        assert old == old_fp != new
+        await events.wait("coordinator.rotated")
+        async with coordinator(settings) as coord:
+            assert coord.identity.sig_fp == new
+            rpc = await broker.rpc()
+            # an enrolled device follows the chain from the key it pinned
+            await client.open_session(rpc, broker.names, dev)
+            assert pqc.fingerprint(dev.coordinator_sig_pk, dev.coordinator_sig_alg) == new
+            # a device given the old fingerprint before the rotation still enrolls
+            await enroll(broker, coord, "rot-2", old_token)
+            # the enclave learned the new key from the old one: grants signed by it pass
+            await open_round(coord, broker, 1, ["rot-1"])
+            await asyncio.sleep(0.3)
+            _, key, body = honest_update(dev, enc, 1)
+            await publish(broker, key, body)
+            await events.wait("update.accepted")
+    finally:
+        await enc.stop()
+
+
+async def test_forged_key_chain_is_refused():
+    from coordinator.handshake import follow_key_chain
+    from schemas.messages import CoordinatorKeys
+
+    a, b, mallory = (Identity.generate("ML-DSA-44", "ML-KEM-768") for _ in range(3))
+
+    def keys(i: Identity, prev: Identity | None = None) -> CoordinatorKeys:
+        return CoordinatorKeys(sig_alg=i.sig_alg, sig_pk=i.sig_pk, kem_alg=i.kem_alg, kem_pk=i.kem_pk,
+                               issued_at=time.time(), previous_sig_alg=prev.sig_alg if prev else None,
+                               previous_sig_pk=prev.sig_pk if prev else None)
+
+    current_b = encode(signing.sign(keys(b), b.sig_alg, b.sig_sk, b.sig_pk))
+    genuine = encode(signing.sign(keys(b, a), a.sig_alg, a.sig_sk, a.sig_pk))
+    assert follow_key_chain(current_b, [genuine], a.sig_fp).sig_pk == b.sig_pk
+    # mallory claims to be a's successor but cannot sign with a's key
+    forged = encode(signing.sign(keys(mallory, a), mallory.sig_alg, mallory.sig_sk, mallory.sig_pk))
+    current_m = encode(signing.sign(keys(mallory), mallory.sig_alg, mallory.sig_sk, mallory.sig_pk))
+    with pytest.raises(QflareError) as exc:
+        follow_key_chain(current_m, [forged], a.sig_fp)
+    assert exc.value.reason == Reason.BAD_SIGNATURE
+    # without any rotation, a current key that is not the pinned one is refused
+    with pytest.raises(QflareError):
+        follow_key_chain(current_b, [], a.sig_fp)
