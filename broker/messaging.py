@@ -30,7 +30,8 @@ DEAD_LETTERED = Counter("qflare_dead_lettered_total", "Messages dead-lettered", 
 HANDLED = Counter("qflare_messages_handled_total", "Messages handled", ["queue"])
 
 #: Errors that mean "the broker connection failed", not "this message is bad".
-TRANSIENT = (aio_pika.exceptions.AMQPError, ConnectionError, OSError, asyncio.TimeoutError)
+TRANSIENT = (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError, OSError,
+             asyncio.TimeoutError)
 
 Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[None]]
 RpcHandler = Callable[[Message], Awaitable[Message]]

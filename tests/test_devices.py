@@ -1,0 +1,76 @@
+"""Intermittently connected devices: catching up after being offline, and the outbox."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from broker.client import BrokerClient
+from edge_agent.data import device_shard
+from edge_agent.fleet import Fleet, Member
+from edge_agent.outbox import Outbox
+from schemas.messages import RoundOpen, RoundSpec
+from tests.services import EventLog, coordinator, enclave, enrolled
+from tests.test_rounds import honest_update
+
+pytestmark = pytest.mark.broker
+
+
+async def start_round(coord, broker, round_id: int, expected: list[str]) -> None:
+    spec = RoundSpec(round_id=round_id, deadline=time.time() + 60, min_updates=len(expected), expected=expected,
+                     epochs=1, lr=0.1, batch_size=16)
+    await broker.publisher.publish(broker.names.control_exchange, "enclave",
+                                   coord._sign(RoundOpen(spec=spec, issued_at=time.time())))
+
+
+async def test_device_returning_from_offline_gets_the_latest_model_and_joins_the_round(broker, settings, tmp_path):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "round.completed")
+        online = await enrolled(broker, coord, "online")
+        away = await enrolled(broker, coord, "away")
+        fleet = Fleet(broker, Outbox(tmp_path / "a.sqlite3"))
+        fleet.add(Member(online, *device_shard(0, 2)))
+        await fleet.listen()
+        await start_round(coord, broker, 1, ["online"])
+        await events.wait("round.completed", 1)
+        await start_round(coord, broker, 2, ["online", "away"])
+        # "away" returns now: it has missed the announcement on the fanout
+        late_broker = await BrokerClient.open(settings, name="late")
+        try:
+            late = Fleet(late_broker, Outbox(tmp_path / "b.sqlite3"))
+            member = Member(away, *device_shard(1, 2))
+            late.add(member)
+            await late.listen()  # reads the models stream from its last chunk
+            done = await events.wait("round.completed", 2, timeout=30)
+            assert done[1].round_id == 2 and done[1].detail["accepted"] == 2
+            assert member.last_round == 2 and member.model_version == 2  # trained on v1, then received v2
+            await late.drain()
+        finally:
+            await late_broker.close()
+        await fleet.drain()
+
+
+async def test_outbox_keeps_an_unconfirmed_update_and_resends_it_with_the_same_id(broker, settings, tmp_path):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "update.accepted", "update.rejected.#")
+        dev = await enrolled(broker, coord, "flaky")
+        await start_round(coord, broker, 1, ["flaky", "other"])
+        uid, key, body = honest_update(dev, enc, 1)
+        outbox = Outbox(tmp_path / "outbox.sqlite3")
+        gone = await BrokerClient.open(settings, name="flaky")
+        await gone.connection.close()  # the link drops before the publish
+        offline = Fleet(gone, outbox)
+        offline.add(Member(dev, np.zeros((1, 64), np.float32), np.zeros(1, np.int64)))
+        outbox.put(uid, "flaky", key, body, 1)
+        assert not await offline.send(uid, key, body)
+        assert [p[0] for p in outbox.pending()] == [uid]
+        # back online (a new process would do the same at start): resend what is pending
+        back = Fleet(broker, outbox)
+        back.add(offline.members["flaky"])
+        assert await back.flush() == 1
+        assert outbox.pending() == []
+        accepted = await events.wait("update.accepted")
+        assert accepted[0].detail["update_id"] == uid
+        assert [u.update_id for u in enc.store.round_updates(1)] == [uid]
