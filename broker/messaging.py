@@ -17,8 +17,8 @@ from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
-from prometheus_client import Counter
 
+from ops.metrics import DEAD_LETTERED, HANDLED
 from schemas.codec import CodecError, decode, encode
 from schemas.messages import ErrorReply, Event, Message, Scalar
 from schemas.names import DETAIL_HEADER, REASON_HEADER, Names
@@ -26,8 +26,6 @@ from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.broker")
 
-DEAD_LETTERED = Counter("qflare_dead_lettered_total", "Messages dead-lettered", ["queue", "reason"])
-HANDLED = Counter("qflare_messages_handled_total", "Messages handled", ["queue"])
 
 #: Errors that mean "the broker connection failed", not "this message is bad".
 TRANSIENT = (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError, OSError,

@@ -22,6 +22,7 @@ from broker.messaging import serve_rpc
 from coordinator import handshake
 from coordinator.ratelimit import RateLimiter
 from coordinator.registry import Registry
+from ops import metrics
 from ops.settings import Settings
 from pqc.identity import Identity
 from schemas import signing
@@ -91,6 +92,9 @@ class Coordinator:
             await self.broker.publisher.event(type_, **kw)
 
     async def _refuse(self, kind: str, err: QflareError, device_id: str | None) -> QflareError:
+        counter = {"enrollment": metrics.ENROLLMENTS, "session": metrics.SESSIONS}.get(kind)
+        if counter is not None:
+            counter.labels(err.reason.value).inc()
         await self._event(f"{kind}.rejected.{err.reason.value}", device_id=device_id, reason=err.reason.value,
                           detail_text=err.detail[:200])
         self.registry.audit("coordinator", f"{kind}.rejected", device_id=device_id, reason=err.reason.value)
@@ -190,6 +194,7 @@ class Coordinator:
         if outcome != "ok":
             raise QflareError(Reason(outcome), "token refused")
         device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg, claim.kem_pk)
+        metrics.ENROLLMENTS.labels("ok").inc()
         await self._event("device.enrolled", device_id=device.device_id, sig_fp=device.sig_fp)
         return self._sign(EnrollAccept(
             device_id=device.device_id, request_nonce=claim.nonce, sig_fp=device.sig_fp,
@@ -245,6 +250,7 @@ class Coordinator:
         # The coordinator's copy of the session key would protect its control traffic to the
         # device; no control message needs it yet, so it is not derived (see docs/decisions.md).
         del ss
+        metrics.SESSIONS.labels("ok").inc()
         await self._event("session.opened", device_id=device.device_id, session_id=session_id)
         return SessionAccept(device_id=device.device_id, session_id=session_id, ciphertext=ct, nonce=nonce,
                              grant=encode(grant), enclave_report=report)
@@ -394,6 +400,7 @@ async def revoke_device(settings: Settings, device_id: str, reason: str = "opera
 async def run(settings: Settings) -> None:
     """``qflare coordinator run``: serve until cancelled."""
     coord = Coordinator(settings)
+    metrics.serve(settings.metrics_port)
     await coord.start()
     try:
         await asyncio.Event().wait()

@@ -21,6 +21,7 @@ from edge_agent import model as model_lib
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
 from enclave_worker.store import EnclaveStore
+from ops import metrics
 from ops.settings import Settings
 from schemas import signing
 from schemas.codec import decode, encode
@@ -233,6 +234,7 @@ class Enclave:
                     raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
                 self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
                                       opened.delta)
+                metrics.UPDATES.labels("accepted").inc()
                 await self.broker.publisher.event("update.accepted", device_id=header.device_id,
                                                   round_id=header.round_id, update_id=header.update_id)
                 if self._complete(self.round):
@@ -243,6 +245,7 @@ class Enclave:
                 self.store.count_rejection(self.round.round_id, err.reason.value)
             elif self.round is not None and err.reason == Reason.WRONG_ROUND:
                 self.store.count_rejection(self.round.round_id, err.reason.value)
+            metrics.UPDATES.labels(err.reason.value).inc()
             log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
             await self.broker.publisher.event(f"update.rejected.{err.reason.value}", device_id=device,
                                               round_id=header.round_id if header else None, reason=err.reason.value,
@@ -275,6 +278,7 @@ class Enclave:
             self.store.close_round(spec.round_id, "failed", result.model_dump())
             await self.broker.publisher.event("round.failed", round_id=spec.round_id, received=len(stored),
                                               min_updates=spec.min_updates, reason="too_few_updates")
+            metrics.ROUNDS.labels("failed").inc()
             log.warning("round %d failed: %d of %d updates", spec.round_id, len(stored), spec.min_updates)
             return
         weights = np.array([u.num_samples for u in stored], dtype=np.float64)
@@ -286,6 +290,7 @@ class Enclave:
             combined, verdict = close_round(deltas, weights, self.settings.fl)
         for u, reason in zip(stored, verdict.reasons, strict=True):
             if reason is not None:
+                metrics.UPDATES.labels(reason).inc()
                 rejected[reason] = rejected.get(reason, 0) + 1
                 await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
                                                   round_id=spec.round_id, reason=reason, update_id=u.update_id)
@@ -300,6 +305,11 @@ class Enclave:
         self.store.save_model(version, spec.round_id, new_params, signed)
         self.store.close_round(spec.round_id, "completed", result.model_dump())
         self.version, self.params = version, new_params
+        metrics.ROUNDS.labels("completed").inc()
+        metrics.ROUND_SECONDS.observe(time.time() - t0)
+        metrics.MODEL_VERSION.set(version)
+        if accuracy is not None:
+            metrics.ACCURACY.set(accuracy)
         await self.broker.publisher.event("round.completed", round_id=spec.round_id, version=version,
                                           accepted=accepted, accuracy=accuracy,
                                           rejected=",".join(f"{k}={v}" for k, v in sorted(rejected.items())))
@@ -310,6 +320,7 @@ class Enclave:
 async def run(settings: Settings) -> None:
     """``qflare enclave run``: serve until cancelled."""
     enclave = Enclave(settings)
+    metrics.serve(settings.metrics_port)
     await enclave.start()
     try:
         await asyncio.Event().wait()

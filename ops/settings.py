@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     amqp_url: str = Field(DEFAULT_AMQP_URL, pattern=r"^amqps?://")
     state_dir: Path = Path(".qflare")
     registry_path: Path | None = None
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     broker: BrokerSettings = BrokerSettings()
     crypto: CryptoSettings = CryptoSettings()
     fl: FLSettings = FLSettings()

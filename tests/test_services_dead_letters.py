@@ -52,3 +52,21 @@ async def test_coordinator_and_enclave_survive_bad_messages_on_every_queue(broke
         _, key, body = honest_update(dev, enc, 1)
         await publish(broker, key, body)
         await events.wait("update.accepted")
+
+
+async def test_metrics_count_outcomes(broker, settings):
+    from prometheus_client import REGISTRY
+
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before_ok = value("qflare_enrollments_total", outcome="ok")
+    before_bad = value("qflare_enrollments_total", outcome="token_unknown")
+    async with coordinator(settings) as coord:
+        await enrolled(broker, coord, "metered", session=False)
+        from tests.test_enrollment import enroll
+        from schemas.reasons import QflareError
+        with pytest.raises(QflareError):
+            await enroll(broker, coord, "metered-2", "no-such-token")
+    assert value("qflare_enrollments_total", outcome="ok") == before_ok + 1
+    assert value("qflare_enrollments_total", outcome="token_unknown") == before_bad + 1
