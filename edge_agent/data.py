@@ -6,6 +6,8 @@ Everything is seeded: the same arguments give the same shards on every machine.
 
 from __future__ import annotations
 
+import functools
+
 from functools import lru_cache
 from typing import Literal
 
@@ -107,9 +109,21 @@ def device_shard(
     alpha: float = 0.5,
     seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) training shard of one device under the default train/test split."""
+    """(x, y) training shard of one device under the default train/test split.
+
+    A simulated fleet larger than the data set allows (1437 samples, at least
+    ``MIN_SAMPLES_PER_DEVICE`` each) reuses shards: device i holds shard i mod the number
+    of shards, so load tests with thousands of devices still train on real data.
+    """
     if not 0 <= device_index < n_devices:
         raise ValueError(f"device_index {device_index} not in [0, {n_devices})")
     x_train, y_train, _, _ = load_digits_split()
-    idx = partition(y_train, n_devices, scheme, alpha, seed)[device_index]
+    shards = min(n_devices, len(y_train) // MIN_SAMPLES_PER_DEVICE)
+    idx = _partition_cached(shards, scheme, alpha, seed)[device_index % shards]
     return x_train[idx], y_train[idx]
+
+
+@functools.lru_cache(maxsize=16)
+def _partition_cached(n_devices: int, scheme: Scheme, alpha: float, seed: int) -> tuple[np.ndarray, ...]:
+    """The default split's partition, computed once per fleet shape (not once per device)."""
+    return tuple(partition(load_digits_split()[1], n_devices, scheme, alpha, seed))

@@ -86,6 +86,10 @@ def run(coro: Coroutine) -> Any:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - one line for people; -v shows the traceback
+        if logging.getLogger().isEnabledFor(logging.INFO):
+            raise
+        raise fail(f"{type(exc).__name__}: {exc} (run with -v for details)") from None
 
 
 def parse_duration(text: str) -> float:
