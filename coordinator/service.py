@@ -56,11 +56,6 @@ def load_identity(settings: Settings) -> Identity:
     return Identity.load_or_create(coordinator_dir(settings), settings.crypto.signature, settings.crypto.kem)
 
 
-def platform_dir(settings: Settings) -> Path:
-    """Where the simulated TEE platform keeps its vendor key (see enclave_worker.attestation)."""
-    return settings.state_dir / "platform"
-
-
 class Coordinator:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
@@ -294,7 +289,7 @@ class Coordinator:
         from enclave_worker.attestation import allowed_measurements, trusted_platform_key
 
         try:
-            platform = trusted_platform_key(platform_dir(self.settings))
+            platform = trusted_platform_key(self.settings)
             if platform is None or platform != (req.platform_alg, req.platform_pk):
                 raise QflareError(Reason.BAD_SIGNATURE, "report not signed by a trusted platform key")
             report = signing.verify(decode(req.report, Signed), AttestationReport, req.platform_alg, req.platform_pk)

@@ -9,7 +9,9 @@ only the same code on the same platform can unseal them after a restart.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import secrets
 import time
 from pathlib import Path
@@ -43,12 +45,13 @@ def platform_identity(directory: Path) -> Identity:
     return Identity.load_or_create(directory, PLATFORM_SIG, pqc.ids.DEFAULT_KEM)
 
 
-def trusted_platform_key(directory: Path) -> tuple[str, bytes] | None:
-    """(alg, public key) of the platform the coordinator trusts, if one exists."""
-    if not (directory / "public.json").exists():
+def trusted_platform_key(settings: Settings) -> tuple[str, bytes] | None:
+    """(alg, public key) of the platform the coordinator trusts, if one is configured."""
+    path = settings.enclave.platform_key_file or settings.state_dir / "platform" / "public.json"
+    if not path.exists():
         return None
-    ident = Identity.load(directory)
-    return ident.sig_alg, ident.sig_pk
+    pub = json.loads(path.read_text())
+    return pub["sig_alg"], base64.b64decode(pub["sig_pk"])
 
 
 def sealing_key(platform: Identity, code: str) -> bytes:

@@ -108,6 +108,9 @@ class RateLimitSettings(BaseModel):
 class EnclaveSettings(BaseModel):
     #: Allowed code measurements (hex). Empty: only this installation's own measurement.
     allowed_measurements: list[str] = []
+    #: The (simulated) platform's public.json the coordinator trusts; default
+    #: ``<state_dir>/platform/public.json``, which the enclave creates on first start.
+    platform_key_file: Path | None = None
 
 
 class Settings(BaseSettings):

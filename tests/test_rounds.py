@@ -173,3 +173,59 @@ async def test_enclave_crash_mid_round_completes_without_double_counting(broker,
             assert restarted.version == 1
         finally:
             await restarted.stop()
+
+
+async def test_round_short_of_its_minimum_fails_and_is_reported(broker, settings):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "round.*", "update.accepted")
+        dev = await enrolled(broker, coord, "lonely")
+        spec = RoundSpec(round_id=1, deadline=time.time() + 1.5, min_updates=2, expected=["lonely", "absent"],
+                         epochs=1, lr=0.1, batch_size=16)
+        await broker.publisher.publish(broker.names.control_exchange, "enclave",
+                                       coord._sign(RoundOpen(spec=spec, issued_at=time.time())))
+        await events.wait("round.opened")
+        _, key, body = honest_update(dev, enc, 1)
+        await publish(broker, key, body)
+        await events.wait("update.accepted")
+        failed = await events.wait("round.failed", timeout=10)
+        assert failed[0].round_id == 1 and failed[0].detail["received"] == 1
+        assert enc.store.round_status(1) == "failed" and enc.version == 0
+
+
+@pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "multi_krum"])
+async def test_robust_aggregators_run_end_to_end(settings, aggregator):
+    settings = settings.model_copy(update={"fl": settings.fl.model_copy(update={"aggregator": aggregator})})
+    report = await run_demo(settings, devices=6, rounds=2, malicious=0.2, attack="sign-flip")
+    assert [r.status for r in report.rounds] == ["completed", "completed"]
+    assert report.rounds[-1].accuracy > 0.7
+
+
+async def test_enclave_with_a_measurement_outside_the_allow_list_is_refused(broker, settings):
+    from schemas.reasons import QflareError, Reason
+
+    strict = settings.model_copy(update={"enclave": settings.enclave.model_copy(
+        update={"allowed_measurements": ["0" * 64]})})
+    async with coordinator(strict):
+        events = await EventLog.bind(broker, "attestation.rejected.#")
+        enc = Enclave(settings)
+        try:
+            with pytest.raises(QflareError) as exc:
+                await enc.start(attest_timeout=5)
+            assert exc.value.reason == Reason.MEASUREMENT_NOT_ALLOWED
+            await events.wait("attestation.rejected.measurement_not_allowed")
+        finally:
+            await enc.stop()
+
+
+async def test_enclave_report_from_an_untrusted_platform_is_refused(broker, settings, tmp_path):
+    from schemas.reasons import QflareError, Reason
+
+    async with coordinator(settings):
+        rogue = settings.model_copy(update={"state_dir": tmp_path / "rogue"})  # its own "platform" key
+        enc = Enclave(rogue)
+        try:
+            with pytest.raises(QflareError) as exc:
+                await enc.start(attest_timeout=5)
+            assert exc.value.reason == Reason.BAD_SIGNATURE
+        finally:
+            await enc.stop()
