@@ -27,7 +27,7 @@ def info(json_out: bool = typer.Option(False, "--json", help="machine-readable o
         return
     table = Table(title="QFLARE post-quantum algorithms")
     for col in ("algorithm", "kind", "default", "available", "pk", "sk", "ct / sig", "ss"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("algorithm", "default"))
     for r in rows:
         table.add_row(r["algorithm"], r["kind"], r.get("default_backend") or "-", ", ".join(r["backends"]) or "-",
                       str(r.get("public_key", "-")), str(r.get("secret_key", "-")),
