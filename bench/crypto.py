@@ -10,6 +10,7 @@ import json
 
 from ops.benchreport import write_section
 from pqc.bench import render_markdown, run_crypto_bench
+from ops.tuning import tune_allocator
 
 
 def main() -> None:
@@ -24,4 +25,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    tune_allocator()
     main()

@@ -5,6 +5,8 @@ import json
 
 from ops.bench_handshake import run_bench
 from ops.settings import load_settings
+from ops.tuning import tune_allocator
 
 if __name__ == "__main__":
+    tune_allocator()
     print(json.dumps(asyncio.run(run_bench(load_settings())), indent=2))

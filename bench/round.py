@@ -6,6 +6,8 @@ import sys
 
 from ops.bench_round import run_bench
 from ops.settings import load_settings
+from ops.tuning import tune_allocator
 
 if __name__ == "__main__":
+    tune_allocator()
     print(json.dumps(asyncio.run(run_bench(load_settings(), quick="--quick" in sys.argv)), indent=2))

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ops.settings import ConfigError, Settings, load_settings
+from ops.tuning import tune_allocator
 
 app = typer.Typer(help="QFLARE: quantum-resistant federated learning over RabbitMQ.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -55,6 +56,7 @@ _state: dict[str, Any] = {"config": None}
 def main(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file (or QFLARE_CONFIG)."),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do.")) -> None:
     _state["config"] = config
+    tune_allocator()
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
