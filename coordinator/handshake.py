@@ -7,8 +7,12 @@ compute exactly the same values and tests can check them without a broker.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import pqc
+
+if TYPE_CHECKING:
+    from schemas.messages import CoordinatorKeys
 
 SESSION_KEY_BYTES = 32
 SESSION_INFO = b"qflare/v1/session-key"
@@ -49,7 +53,33 @@ def session_key(shared_secret: bytes, device_nonce: bytes, coordinator_nonce: by
                            SESSION_KEY_BYTES)
 
 
-def follow_key_chain(chain_current: bytes, rotations: list[bytes], pinned_fp: str) -> "CoordinatorKeys":
+TO_COORDINATOR, TO_DEVICE = b"d2c", b"c2d"
+
+
+def _call_nonce(direction: bytes, seq: int) -> bytes:
+    return direction + seq.to_bytes(9, "big")  # 12 bytes, unique per key and direction
+
+
+def seal_call(key: bytes, session_id: str, seq: int, direction: bytes, payload: bytes) -> bytes:
+    """AES-256-GCM under the session key; the nonce is the direction and sequence number."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key).encrypt(_call_nonce(direction, seq), payload, b"qflare/v1/call\0" + session_id.encode())
+
+
+def open_call(key: bytes, session_id: str, seq: int, direction: bytes, ciphertext: bytes) -> bytes | None:
+    """The payload, or None when the tag does not verify (wrong key, tampering, reordering)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        return AESGCM(key).decrypt(_call_nonce(direction, seq), ciphertext,
+                                   b"qflare/v1/call\0" + session_id.encode())
+    except InvalidTag:
+        return None
+
+
+def follow_key_chain(chain_current: bytes, rotations: list[bytes], pinned_fp: str) -> CoordinatorKeys:
     """Walk from the pinned coordinator key to the current one, checking every signature.
 
     Each rotation is signed by the key it replaces, so trust flows only forward from what

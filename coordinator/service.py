@@ -12,6 +12,7 @@ import asyncio
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -30,7 +31,8 @@ from schemas.codec import CodecError, decode, encode
 from schemas.messages import (
     AttestAccept, AttestationReport, AttestRequest, CoordinatorKeys, EnrollAccept, EnrollClaim,
     EnrollRequest, Event, KeyChain, KeyRotation, KeysRequest, Message, Ping, Pong, Revocation, RotationAccept,
-    RotationRequest, RoundOpen, RoundSpec, RoundStart, RoundStarted, SessionAccept, SessionGrant,
+    RotationRequest, RoundOpen, RoundSpec, RoundStart, RoundStarted, SessionAccept, SessionCall, SessionGrant,
+    StatusReply, StatusRequest,
     SessionRequest, Signed,
 )
 from schemas.names import Names
@@ -41,7 +43,7 @@ VERSION = "0.1.0"
 
 #: What the coordinator's request queue accepts (the broker dead-letters anything else).
 REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed, RotationRequest,
-                                       AttestRequest, RoundStart)
+                                       AttestRequest, RoundStart, SessionCall)
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
 META_ROTATIONS = "coordinator_rotations"
@@ -54,6 +56,14 @@ def coordinator_dir(settings: Settings) -> Path:
 def load_identity(settings: Settings) -> Identity:
     """The coordinator's long-term keys, created on first use."""
     return Identity.load_or_create(coordinator_dir(settings), settings.crypto.signature, settings.crypto.kem)
+
+
+@dataclass
+class LiveSession:
+    device_id: str
+    key: bytes
+    not_after: float
+    last_seq: int = 0
 
 
 class Coordinator:
@@ -69,6 +79,8 @@ class Coordinator:
         self.session_limits = RateLimiter(rl.session_per_device_per_s, rl.session_per_device_burst,
                                           rl.global_per_s, rl.global_burst)
         self.broker: BrokerClient | None = None
+        #: Live sessions' keys, in memory only: after a restart devices open new sessions.
+        self.sessions: dict[str, LiveSession] = {}
         self._rounds_task: asyncio.Task | None = None
         self._round_done: asyncio.Queue[Event] = asyncio.Queue()
         self.keys_message = signing.sign(self._keys(), self.identity.sig_alg, self.identity.sig_sk,
@@ -139,6 +151,8 @@ class Coordinator:
             return await self.admit_enclave(msg)
         if isinstance(msg, RoundStart):
             return await self.start_rounds(msg)
+        if isinstance(msg, SessionCall):
+            return await self.session_call(msg)
         raise QflareError(Reason.UNKNOWN_TYPE, msg.TYPE)
 
     # --- enrollment (DESIGN.md step 2) ---------------------------------------------------
@@ -242,13 +256,51 @@ class Coordinator:
                                         not_after=not_after, transcript=transcript,
                                         enclave_digest=handshake.enclave_digest(report)))
         self.registry.record_session(session_id, device.device_id, not_after)
-        # The coordinator's copy of the session key would protect its control traffic to the
-        # device; no control message needs it yet, so it is not derived (see docs/decisions.md).
-        del ss
+        self._forget_expired(now)
+        self.sessions[session_id] = LiveSession(device.device_id, handshake.session_key(ss, req.nonce, nonce, transcript),
+                                                not_after)
         metrics.SESSIONS.labels("ok").inc()
         await self._event("session.opened", device_id=device.device_id, session_id=session_id)
         return SessionAccept(device_id=device.device_id, session_id=session_id, ciphertext=ct, nonce=nonce,
                              grant=encode(grant), enclave_report=report)
+
+    # --- control traffic under the session key ----------------------------------------
+
+    def _forget_expired(self, now: float) -> None:
+        if len(self.sessions) > 10_000:
+            for sid in [k for k, v in self.sessions.items() if v.not_after < now]:
+                del self.sessions[sid]
+
+    async def session_call(self, call: SessionCall) -> SessionCall:
+        """Open a device's control request, answer it under the same key."""
+        live = self.sessions.get(call.session_id)
+        if live is None:
+            raise QflareError(Reason.SESSION_UNKNOWN, "open a new session")
+        if time.time() > live.not_after:
+            raise QflareError(Reason.SESSION_EXPIRED, "open a new session")
+        if call.seq <= live.last_seq:
+            raise QflareError(Reason.REPLAY, f"sequence {call.seq} already used")
+        payload = handshake.open_call(live.key, call.session_id, call.seq, handshake.TO_COORDINATOR, call.ciphertext)
+        if payload is None:
+            raise QflareError(Reason.BAD_SIGNATURE, "session call does not authenticate")
+        live.last_seq = call.seq
+        device = self.registry.get_device(live.device_id)
+        if device is None or device.status != "active":
+            self.sessions.pop(call.session_id, None)
+            raise QflareError(Reason.REVOKED, live.device_id)
+        request = decode(payload, (StatusRequest,))
+        reply = self._status(device, live, request)
+        return SessionCall(session_id=call.session_id, seq=call.seq, ciphertext=handshake.seal_call(
+            live.key, call.session_id, call.seq, handshake.TO_DEVICE, encode(reply)))
+
+    def _status(self, device, live: LiveSession, request: StatusRequest) -> StatusReply:
+        report = self.registry.get_meta(META_ENCLAVE_REPORT)
+        kem_fp = None
+        if report:
+            r = signing.unverified(decode(report, Signed), AttestationReport)
+            kem_fp = pqc.fingerprint(r.kem_pk, r.kem_alg)
+        return StatusReply(device_id=device.device_id, status=device.status, session_not_after=live.not_after,
+                           last_round_id=int(self.registry.get_meta(META_ROUND) or b"0"), enclave_kem_fp=kem_fp)
 
     # --- device key rotation -------------------------------------------------------------
 

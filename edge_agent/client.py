@@ -19,7 +19,8 @@ from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
     AttestationReport, CoordinatorKeys, EnrollAccept, EnrollClaim, EnrollRequest, KeyChain, KeyRotation, KeysRequest,
-    RotationAccept, RotationRequest, SessionAccept, SessionGrant, SessionRequest, Signed,
+    RotationAccept, RotationRequest, SessionAccept, SessionCall, SessionGrant, SessionRequest, Signed, StatusReply,
+    StatusRequest,
 )
 from schemas.names import Names
 from schemas.reasons import QflareError, Reason
@@ -31,6 +32,7 @@ class Session:
     key: bytes
     grant: bytes  # encoded Signed(SessionGrant), presented with every update
     not_after: float
+    seq: int = 0
 
 
 @dataclass
@@ -112,6 +114,21 @@ async def open_session(rpc: RpcClient, names: Names, device: Device, *, kem_alg:
         device.enclave = _enclave_report(accept.enclave_report)
     device.session = Session(accept.session_id, key, accept.grant, grant.not_after)
     return device.session
+
+
+async def status(rpc: RpcClient, names: Names, device: Device, *, timeout: float = 15.0) -> StatusReply:
+    """Ask the coordinator for this device's standing, under the session key."""
+    sess = device.session
+    if sess is None:
+        raise QflareError(Reason.SESSION_UNKNOWN, "open a session first")
+    sess.seq += 1
+    call = SessionCall(session_id=sess.session_id, seq=sess.seq, ciphertext=handshake.seal_call(
+        sess.key, sess.session_id, sess.seq, handshake.TO_COORDINATOR, encode(StatusRequest())))
+    answer = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, call, SessionCall, timeout)
+    payload = handshake.open_call(sess.key, sess.session_id, answer.seq, handshake.TO_DEVICE, answer.ciphertext)
+    if payload is None or answer.seq != sess.seq or answer.session_id != sess.session_id:
+        raise QflareError(Reason.BAD_SIGNATURE, "reply not protected by this session's key")
+    return decode(payload, StatusReply)
 
 
 async def rotate_keys(rpc: RpcClient, names: Names, device: Device, *, timeout: float = 15.0) -> Device:

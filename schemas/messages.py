@@ -150,6 +150,34 @@ class SessionAccept(Message):
     enclave_report: bytes | None = None
 
 
+class SessionCall(Message):
+    """Control traffic under the session key (AES-256-GCM), in either direction.
+
+    ``seq`` strictly increases per session and direction (replays are refused); the
+    plaintext is an encoded request or reply message.
+    """
+
+    TYPE: ClassVar[str] = "session.call"
+    session_id: Annotated[str, Field(min_length=8, max_length=64)]
+    seq: Annotated[int, Field(ge=1, lt=2**63)]
+    ciphertext: Annotated[bytes, Field(min_length=16, max_length=1024 * 1024)]
+
+
+class StatusRequest(Message):
+    """Device → coordinator, inside a :class:`SessionCall`: where do I stand?"""
+
+    TYPE: ClassVar[str] = "device.status.request"
+
+
+class StatusReply(Message):
+    TYPE: ClassVar[str] = "device.status"
+    device_id: DeviceId
+    status: str
+    session_not_after: float
+    last_round_id: int
+    enclave_kem_fp: Fingerprint | None = None
+
+
 class KeyRotation(Message):
     """Signed by the device's *old* key; ``new_key_proof`` is the new key's signature."""
 
@@ -345,7 +373,7 @@ class Event(Message):
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Signed, ErrorReply, Ping, Pong,
     EnrollClaim, EnrollRequest, EnrollAccept,
-    SessionRequest, SessionGrant, SessionAccept,
+    SessionRequest, SessionGrant, SessionAccept, SessionCall, StatusRequest, StatusReply,
     KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
     AttestationReport, AttestRequest, AttestAccept,
     RoundSpec, RoundOpen, RoundStart, RoundStarted, Revocation,

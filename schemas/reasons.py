@@ -26,6 +26,8 @@ class Reason(StrEnum):
     NOT_ENROLLED = "not_enrolled"
     STALE = "stale"
     REPLAY = "replay"
+    SESSION_UNKNOWN = "session_unknown"
+    SESSION_EXPIRED = "session_expired"
     # updates
     BAD_GRANT = "bad_grant"
     GRANT_EXPIRED = "grant_expired"

@@ -26,7 +26,7 @@ async def start_round(coord, broker, round_id: int, expected: list[str]) -> None
 
 
 async def test_device_returning_from_offline_gets_the_latest_model_and_joins_the_round(broker, settings, tmp_path):
-    async with coordinator(settings) as coord, enclave(settings) as enc:
+    async with coordinator(settings) as coord, enclave(settings):
         events = await EventLog.bind(broker, "round.completed")
         online = await enrolled(broker, coord, "online")
         away = await enrolled(broker, coord, "away")

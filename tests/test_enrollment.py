@@ -298,3 +298,25 @@ async def test_forged_key_chain_is_refused():
     # without any rotation, a current key that is not the pinned one is refused
     with pytest.raises(QflareError):
         follow_key_chain(current_b, [], a.sig_fp)
+
+
+async def test_control_traffic_is_protected_by_the_session_key(broker, settings):
+    from coordinator.handshake import TO_COORDINATOR, seal_call
+    from schemas.messages import SessionCall, StatusRequest
+
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "ctl-1")
+        rpc = await broker.rpc()
+        st = await client.status(rpc, broker.names, dev)
+        assert st.device_id == "ctl-1" and st.status == "active"
+        sess = dev.session
+        call = lambda seq, key: rpc.call(  # noqa: E731
+            broker.names.rpc_exchange, Names.COORDINATOR_KEY,
+            SessionCall(session_id=sess.session_id, seq=seq, ciphertext=seal_call(
+                key, sess.session_id, seq, TO_COORDINATOR, encode(StatusRequest()))), SessionCall, 10)
+        await expect_reason(call(sess.seq, sess.key), Reason.REPLAY)  # a recorded call, sent again
+        await expect_reason(call(sess.seq + 5, b"\0" * 32), Reason.BAD_SIGNATURE)  # without the key
+        await coord.revoke("ctl-1")
+        await expect_reason(client.status(rpc, broker.names, dev), Reason.REVOKED)
+    async with coordinator(settings) as coord:  # keys are not kept across restarts
+        await expect_reason(client.status(rpc, broker.names, dev), Reason.SESSION_UNKNOWN)
