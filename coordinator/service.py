@@ -137,23 +137,19 @@ class Coordinator:
     # --- dispatch ------------------------------------------------------------------------
 
     async def handle(self, msg: Message) -> Message:
-        if isinstance(msg, Ping):
-            return Pong(nonce=msg.nonce, service="coordinator", version=VERSION)
-        if isinstance(msg, KeysRequest):
-            return KeyChain(current=encode(self.keys_message), rotations=rotations(self.registry))
-        if isinstance(msg, EnrollRequest):
-            return await self.enroll(msg)
-        if isinstance(msg, Signed):
-            return await self.open_session(msg)
-        if isinstance(msg, RotationRequest):
-            return await self.rotate(msg)
-        if isinstance(msg, AttestRequest):
-            return await self.admit_enclave(msg)
-        if isinstance(msg, RoundStart):
-            return await self.start_rounds(msg)
-        if isinstance(msg, SessionCall):
-            return await self.session_call(msg)
-        raise QflareError(Reason.UNKNOWN_TYPE, msg.TYPE)
+        """Route a request to its handler (``REQUESTS`` lists what the queue accepts)."""
+        handlers = {
+            Ping: self.ping, KeysRequest: self.keys, EnrollRequest: self.enroll, Signed: self.open_session,
+            RotationRequest: self.rotate, AttestRequest: self.admit_enclave, RoundStart: self.start_rounds,
+            SessionCall: self.session_call,
+        }
+        return await handlers[type(msg)](msg)
+
+    async def ping(self, msg: Ping) -> Pong:
+        return Pong(nonce=msg.nonce, service="coordinator", version=VERSION)
+
+    async def keys(self, _: KeysRequest) -> KeyChain:
+        return KeyChain(current=encode(self.keys_message), rotations=rotations(self.registry))
 
     # --- enrollment (DESIGN.md step 2) ---------------------------------------------------
 
