@@ -30,6 +30,10 @@ class ConfigError(Exception):
 
 def _canonical(name: str, kind: type[KemId] | type[SigId]) -> str:
     canon = ALIASES.get(name, name)
+    if canon != name:
+        from pqc.registry import note_alias
+
+        note_alias(name)
     valid = {k.value for k in kind}
     if canon not in valid:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(valid)}")

@@ -28,10 +28,11 @@ _ALIAS_NOTES: dict[str, str] = {
 _noted: set[str] = set()
 
 
-def _note_alias(name: str) -> None:
+def note_alias(name: str) -> None:
+    """Say once per process that a pre-standard name was mapped to its FIPS algorithm."""
     if name in ALIASES and name not in _noted:
         _noted.add(name)
-        log.info(_ALIAS_NOTES.get(name, f"{name} is used as its FIPS form {ALIASES[name]}"))
+        log.warning(_ALIAS_NOTES.get(name, f"{name} is used as its FIPS form {ALIASES[name]}"))
 
 
 def _pure_kem(alg: KemId) -> Kem | None:
@@ -106,7 +107,7 @@ def get_kem(name: str, backend: str | None = None) -> Kem:
     """The KEM ``name`` (or an alias) under ``backend``, or the most preferred installed one."""
     _check_backend(backend)
     alg = resolve_kem(name)
-    _note_alias(name)
+    note_alias(name)
     for b in (backend,) if backend else BACKENDS:
         kem = _kem(alg, b)
         if kem is not None:
@@ -120,7 +121,7 @@ def get_signature(name: str, backend: str | None = None) -> Signature:
     """The signature scheme ``name`` (or an alias such as Dilithium2) under ``backend``."""
     _check_backend(backend)
     alg = resolve_sig(name)
-    _note_alias(name)
+    note_alias(name)
     for b in (backend,) if backend else BACKENDS:
         sig = _sig(alg, b)
         if sig is not None:
