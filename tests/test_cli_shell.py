@@ -1,0 +1,187 @@
+"""The ``qflare`` command line driven from a shell, as an operator and a device would.
+
+Each test runs the real CLI in subprocesses against the real broker, in its own namespace
+and state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.broker
+
+
+class Shell:
+    def __init__(self, amqp_url: str, state: Path) -> None:
+        self.env = {**os.environ, "QFLARE_AMQP_URL": amqp_url, "QFLARE_STATE_DIR": str(state),
+                    "QFLARE_BROKER__NAMESPACE": "c" + uuid.uuid4().hex[:10]}
+        self.procs: list[subprocess.Popen] = []
+
+    def run(self, *args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+        res = subprocess.run([sys.executable, "-m", "ops.cli", *args], env={**self.env, **(env or {})},
+                             capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in res.stderr, res.stderr
+        if ok:
+            assert res.returncode == 0, (args, res.stdout, res.stderr)
+        return res
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def start(self, *args: str) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "ops.cli", *args], env=self.env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def wait_for_coordinator(self, timeout: float = 30) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            res = self.run("broker", "check", "--json", ok=False)
+            if res.returncode == 0 and json.loads(res.stdout).get("coordinator"):
+                return
+            time.sleep(0.3)
+        raise AssertionError("coordinator did not answer")
+
+    def close(self) -> None:
+        for p in self.procs:
+            self.stop(p)
+        subprocess.run([sys.executable, "-c", _CLEANUP], env=self.env, timeout=60)
+
+
+_CLEANUP = """
+import asyncio
+from broker.client import BrokerClient
+from broker.topology import delete_topology
+from ops.settings import load_settings
+async def main():
+    b = await BrokerClient.open(load_settings(), declare=False)
+    ch = await b.connection.channel()
+    await delete_topology(ch, b.names)
+    await b.close()
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def sh(amqp_url, tmp_path):
+    shell = Shell(amqp_url, tmp_path / "state")
+    try:
+        yield shell
+    finally:
+        shell.close()
+
+
+def test_help_lists_every_command_group(sh):
+    out = sh.run("--help").stdout
+    for group in ("demo", "token", "device", "coordinator", "enclave", "agent", "round", "broker", "bench", "crypto"):
+        assert group in out
+
+
+def test_token_enroll_session_from_a_shell_and_across_a_coordinator_restart(sh):
+    coord = sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    tok = sh.json("token", "create", "--device-id", "cam-1", "--ttl", "15m")
+    assert tok["device_id"] == "cam-1" and len(tok["coordinator_fingerprint"]) == 64
+    enroll = ("agent", "enroll", "--device-id", "cam-1", "--token", tok["token"],
+              "--coordinator-fingerprint", tok["coordinator_fingerprint"])
+    sh.run(*enroll)
+    session = sh.json("agent", "session", "--device-id", "cam-1")
+    assert len(session["session_id"]) == 32
+    again = sh.run(*enroll, ok=False)
+    assert again.returncode != 0 and "token_used" in again.stderr
+    # restart: nothing is lost
+    sh.stop(coord)
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    assert sh.json("agent", "session", "--device-id", "cam-1")["session_id"] != session["session_id"]
+    devices = sh.json("device", "list")
+    assert [d["device_id"] for d in devices] == ["cam-1"] and devices[0]["status"] == "active"
+    # a wrong pinned fingerprint is refused before anything is sent
+    tok2 = sh.json("token", "create", "--device-id", "cam-2")
+    bad = sh.run("agent", "enroll", "--device-id", "cam-2", "--token", tok2["token"],
+                 "--coordinator-fingerprint", "0" * 64, ok=False)
+    assert bad.returncode != 0 and "bad_signature" in bad.stderr
+    # revocation from the shell takes effect at once
+    sh.run("device", "revoke", "cam-1")
+    refused = sh.run("agent", "session", "--device-id", "cam-1", ok=False)
+    assert refused.returncode != 0 and "revoked" in refused.stderr
+
+
+def test_bad_input_gives_one_clear_line(sh, tmp_path):
+    bad_ttl = sh.run("token", "create", "--device-id", "x", "--ttl", "soon", ok=False)
+    assert bad_ttl.returncode != 0 and "duration" in bad_ttl.stderr
+    bad_id = sh.run("token", "create", "--device-id", "no spaces!", ok=False)
+    assert bad_id.returncode == 2 and "device id" in bad_id.stderr
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("fl:\n  rounds: 0\n")
+    bad_cfg = sh.run("--config", str(cfg), "token", "list", ok=False)
+    assert bad_cfg.returncode == 2 and "fl.rounds" in bad_cfg.stderr
+    no_broker = sh.run("broker", "check", ok=False, env={"QFLARE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"})
+    assert no_broker.returncode != 0 and "rabbitmq-server -detached" in no_broker.stderr
+    not_enrolled = sh.run("agent", "session", "--device-id", "ghost", ok=False)
+    assert not_enrolled.returncode != 0 and "not enrolled" in not_enrolled.stderr
+
+
+def test_demo_json_shows_rounds_and_rejected_attackers(sh):
+    out = json.loads(sh.run("demo", "--devices", "10", "--rounds", "2", "--malicious", "0.2", "--attack", "scale",
+                            "--json").stdout)
+    assert [set(r) >= {"round", "accuracy", "accepted", "rejected", "seconds"} for r in out["rounds"]] == [True] * 2
+    assert all(r["accepted"] == 8 and sum(r["rejected"].values()) == 2 for r in out["rounds"])
+
+
+def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    sh.start("enclave", "run")
+    tok = sh.json("token", "create", "--device-id", "cam-3")
+    sh.run("agent", "enroll", "--device-id", "cam-3", "--token", tok["token"],
+           "--coordinator-fingerprint", tok["coordinator_fingerprint"])
+    time.sleep(1.0)  # the enclave attests at start; the session then carries its keys
+    sh.start("agent", "run", "--device-id", "cam-3", "--shard", "0", "--of", "2")
+    time.sleep(1.0)
+    sh.run("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-3")
+    end = time.time() + 60
+    status = []
+    while time.time() < end:
+        status = sh.json("broker", "status")
+        model = Path(sh.env["QFLARE_STATE_DIR"]) / "enclave" / "enclave.sqlite3"
+        if model.exists():
+            import sqlite3
+
+            db = sqlite3.connect(model)
+            row = db.execute("SELECT status, result FROM rounds WHERE round_id=1").fetchone()
+            db.close()
+            if row and row[0] == "completed":
+                assert json.loads(row[1])["accepted"] == 1
+                break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"round did not complete; queues: {status}")
+    by_name = {q["queue"].split(".", 1)[1]: q for q in status}
+    assert by_name["enclave.updates"]["consumers"] == 1 and by_name["coordinator.requests"]["consumers"] == 1
+
+
+def test_crypto_info_names_a_backend_for_every_algorithm(sh):
+    info = sh.json("crypto", "info")
+    assert {a["algorithm"] for a in info["algorithms"]} >= {"ML-KEM-768", "ML-DSA-44", "FrodoKEM-640-AES",
+                                                            "ML-KEM-768+X25519"}
+    assert all(a["default_backend"] for a in info["algorithms"])
