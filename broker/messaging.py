@@ -31,7 +31,10 @@ log = logging.getLogger("qflare.broker")
 TRANSIENT = (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError, OSError,
              asyncio.TimeoutError)
 
-Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[None]]
+#: A handler returns this to take over the ack (e.g. to ack a batch after one durable commit).
+DEFERRED = object()
+
+Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[object]]
 RpcHandler = Callable[[Message], Awaitable[Message]]
 
 
@@ -103,6 +106,9 @@ async def consume(
 ) -> AbstractQueue:
     """Consume ``queue_name`` with manual acks; nothing a sender does stops the consumer.
 
+    The message is acked when the handler returns, unless it returns :data:`DEFERRED`,
+    in which case the handler acks it later (after its effect is durable).
+
     Undecodable messages, and messages whose handler raises :class:`QflareError`, go to the
     dead-letter queue with a reason header. Unexpected handler errors are logged and
     dead-lettered as ``internal``. Broker failures leave the message unacked, so it is
@@ -113,7 +119,7 @@ async def consume(
         try:
             try:
                 msg = decode(message.body, expected, max_bytes)
-                await handler(msg, message)
+                outcome = await handler(msg, message)
             except QflareError as err:
                 if on_reject is not None:
                     await on_reject(message, err)
@@ -126,7 +132,7 @@ async def consume(
                 await publisher.dead_letter(message, queue_name, Reason.INTERNAL, type(exc).__name__)
                 return
             HANDLED.labels(queue_name).inc()
-            if not message.processed:
+            if outcome is not DEFERRED and not message.processed:
                 await message.ack()
         except TRANSIENT as exc:
             log.warning("broker error while handling a message from %s: %s", queue_name, exc)

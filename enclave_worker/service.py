@@ -16,7 +16,7 @@ import numpy as np
 
 import pqc
 from broker.client import BrokerClient
-from broker.messaging import consume
+from broker.messaging import DEFERRED, TRANSIENT, consume
 from edge_agent import model as model_lib
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
@@ -32,6 +32,10 @@ from schemas.names import Names
 from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.enclave")
+
+#: Updates committed (one fsync) and acked together; a batch also closes after FLUSH_DELAY.
+FLUSH_BATCH = 32
+FLUSH_DELAY = 0.005
 
 
 #: Updates sampled for the cosine filter's median reference when streaming a round.
@@ -105,6 +109,10 @@ class Enclave:
         self.broker: BrokerClient | None = None
         self.round: RoundSpec | None = None
         self.lock = asyncio.Lock()
+        self._revoked: set[str] = self.store.revoked()
+        self._senders: dict[int, set[str]] = {}  # round id -> devices with a stored update
+        self._pending: list[tuple[object, dict | None]] = []  # handled, not yet committed and acked
+        self._flusher: asyncio.Task | None = None
         self._deadline: asyncio.Task | None = None
         self._test_data = None
         self.started = time.time()
@@ -149,6 +157,11 @@ class Enclave:
     async def stop(self) -> None:
         if self._deadline:
             self._deadline.cancel()
+        if self._flusher:
+            self._flusher.cancel()
+        if self.broker and not self.broker.connection.is_closed:
+            async with self.lock:
+                await self._flush()
         if self.broker:
             await self.broker.close()
         self.store.close()
@@ -171,6 +184,7 @@ class Enclave:
             return
         if isinstance(msg, Revocation):
             self.store.revoke(msg.device_id, msg.revoked_at)
+            self._revoked.add(msg.device_id)
             log.info("device %s revoked", msg.device_id)
             return
         async with self.lock:
@@ -205,10 +219,14 @@ class Enclave:
             if self.round is not None and self.round.round_id == spec.round_id:
                 await self._finish(spec)
 
+    def senders(self, round_id: int) -> set[str]:
+        """Devices whose update for ``round_id`` is stored (cached; the store is the truth)."""
+        if round_id not in self._senders:
+            self._senders[round_id] = self.store.devices_in_round(round_id)
+        return self._senders[round_id]
+
     def _complete(self, spec: RoundSpec) -> bool:
-        if not spec.expected:
-            return False
-        return set(spec.expected) <= self.store.devices_in_round(spec.round_id)
+        return bool(spec.expected) and set(spec.expected) <= self.senders(spec.round_id)
 
     # --- intake --------------------------------------------------------------------------
 
@@ -217,39 +235,73 @@ class Enclave:
             coordinator_keys=dict(self.coordinator_keys), kem_alg=self.identity.kem_alg,
             kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
             open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
-            n_params=int(self.params.shape[0]), revoked=frozenset(self.store.revoked()), policy=self.policy,
+            n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
             now=time.time())
 
-    async def _on_update(self, update: Update, raw) -> None:
+    async def _on_update(self, update: Update, raw) -> object:
+        """Check one update; its outcome is written in the open batch and acked at the flush."""
         routed = raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
         header = None
-        try:
-            header = intake.read_header(update)
-            async with self.lock:
+        async with self.lock:
+            try:
+                header = intake.read_header(update)
                 seen = self.store.has_update(header.update_id)
-                if seen and raw.redelivered:
-                    return  # its effect is already durable: a redelivery after a crash counts once
+                if seen and raw.redelivered:  # a redelivery counts once: ack it with the batch
+                    self._pending.append((raw, None))
+                    return await self._schedule_flush()
                 opened = intake.check_and_open(update, header, routed, self._context(), seen)
-                if header.device_id in self.store.devices_in_round(header.round_id):
+                if header.device_id in self.senders(header.round_id):
                     raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
+                self.store.begin()
                 self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
                                       opened.delta)
+                self.senders(header.round_id).add(header.device_id)
                 metrics.UPDATES.labels("accepted").inc()
-                await self.broker.publisher.event("update.accepted", device_id=header.device_id,
-                                                  round_id=header.round_id, update_id=header.update_id)
+                self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
+                                            "round_id": header.round_id, "update_id": header.update_id}))
                 if self._complete(self.round):
-                    await self._finish(self.round)
-        except QflareError as err:
-            device = header.device_id if header else routed
-            if header is not None and self.round is not None and header.round_id == self.round.round_id:
-                self.store.count_rejection(self.round.round_id, err.reason.value)
-            elif self.round is not None and err.reason == Reason.WRONG_ROUND:
-                self.store.count_rejection(self.round.round_id, err.reason.value)
-            metrics.UPDATES.labels(err.reason.value).inc()
-            log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
-            await self.broker.publisher.event(f"update.rejected.{err.reason.value}", device_id=device,
-                                              round_id=header.round_id if header else None, reason=err.reason.value,
-                                              detail_text=err.detail[:200])
+                    await self._finish(self.round)  # flushes the batch first
+                    return DEFERRED
+            except QflareError as err:
+                device = header.device_id if header else routed
+                counted = self.round is not None and (
+                    err.reason == Reason.WRONG_ROUND or (header is not None and header.round_id == self.round.round_id))
+                if counted:
+                    self.store.begin()
+                    self.store.count_rejection(self.round.round_id, err.reason.value)
+                metrics.UPDATES.labels(err.reason.value).inc()
+                log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
+                self._pending.append((raw, {"type_": f"update.rejected.{err.reason.value}", "device_id": device,
+                                            "round_id": header.round_id if header else None,
+                                            "reason": err.reason.value, "detail_text": err.detail[:200]}))
+            return await self._schedule_flush()
+
+    async def _schedule_flush(self) -> object:
+        """Flush a full batch now, else within FLUSH_DELAY (caller holds the lock)."""
+        if len(self._pending) >= FLUSH_BATCH:
+            await self._flush()
+        elif self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_soon())
+        return DEFERRED
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(FLUSH_DELAY)
+        async with self.lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Commit the batch (one fsync), then ack its messages and emit their events."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        self.store.commit()
+        for raw, event in pending:
+            try:
+                await raw.ack()
+            except TRANSIENT:
+                pass  # the broker redelivers it; the update id keeps it from counting twice
+            if event is not None:
+                await self.broker.publisher.event(**event)
 
     # --- closing -------------------------------------------------------------------------
 
@@ -266,6 +318,7 @@ class Enclave:
 
     async def _finish(self, spec: RoundSpec, forced: bool = False) -> None:
         """Close ``spec``: screen, aggregate, sign and publish the model, then record it."""
+        await self._flush()
         t0 = time.time()
         stored = self.store.round_updates(spec.round_id)
         rejected = self.store.rejections(spec.round_id)

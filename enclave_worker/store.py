@@ -1,8 +1,10 @@
 """The enclave's durable state: rounds, accepted updates, revocations and global models.
 
-An update is acknowledged to the broker only after its delta and its row are on disk, so a
-crash redelivers at most what was not yet durable, and the update id (primary key) keeps a
-redelivered update from counting twice. In a real TEE this directory would be sealed.
+Deltas are appended to one segment file per round and indexed (offset, length) in SQLite;
+a batch of updates becomes durable with one fsync of the segment and one SQLite commit, and
+only then are its messages acked. A crash therefore redelivers at most what was not yet
+durable, and the update id (primary key) keeps a redelivered update from counting twice.
+In a real TEE this directory would be sealed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ CREATE TABLE IF NOT EXISTS rounds (
   opened_at REAL NOT NULL, closed_at REAL, result TEXT, rejected TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS updates (
   update_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
-  num_samples INTEGER NOT NULL, file TEXT NOT NULL, at REAL NOT NULL);
+  num_samples INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round_id);
 CREATE TABLE IF NOT EXISTS revoked (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
@@ -36,7 +38,9 @@ class StoredUpdate:
     update_id: str
     device_id: str
     num_samples: int
-    file: Path
+    round_id: int
+    offset: int
+    length: int
 
 
 class EnclaveStore:
@@ -47,10 +51,37 @@ class EnclaveStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
+        self._segments: dict[int, object] = {}  # round id -> open append handle
+        (self.dir / "rounds").mkdir(exist_ok=True)
 
     def close(self) -> None:
+        for fh in self._segments.values():
+            fh.close()
         self.db.close()
+
+    def _segment_path(self, round_id: int) -> Path:
+        return self.dir / "rounds" / f"{round_id}.f32"
+
+    def _segment(self, round_id: int):
+        if round_id not in self._segments:
+            self._segments[round_id] = open(self._segment_path(round_id), "ab")
+        return self._segments[round_id]
+
+    def begin(self) -> None:
+        """Open a batch: writes until :meth:`commit` become durable together (one fsync)."""
+        with self.lock:
+            if not self.db.in_transaction:
+                self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        """Make the batch durable: the segments' bytes first, then the rows that point to them."""
+        with self.lock:
+            for fh in self._segments.values():
+                fh.flush()
+                os.fsync(fh.fileno())
+            if self.db.in_transaction:
+                self.db.execute("COMMIT")
 
     # rounds
     def open_round(self, round_id: int, spec: bytes) -> bool:
@@ -90,34 +121,37 @@ class EnclaveStore:
         return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
 
     def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray) -> bool:
-        """Write the delta (fsync) then its row; False if the id was already stored."""
-        if self.has_update(update_id):
-            return False
-        rdir = self.dir / "rounds" / str(round_id)
-        rdir.mkdir(parents=True, exist_ok=True)
-        path = rdir / f"{update_id}.f32"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(np.ascontiguousarray(delta, dtype="<f4").data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        """Append the delta to the round's segment and index it; durable at :meth:`commit`.
+
+        Outside a batch the write commits at once. False if the id was already stored.
+        """
         with self.lock:
-            cur = self.db.execute("INSERT OR IGNORE INTO updates VALUES (?,?,?,?,?,?)",
-                                  (update_id, round_id, device_id, num_samples, str(path), time.time()))
-            return cur.rowcount == 1
+            if self.has_update(update_id):
+                return False
+            fh = self._segment(round_id)
+            offset = fh.seek(0, os.SEEK_END)
+            data = memoryview(np.ascontiguousarray(delta, dtype="<f4")).cast("B")
+            fh.write(data)
+            self.db.execute("INSERT INTO updates VALUES (?,?,?,?,?,?,?)",
+                            (update_id, round_id, device_id, num_samples, offset, data.nbytes, time.time()))
+            if not self.db.in_transaction:
+                self.commit()
+            return True
 
     def round_updates(self, round_id: int) -> list[StoredUpdate]:
-        rows = self.db.execute("SELECT update_id, device_id, num_samples, file FROM updates WHERE round_id=? "
-                               "ORDER BY at", (round_id,)).fetchall()
-        return [StoredUpdate(u, d, n, Path(f)) for u, d, n, f in rows]
+        rows = self.db.execute("SELECT update_id, device_id, num_samples, round_id, offset, length FROM updates "
+                               "WHERE round_id=? ORDER BY at", (round_id,)).fetchall()
+        return [StoredUpdate(*r) for r in rows]
 
     def devices_in_round(self, round_id: int) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT device_id FROM updates WHERE round_id=?", (round_id,))}
 
-    @staticmethod
-    def load_delta(update: StoredUpdate) -> np.ndarray:
-        return np.fromfile(update.file, dtype="<f4")
+    def load_delta(self, update: StoredUpdate) -> np.ndarray:
+        """One update's delta, read on demand (rounds are streamed, never loaded whole)."""
+        if update.round_id in self._segments:
+            self._segments[update.round_id].flush()
+        return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=update.length // 4,
+                           offset=update.offset)
 
     # revocations
     def revoke(self, device_id: str, at: float) -> None:

@@ -8,6 +8,8 @@ secret (FIPS 203 §6.3, algorithm 18 step 9), never an error.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import os
 from types import ModuleType
@@ -107,6 +109,13 @@ _OPENSSL_MLKEM_PUB: dict[KemId, type[mlkem.MLKEM768PublicKey | mlkem.MLKEM1024Pu
 }
 
 
+@functools.lru_cache(maxsize=64)
+def _key_from_seed(cls: Any, seed: bytes) -> Any:
+    """Decapsulation keys rebuilt from their seed, cached: a long-lived recipient (the
+    enclave, the coordinator) would otherwise expand its key for every message."""
+    return cls.from_seed_bytes(seed)
+
+
 class CryptographyMLKEM(Kem):
     """ML-KEM-768/1024 through OpenSSL. The secret key is the 64-byte seed d ‖ z (FIPS 203 §7.1)."""
 
@@ -126,7 +135,7 @@ class CryptographyMLKEM(Kem):
             raise InvalidKey(f"{self.name} public key refused: {exc}") from None
 
     def private_key_object(self, sk: bytes) -> Any:
-        return self._priv.from_seed_bytes(sk)
+        return _key_from_seed(self._priv, bytes(sk))
 
     def _generate(self) -> tuple[bytes, bytes]:
         key = self._priv.generate()

@@ -14,6 +14,7 @@ from edge_agent import updates
 from edge_agent.data import device_shard, load_digits_split
 from edge_agent.fleet import verify_model
 from edge_agent.trainer import train_centralised, train_local
+from enclave_worker.intake import signed_parts
 from enclave_worker.service import Enclave
 from ops.demo import run_demo
 from schemas import signing
@@ -92,14 +93,15 @@ async def test_attacks_on_intake_are_rejected_with_reasons_and_leave_the_model_u
 
         # a tampered ciphertext re-signed by the device itself: the AEAD refuses it
         sig = pqc.get_signature(bad.identity.sig_alg)
-        resigned = sig.sign(bad.identity.sig_sk, [u.header, bytes(flipped)], context=signing.context_for(Update.TYPE))
+        resigned = sig.sign(bad.identity.sig_sk, signed_parts(u.header, bytes(flipped)),
+                            context=signing.context_for(Update.TYPE))
         await publish(broker, key, tamper(body, sealed=bytes(flipped), signature=resigned))
         await events.wait("update.rejected.decryption_failed")
 
         # a forged signature: another key signs the bad device's update
         other = pqc.get_signature("ML-DSA-44")
         _, osk = other.generate_keypair()
-        forged = other.sign(osk, [u.header, u.sealed], context=signing.context_for(Update.TYPE))
+        forged = other.sign(osk, signed_parts(u.header, u.sealed), context=signing.context_for(Update.TYPE))
         await publish(broker, key, tamper(body, signature=forged))
         await events.wait("update.rejected.bad_signature", 2)
 
