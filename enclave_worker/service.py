@@ -239,42 +239,63 @@ class Enclave:
             now=time.time())
 
     async def _on_update(self, update: Update, raw) -> object:
-        """Check one update; its outcome is written in the open batch and acked at the flush."""
+        """Check one update; its outcome is written in the open batch and acked at the flush.
+
+        Signature checks and decryption run in a worker thread (OpenSSL releases the GIL, so
+        several updates are opened at once on the second core); the state checks are then
+        made again under the lock, since the round may have moved on meanwhile.
+        """
         routed = raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
         header = None
-        async with self.lock:
-            try:
-                header = intake.read_header(update)
-                seen = self.store.has_update(header.update_id)
-                if seen and raw.redelivered:  # a redelivery counts once: ack it with the batch
+        try:
+            header = intake.read_header(update)
+            seen = self.store.has_update(header.update_id)
+            if seen and raw.redelivered:  # a redelivery counts once: ack it with the batch
+                async with self.lock:
                     self._pending.append((raw, None))
                     return await self._schedule_flush()
-                opened = intake.check_and_open(update, header, routed, self._context(), seen)
+            opened = await asyncio.to_thread(intake.check_and_open, update, header, routed, self._context(), seen)
+        except QflareError as err:
+            async with self.lock:
+                return await self._reject(raw, header, routed, err)
+        async with self.lock:
+            try:
+                if self.round is None or header.round_id != self.round.round_id:
+                    raise QflareError(Reason.WRONG_ROUND, f"round {header.round_id} closed while it was checked")
+                if self.store.has_update(header.update_id):
+                    raise QflareError(Reason.REPLAY, f"update {header.update_id} was already received")
+                if header.device_id in self._revoked:
+                    raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
                 if header.device_id in self.senders(header.round_id):
                     raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
-                self.store.begin()
-                self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
-                                      opened.delta)
-                self.senders(header.round_id).add(header.device_id)
-                metrics.UPDATES.labels("accepted").inc()
-                self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
-                                            "round_id": header.round_id, "update_id": header.update_id}))
-                if self._complete(self.round):
-                    await self._finish(self.round)  # flushes the batch first
-                    return DEFERRED
             except QflareError as err:
-                device = header.device_id if header else routed
-                counted = self.round is not None and (
-                    err.reason == Reason.WRONG_ROUND or (header is not None and header.round_id == self.round.round_id))
-                if counted:
-                    self.store.begin()
-                    self.store.count_rejection(self.round.round_id, err.reason.value)
-                metrics.UPDATES.labels(err.reason.value).inc()
-                log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
-                self._pending.append((raw, {"type_": f"update.rejected.{err.reason.value}", "device_id": device,
-                                            "round_id": header.round_id if header else None,
-                                            "reason": err.reason.value, "detail_text": err.detail[:200]}))
+                return await self._reject(raw, header, routed, err)
+            self.store.begin()
+            self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
+                                  opened.delta)
+            self.senders(header.round_id).add(header.device_id)
+            metrics.UPDATES.labels("accepted").inc()
+            self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
+                                        "round_id": header.round_id, "update_id": header.update_id}))
+            if self._complete(self.round):
+                await self._finish(self.round)  # flushes the batch first
+                return DEFERRED
             return await self._schedule_flush()
+
+    async def _reject(self, raw, header, routed: str | None, err: QflareError) -> object:
+        """Record a refusal (counted in the open round when it concerns it); caller holds the lock."""
+        device = header.device_id if header else routed
+        counted = self.round is not None and (
+            err.reason == Reason.WRONG_ROUND or (header is not None and header.round_id == self.round.round_id))
+        if counted:
+            self.store.begin()
+            self.store.count_rejection(self.round.round_id, err.reason.value)
+        metrics.UPDATES.labels(err.reason.value).inc()
+        log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
+        self._pending.append((raw, {"type_": f"update.rejected.{err.reason.value}", "device_id": device,
+                                    "round_id": header.round_id if header else None,
+                                    "reason": err.reason.value, "detail_text": err.detail[:200]}))
+        return await self._schedule_flush()
 
     async def _schedule_flush(self) -> object:
         """Flush a full batch now, else within FLUSH_DELAY (caller holds the lock)."""
