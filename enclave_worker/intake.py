@@ -39,6 +39,7 @@ class IntakeContext:
 class Opened:
     header: UpdateHeader
     delta: np.ndarray
+    norm: float  # L2 norm, computed here (in the worker thread) so the close need not reread
 
 
 def update_aad(header_bytes: bytes) -> bytes:
@@ -106,4 +107,4 @@ def check_and_open(update: Update, header: UpdateHeader, routed_device: str | No
     delta = np.frombuffer(payload, dtype="<f4")
     if not np.isfinite(delta).all():
         raise QflareError(Reason.NON_FINITE, "delta has NaN or infinity")
-    return Opened(header, delta)
+    return Opened(header, delta, float(np.linalg.norm(delta)))

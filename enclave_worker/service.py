@@ -39,7 +39,7 @@ FLUSH_DELAY = 0.005
 
 
 #: Updates sampled for the cosine filter's median reference when streaming a round.
-REFERENCE_SAMPLE = 64
+REFERENCE_SAMPLE = 32
 
 
 def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray | None, filters.ScreenResult]:
@@ -55,16 +55,17 @@ def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray
     return agg.aggregate(fl.aggregator, deltas[keep], weights[keep], **params), verdict
 
 
-def close_round_streaming(load, n: int, weights: np.ndarray, fl,
-                          sample: int = REFERENCE_SAMPLE) -> tuple[np.ndarray | None, filters.ScreenResult]:
+def close_round_streaming(load, n: int, weights: np.ndarray, fl, sample: int = REFERENCE_SAMPLE,
+                          norms: np.ndarray | None = None) -> tuple[np.ndarray | None, filters.ScreenResult]:
     """FedAvg with the same filters, holding O(sample × d) floats whatever the round size.
 
-    Pass 1 streams the norms; the cosine reference is the coordinate-wise median of up to
+    Pass 1 streams the norms (skipped when ``norms`` were computed at intake); the cosine reference is the coordinate-wise median of up to
     ``sample`` norm survivors (evenly spaced, so deterministic); pass 2 streams the cosine
     test and a running weighted mean. With ``n <= sample`` the result equals
     :func:`close_round`'s.
     """
-    norms = np.array([float(np.linalg.norm(load(i).astype(np.float64))) for i in range(n)])
+    if norms is None:
+        norms = np.array([float(np.linalg.norm(load(i).astype(np.float64))) for i in range(n)])
     accepted = filters.norm_verdict(norms, fl.max_norm, fl.norm_median_multiple)
     reasons: list[str | None] = [None if ok else filters.REASON_NORM for ok in accepted]
     survivors = np.flatnonzero(accepted)
@@ -272,7 +273,7 @@ class Enclave:
                 return await self._reject(raw, header, routed, err)
             self.store.begin()
             self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
-                                  opened.delta)
+                                  opened.delta, opened.norm)
             self.senders(header.round_id).add(header.device_id)
             metrics.UPDATES.labels("accepted").inc()
             self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
@@ -358,7 +359,8 @@ class Enclave:
         weights = np.array([u.num_samples for u in stored], dtype=np.float64)
         if self.settings.fl.aggregator == "fedavg":
             combined, verdict = close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored),
-                                                      weights, self.settings.fl)
+                                                      weights, self.settings.fl,
+                                                      norms=np.array([u.norm for u in stored]))
         else:  # robust aggregators need every update at once
             deltas = np.stack([self.store.load_delta(u) for u in stored])
             combined, verdict = close_round(deltas, weights, self.settings.fl)

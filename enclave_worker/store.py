@@ -25,7 +25,8 @@ CREATE TABLE IF NOT EXISTS rounds (
   opened_at REAL NOT NULL, closed_at REAL, result TEXT, rejected TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS updates (
   update_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
-  num_samples INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, at REAL NOT NULL);
+  num_samples INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, norm REAL NOT NULL,
+  at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round_id);
 CREATE TABLE IF NOT EXISTS revoked (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
@@ -41,6 +42,7 @@ class StoredUpdate:
     round_id: int
     offset: int
     length: int
+    norm: float
 
 
 class EnclaveStore:
@@ -120,7 +122,8 @@ class EnclaveStore:
     def has_update(self, update_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
 
-    def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray) -> bool:
+    def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray,
+                   norm: float | None = None) -> bool:
         """Append the delta to the round's segment and index it; durable at :meth:`commit`.
 
         Outside a batch the write commits at once. False if the id was already stored.
@@ -132,14 +135,16 @@ class EnclaveStore:
             offset = fh.seek(0, os.SEEK_END)
             data = memoryview(np.ascontiguousarray(delta, dtype="<f4")).cast("B")
             fh.write(data)
-            self.db.execute("INSERT INTO updates VALUES (?,?,?,?,?,?,?)",
-                            (update_id, round_id, device_id, num_samples, offset, data.nbytes, time.time()))
+            if norm is None:
+                norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+            self.db.execute("INSERT INTO updates VALUES (?,?,?,?,?,?,?,?)",
+                            (update_id, round_id, device_id, num_samples, offset, data.nbytes, norm, time.time()))
             if not self.db.in_transaction:
                 self.commit()
             return True
 
     def round_updates(self, round_id: int) -> list[StoredUpdate]:
-        rows = self.db.execute("SELECT update_id, device_id, num_samples, round_id, offset, length FROM updates "
+        rows = self.db.execute("SELECT update_id, device_id, num_samples, round_id, offset, length, norm FROM updates "
                                "WHERE round_id=? ORDER BY at", (round_id,)).fetchall()
         return [StoredUpdate(*r) for r in rows]
 

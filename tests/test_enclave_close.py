@@ -47,3 +47,13 @@ def test_a_round_of_only_rejected_updates_leaves_no_aggregate():
     fl = FLSettings(max_norm=1e-6)
     agg, verdict = close_round_streaming(lambda i: u[i], 2, np.ones(2), fl)
     assert agg is None and verdict.reasons == ["norm_bound", "norm_bound"]
+
+
+def test_norms_from_intake_give_the_same_verdict():
+    u = round_of(12, 80, {2: 20.0, 9: -4.0})
+    w = np.ones(12)
+    norms = np.linalg.norm(u.astype(np.float64), axis=1)
+    a, va = close_round_streaming(lambda i: u[i], 12, w, FLSettings())
+    b, vb = close_round_streaming(lambda i: u[i], 12, w, FLSettings(), norms=norms)
+    assert va.reasons == vb.reasons
+    np.testing.assert_allclose(a, b, rtol=1e-6)
