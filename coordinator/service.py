@@ -174,11 +174,8 @@ class Coordinator:
         claim = signing.unverified(signed, EnrollClaim)
         if claim.device_id != req.device_id:
             raise QflareError(Reason.DEVICE_MISMATCH, "sealed claim names another device")
-        try:
-            self.policy.check_sig(claim.sig_alg)
-            self.policy.check_kem(claim.kem_alg)
-        except pqc.errors.QflareCryptoError as exc:
-            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+        self.policy.check_sig(claim.sig_alg)  # PolicyError carries reason unsupported_algorithm
+        self.policy.check_kem(claim.kem_alg)
         if not handshake.is_fresh(claim.timestamp, time.time(), self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "enrollment timestamp outside the freshness window")
         existing = self.registry.get_device(claim.device_id)
@@ -228,11 +225,8 @@ class Coordinator:
             raise QflareError(Reason.NOT_ENROLLED, f"device {req.device_id} is not enrolled")
         if device.status != "active":
             raise QflareError(Reason.REVOKED, f"device {req.device_id} is revoked")
-        try:
-            self.policy.check_kem(req.eph_kem_alg)
-            kem = pqc.get_kem(req.eph_kem_alg)
-        except pqc.errors.QflareCryptoError as exc:
-            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+        self.policy.check_kem(req.eph_kem_alg)
+        kem = pqc.get_kem(req.eph_kem_alg)
         if not handshake.is_fresh(req.timestamp, now, self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "session request outside the freshness window")
         signing.verify(signed, SessionRequest, device.sig_alg, device.sig_pk)
@@ -313,11 +307,8 @@ class Coordinator:
                 raise QflareError(Reason.REVOKED, claim.device_id)
             if not handshake.is_fresh(claim.timestamp, time.time(), self.settings.crypto.freshness_seconds):
                 raise QflareError(Reason.STALE, "rotation request outside the freshness window")
-            try:
-                self.policy.check_sig(claim.sig_alg)
-                self.policy.check_kem(claim.kem_alg)
-            except pqc.errors.QflareCryptoError as exc:
-                raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
+            self.policy.check_sig(claim.sig_alg)
+            self.policy.check_kem(claim.kem_alg)
             signing.verify(old_signed, KeyRotation, device.sig_alg, device.sig_pk)
             new_signed = decode(req.new_key_proof, Signed)
             if signing.verify(new_signed, KeyRotation, claim.sig_alg, claim.sig_pk) != claim:
