@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
@@ -20,22 +21,32 @@ class BrokerClient:
     channel: AbstractChannel
     publisher: Publisher
     names: Names
+    client_id: str = "qflare"
     _rpc: RpcClient | None = field(default=None, repr=False)
 
     @classmethod
-    async def open(cls, settings: Settings, name: str = "qflare", *, declare: bool = True) -> BrokerClient:
-        """Connect, open a channel with publisher confirms, declare the topology."""
+    async def open(cls, settings: Settings, name: str = "qflare", *, declare: bool = True,
+                   client_id: str | None = None) -> BrokerClient:
+        """Connect, open a channel with publisher confirms, declare the topology.
+
+        ``client_id`` names this client's private queues (a device passes its device id, which
+        its broker user is confined to); devices pass ``declare=False``.
+        """
         conn = await connect(settings, name=name)
         channel = await conn.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.broker.prefetch)
         names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
         events = await conn.channel(publisher_confirms=False)
-        return cls(settings, conn, channel, Publisher(channel, names, events), names)
+        return cls(settings, conn, channel, Publisher(channel, names, events), names,
+                   client_id or f"{name}-{secrets.token_hex(4)}")
+
+    def private_queue(self, purpose: str) -> str:
+        return self.names.private_queue(self.client_id, purpose, secrets.token_hex(6))
 
     async def rpc(self) -> RpcClient:
         if self._rpc is None:
             self._rpc = await RpcClient(self.channel, self.publisher,
-                                        self.settings.broker.max_message_bytes).start()
+                                        self.settings.broker.max_message_bytes).start(self.private_queue("rpc"))
         return self._rpc
 
     async def close(self) -> None:

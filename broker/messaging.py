@@ -182,8 +182,9 @@ class RpcClient:
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._queue: AbstractQueue | None = None
 
-    async def start(self) -> RpcClient:
-        self._queue = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+    async def start(self, queue_name: str = "") -> RpcClient:
+        """Declare the exclusive reply queue (server-named unless ``queue_name`` is given)."""
+        self._queue = await self.channel.declare_queue(queue_name, exclusive=True, auto_delete=True)
         await self._queue.consume(self._on_reply, no_ack=True)
         return self
 

@@ -23,7 +23,8 @@ log = logging.getLogger("qflare.agent")
 async def run_agent(settings: Settings, device_id: str, shard: int, of: int, attack: str | None = None,
                     stop: asyncio.Event | None = None) -> None:
     device = load_device(settings.state_dir, device_id)
-    broker = await BrokerClient.open(settings, name=f"qflare-agent-{device_id}")
+    # A device declares nothing but its own queues, so it can run as a confined broker user.
+    broker = await BrokerClient.open(settings, name=f"qflare-agent-{device_id}", declare=False, client_id=device_id)
     outbox = Outbox(device_dir(settings.state_dir, device_id) / "outbox.sqlite3")
     try:
         rpc = await broker.rpc()

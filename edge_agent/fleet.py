@@ -66,7 +66,7 @@ class Fleet:
     async def listen(self) -> None:
         """Subscribe to the models fanout, after reading the latest model from the stream."""
         ch = self.broker.channel
-        self._queue = await ch.declare_queue(exclusive=True, auto_delete=True)
+        self._queue = await ch.declare_queue(self.broker.private_queue("models"), exclusive=True, auto_delete=True)
         await self._queue.bind(self.broker.names.models_exchange)
         await self._queue.consume(self._on_message)
         body = await latest_model_body(self.broker)

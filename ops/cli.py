@@ -217,6 +217,36 @@ def device_revoke(device_id: str, reason: str = typer.Option("operator", help="R
     console.print(f"device {device_id} revoked")
 
 
+@device_app.command("broker-user")
+def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--delete", help="Remove the user."),
+                       json_out: bool = typer.Option(False, "--json")) -> None:
+    """Create (or reset) a broker user confined to this device's routing key and queues."""
+    import secrets as _secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    from broker.users import BrokerAdminError, ManagementApi, create_device_user, delete_device_user
+    from schemas.names import Names
+
+    s = settings()
+    api = ManagementApi.from_amqp_url(s.amqp_url)
+    try:
+        if delete:
+            delete_device_user(api, device_id)
+            console.print(f"broker user {device_id} deleted")
+            return
+        password = _secrets.token_urlsafe(24)
+        create_device_user(api, Names(s.broker.namespace), device_id, password)
+    except BrokerAdminError as exc:
+        raise fail(str(exc)) from None
+    u = urlsplit(s.amqp_url)
+    url = urlunsplit((u.scheme, f"{device_id}:{password}@{u.hostname}:{u.port or 5672}", u.path or "/", "", ""))
+    if json_out:
+        print_json({"device_id": device_id, "amqp_url": url})
+    else:
+        console.print(f"broker user {device_id} created; give the device (once, privately):\n"
+                      f"  QFLARE_AMQP_URL={url}")
+
+
 # --- services ----------------------------------------------------------------------------
 
 
@@ -257,10 +287,10 @@ def enclave_measurement() -> None:
 # --- agent -------------------------------------------------------------------------------
 
 
-async def _with_rpc(s: Settings, fn):
+async def _with_rpc(s: Settings, fn, device_id: str | None = None):
     from broker.client import BrokerClient
 
-    broker = await BrokerClient.open(s, name="qflare-agent")
+    broker = await BrokerClient.open(s, name="qflare-agent", declare=device_id is None, client_id=device_id)
     try:
         return await fn(broker, await broker.rpc())
     finally:
@@ -281,7 +311,7 @@ def agent_enroll(device_id: str = typer.Option(..., "--device-id"), token: str =
         return await client.enroll(rpc, broker.names, device_id, token, coordinator_fingerprint,
                                    sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
 
-    dev = run(_with_rpc(s, go))
+    dev = run(_with_rpc(s, go, device_id))
     path = save_device(s.state_dir, dev)
     console.print(f"enrolled {device_id}; keys in {path}")
 
@@ -301,7 +331,7 @@ def agent_session(device_id: str = typer.Option(..., "--device-id"),
     async def go(broker, rpc):
         return await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
 
-    sess = run(_with_rpc(s, go))
+    sess = run(_with_rpc(s, go, device_id))
     save_device(s.state_dir, dev)
     out = {"device_id": device_id, "session_id": sess.session_id, "not_after": sess.not_after}
     if json_out:
@@ -326,7 +356,8 @@ def agent_rotate(device_id: str = typer.Option(..., "--device-id")) -> None:
     if not _exists(s, device_id):
         raise fail(f"device {device_id} is not enrolled here")
     dev = load_device(s.state_dir, device_id)
-    run(_with_rpc(s, lambda broker, rpc: client.rotate_keys(rpc, broker.names, dev, timeout=s.broker.rpc_timeout)))
+    run(_with_rpc(s, lambda broker, rpc: client.rotate_keys(rpc, broker.names, dev, timeout=s.broker.rpc_timeout),
+                  device_id))
     save_device(s.state_dir, dev)
     console.print(f"keys of {device_id} rotated; new fingerprint {dev.identity.sig_fp}")
 

@@ -77,9 +77,16 @@ class Names:
     def dead_letter_queue(self) -> str:
         return self._n("dead-letters")
 
-    def device_models_queue(self, device_id: str) -> str:
-        """A device's own queue on the models fanout (live announcements)."""
-        return self._n(f"device.{device_id}.models")
+    def private_queue(self, client_id: str, purpose: str, suffix: str) -> str:
+        """An exclusive queue a client declares for itself (RPC replies, model feed).
+
+        Prefixed by the client id so a per-device broker user can be allowed exactly its own
+        queues (``client_queues_pattern``).
+        """
+        return self._n(f"client.{client_id}.{purpose}.{suffix}")
+
+    def client_queues_prefix(self, client_id: str) -> str:
+        return self._n(f"client.{client_id}.")
 
     # routing keys
     @staticmethod

@@ -185,3 +185,22 @@ def test_crypto_info_names_a_backend_for_every_algorithm(sh):
     assert {a["algorithm"] for a in info["algorithms"]} >= {"ML-KEM-768", "ML-DSA-44", "FrodoKEM-640-AES",
                                                             "ML-KEM-768+X25519"}
     assert all(a["default_backend"] for a in info["algorithms"])
+
+
+def test_a_device_enrolls_with_its_own_confined_broker_user(sh):
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    user = sh.json("device", "broker-user", "cam-9")
+    try:
+        tok = sh.json("token", "create", "--device-id", "cam-9")
+        device_env = {"QFLARE_AMQP_URL": user["amqp_url"]}
+        sh.run("agent", "enroll", "--device-id", "cam-9", "--token", tok["token"],
+               "--coordinator-fingerprint", tok["coordinator_fingerprint"], env=device_env)
+        sh.run("agent", "session", "--device-id", "cam-9", env=device_env)
+        # the confined user cannot act for another device
+        tok2 = sh.json("token", "create", "--device-id", "cam-10")
+        other = sh.run("agent", "enroll", "--device-id", "cam-10", "--token", tok2["token"],
+                       "--coordinator-fingerprint", tok2["coordinator_fingerprint"], env=device_env, ok=False)
+        assert other.returncode != 0
+    finally:
+        sh.run("device", "broker-user", "cam-9", "--delete")
