@@ -424,11 +424,22 @@ async def revoke_device(settings: Settings, device_id: str, reason: str = "opera
                               identity.sig_sk, identity.sig_pk)
         await broker.publisher.publish(broker.names.control_exchange, "enclave", notice)
         await broker.publisher.event("device.revoked", device_id=device_id, reason=reason, sig_fp=device.sig_fp)
+        await asyncio.to_thread(_drop_broker_user, settings, device_id)
     finally:
         if own_broker and broker is not None:
             await broker.close()
         if own_registry:
             registry.close()
+
+
+def _drop_broker_user(settings: Settings, device_id: str) -> None:
+    """A revoked device loses its broker user too, if it had one (best effort)."""
+    from broker.users import BrokerAdminError, ManagementApi, delete_device_user
+
+    try:
+        delete_device_user(ManagementApi.from_amqp_url(settings.amqp_url), device_id)
+    except BrokerAdminError:
+        pass  # no such user, or no management API: the registry and enclave still refuse it
 
 
 async def run(settings: Settings) -> None:
