@@ -74,19 +74,25 @@ def device_permissions(names: Names, device_id: str) -> dict[str, dict[str, str]
     }
 
 
+def broker_username(device_id: str) -> str:
+    """The broker user of a device: prefixed, so no device id can name an operator account."""
+    return f"qflare-device-{device_id}"
+
+
 def _vhost(vhost: str) -> str:
     return urllib.parse.quote(vhost, safe="")
 
 
 def create_device_user(api: ManagementApi, names: Names, device_id: str, password: str, vhost: str = "/") -> str:
-    """Create (or reset) the user ``device_id`` with the device's permissions; returns its name."""
+    """Create (or reset) the device's user with the device's permissions; returns its name."""
     perms = device_permissions(names, device_id)
-    user = urllib.parse.quote(device_id, safe="")
+    name = broker_username(device_id)
+    user = urllib.parse.quote(name, safe="")
     api.request("PUT", f"/api/users/{user}", {"password": password, "tags": ""})
     api.request("PUT", f"/api/permissions/{_vhost(vhost)}/{user}", perms["permissions"])
     api.request("PUT", f"/api/topic-permissions/{_vhost(vhost)}/{user}", perms["topic"])
-    return device_id
+    return name
 
 
 def delete_device_user(api: ManagementApi, device_id: str) -> None:
-    api.request("DELETE", f"/api/users/{urllib.parse.quote(device_id, safe='')}")
+    api.request("DELETE", f"/api/users/{urllib.parse.quote(broker_username(device_id), safe='')}")

@@ -232,18 +232,18 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
     try:
         if delete:
             delete_device_user(api, device_id)
-            console.print(f"broker user {device_id} deleted")
+            console.print(f"broker user of {device_id} deleted")
             return
         password = _secrets.token_urlsafe(24)
-        create_device_user(api, Names(s.broker.namespace), device_id, password)
+        user = create_device_user(api, Names(s.broker.namespace), device_id, password)
     except BrokerAdminError as exc:
         raise fail(str(exc)) from None
     u = urlsplit(s.amqp_url)
-    url = urlunsplit((u.scheme, f"{device_id}:{password}@{u.hostname}:{u.port or 5672}", u.path or "/", "", ""))
+    url = urlunsplit((u.scheme, f"{user}:{password}@{u.hostname}:{u.port or 5672}", u.path or "/", "", ""))
     if json_out:
-        print_json({"device_id": device_id, "amqp_url": url})
+        print_json({"device_id": device_id, "user": user, "amqp_url": url})
     else:
-        console.print(f"broker user {device_id} created; give the device (once, privately):\n"
+        console.print(f"broker user {user} created; give the device (once, privately):\n"
                       f"  QFLARE_AMQP_URL={url}")
 
 

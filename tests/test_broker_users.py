@@ -35,9 +35,10 @@ def device_user(settings, broker):
         pytest.fail(f"{exc}")
     name = f"dev-{secrets.token_hex(4)}"
     password = secrets.token_urlsafe(16)
-    create_device_user(api, broker.names, name, password)
+    user = create_device_user(api, broker.names, name, password)
+    assert user == f"qflare-device-{name}"
     try:
-        yield name, settings.model_copy(update={"amqp_url": as_user(settings.amqp_url, name, password)})
+        yield name, settings.model_copy(update={"amqp_url": as_user(settings.amqp_url, user, password)})
     finally:
         delete_device_user(api, name)
 
