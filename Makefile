@@ -26,6 +26,7 @@ bench: install broker
 	$(BIN)/qflare bench crypto
 	$(BIN)/qflare bench handshake
 	$(BIN)/qflare bench round
+	$(BIN)/qflare bench fleet
 
 lint: install
 	$(BIN)/ruff check .

@@ -537,6 +537,21 @@ def bench_handshake(seconds: float = typer.Option(5.0, help="Time per measuremen
         print_json(result)
 
 
+@bench_app.command("fleet")
+def bench_fleet(sizes: str = typer.Option("100,500,1000", help="Fleet sizes, comma-separated."),
+                json_out: bool = typer.Option(False, "--json")) -> None:
+    """Enrollments/s and round times for simulated fleets of growing size."""
+    from ops.bench_fleet import run_bench
+
+    try:
+        parsed = tuple(int(x) for x in sizes.split(","))
+    except ValueError:
+        raise fail(f"--sizes takes numbers like 100,500,1000, not {sizes!r}", 2) from None
+    result = run(run_bench(settings(), parsed))
+    if json_out:
+        print_json(result)
+
+
 @bench_app.command("round")
 def bench_round(json_out: bool = typer.Option(False, "--json"),
                 quick: bool = typer.Option(False, help="Fewer updates, for a smoke run.")) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 import pqc
-from schemas.codec import CodecError, decode, encode
+from schemas.codec import decode, encode
 from schemas.messages import Message, Signed
 from schemas.reasons import QflareError, Reason
 
@@ -50,9 +50,3 @@ def unverified(signed: Signed | bytes, expected: type[M]) -> M:
         signed = decode(signed, Signed)
     return decode(signed.body, expected)
 
-
-def decode_signed(data: bytes) -> Signed:
-    try:
-        return decode(data, Signed)
-    except CodecError:
-        raise

@@ -1,0 +1,12 @@
+"""Simulated fleets of 100, 500 and 1,000 devices; writes docs/benchmarks.md."""
+
+import asyncio
+import json
+
+from ops.bench_fleet import run_bench
+from ops.settings import load_settings
+from ops.tuning import tune_allocator
+
+if __name__ == "__main__":
+    tune_allocator()
+    print(json.dumps(asyncio.run(run_bench(load_settings())), indent=2))
