@@ -9,8 +9,8 @@ import argparse
 import json
 
 from ops.benchreport import write_section
-from pqc.bench import render_markdown, run_crypto_bench
 from ops.tuning import tune_allocator
+from pqc.bench import render_markdown, run_crypto_bench
 
 
 def main() -> None:

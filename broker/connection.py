@@ -6,7 +6,6 @@ connection and channels, not something handlers deal with.
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 import aio_pika
@@ -45,7 +44,7 @@ async def connect(settings: Settings, *, name: str = "qflare", timeout: float = 
             settings.amqp_url, ssl_context=tls_context(settings), timeout=timeout,
             client_properties={"connection_name": name},
         )
-    except (OSError, asyncio.TimeoutError, aio_pika.exceptions.AMQPError) as exc:
+    except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         raise BrokerUnavailable(
             f"no RabbitMQ answers at {redact(settings.amqp_url)} ({type(exc).__name__}: {exc}). "
             "Start one with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`), "

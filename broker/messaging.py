@@ -127,7 +127,7 @@ async def consume(
                 return
             except TRANSIENT:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a bad message must not kill the worker
+            except Exception as exc:
                 log.exception("handler failed on a message from %s", queue_name)
                 await publisher.dead_letter(message, queue_name, Reason.INTERNAL, type(exc).__name__)
                 return
@@ -204,7 +204,7 @@ class RpcClient:
             await self.publisher.publish(exchange, routing_key, request, correlation_id=cid,
                                          reply_to=self._queue.name, persistent=False)
             body = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise QflareError(Reason.TIMEOUT, f"no reply to {request.TYPE} within {timeout:g}s") from None
         finally:
             self._pending.pop(cid, None)
@@ -219,4 +219,4 @@ class RpcClient:
         return answer
 
 
-__all__ = ["CodecError", "Publisher", "RpcClient", "consume", "serve_rpc", "TRANSIENT"]
+__all__ = ["TRANSIENT", "CodecError", "Publisher", "RpcClient", "consume", "serve_rpc"]

@@ -11,7 +11,7 @@ from collections import OrderedDict
 class TokenBucket:
     """``burst`` tokens at most, refilled at ``rate_per_s``; each request spends ``cost``."""
 
-    __slots__ = ("rate", "burst", "tokens", "last")
+    __slots__ = ("burst", "last", "rate", "tokens")
 
     def __init__(self, rate_per_s: float, burst: float, now: float | None = None) -> None:
         if rate_per_s <= 0 or burst < 1:

@@ -18,8 +18,22 @@ from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
-    AttestationReport, CoordinatorKeys, EnrollAccept, EnrollClaim, EnrollRequest, KeyChain, KeyRotation, KeysRequest,
-    RotationAccept, RotationRequest, SessionAccept, SessionCall, SessionGrant, SessionRequest, Signed, StatusReply,
+    AttestationReport,
+    CoordinatorKeys,
+    EnrollAccept,
+    EnrollClaim,
+    EnrollRequest,
+    KeyChain,
+    KeyRotation,
+    KeysRequest,
+    RotationAccept,
+    RotationRequest,
+    SessionAccept,
+    SessionCall,
+    SessionGrant,
+    SessionRequest,
+    Signed,
+    StatusReply,
     StatusRequest,
 )
 from schemas.names import Names

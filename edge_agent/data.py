@@ -7,7 +7,6 @@ Everything is seeded: the same arguments give the same shards on every machine.
 from __future__ import annotations
 
 import functools
-
 from functools import lru_cache
 from typing import Literal
 

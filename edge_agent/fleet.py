@@ -163,7 +163,7 @@ async def latest_model_body(broker: BrokerClient, settle: float = 0.3) -> bytes 
         while True:
             try:
                 body = await asyncio.wait_for(got.get(), settle)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             try:
                 version = signing.unverified(decode(body, Signed), GlobalModel).version

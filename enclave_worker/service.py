@@ -26,7 +26,15 @@ from ops.settings import Settings
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
-    AttestAccept, CoordinatorKeys, Message, Revocation, RoundOpen, RoundResult, RoundSpec, Signed, Update,
+    AttestAccept,
+    CoordinatorKeys,
+    Message,
+    Revocation,
+    RoundOpen,
+    RoundResult,
+    RoundSpec,
+    Signed,
+    Update,
 )
 from schemas.names import Names
 from schemas.reasons import QflareError, Reason

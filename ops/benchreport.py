@@ -28,7 +28,7 @@ def write_section(name: str, markdown: str, doc: Path = DOC) -> Path:
         f"{platform.python_version()}, {platform.machine()}._\n<!-- /bench:{name} -->"
     )
     text = doc.read_text() if doc.exists() else HEADER
-    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.DOTALL)
     text = pattern.sub(lambda _: body, text) if pattern.search(text) else text.rstrip() + "\n\n" + body + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -53,7 +53,7 @@ _state: dict[str, Any] = {"config": None}
 
 
 @app.callback()
-def main(config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML settings file (or QFLARE_CONFIG)."),
+def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML settings file (or QFLARE_CONFIG)."),
          verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do.")) -> None:
     _state["config"] = config
     tune_allocator()
@@ -88,7 +88,7 @@ def run(coro: Coroutine) -> Any:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
-    except Exception as exc:  # noqa: BLE001 - one line for people; -v shows the traceback
+    except Exception as exc:
         if logging.getLogger().isEnabledFor(logging.INFO):
             raise
         raise fail(f"{type(exc).__name__}: {exc} (run with -v for details)") from None
@@ -173,7 +173,7 @@ def _when(t: float | None) -> str:
 
 
 @device_app.command("list")
-def device_list(status: Optional[str] = typer.Option(None, help="active or revoked"),
+def device_list(status: str | None = typer.Option(None, help="active or revoked"),
                 json_out: bool = typer.Option(False, "--json")) -> None:
     """List enrolled devices."""
     reg = _registry(settings())
@@ -366,7 +366,7 @@ def agent_rotate(device_id: str = typer.Option(..., "--device-id")) -> None:
 def agent_run(device_id: str = typer.Option(..., "--device-id"),
               shard: int = typer.Option(0, help="Which part of the digits training set this device holds."),
               of: int = typer.Option(1, help="Into how many parts the set is split."),
-              attack: Optional[str] = typer.Option(None, help="Simulate a malicious device (tests, demos).")) -> None:
+              attack: str | None = typer.Option(None, help="Simulate a malicious device (tests, demos).")) -> None:
     """Train on every round this device is part of; resend unconfirmed updates after reconnects."""
     from edge_agent.agent import run_agent
 
@@ -383,7 +383,7 @@ def agent_run(device_id: str = typer.Option(..., "--device-id"),
 def round_start(rounds: int = typer.Option(None, help="How many rounds (default: fl.rounds)."),
                 min_updates: int = typer.Option(None, help="Fewest updates a round needs."),
                 deadline: float = typer.Option(None, help="Seconds a round waits for updates."),
-                expected: Optional[list[str]] = typer.Option(None, "--device", help="Expected device (repeat)."),
+                expected: list[str] | None = typer.Option(None, "--device", help="Expected device (repeat)."),
                 ) -> None:
     """Ask the running coordinator to run rounds (the seed's federated_start)."""
     from schemas.messages import RoundStart, RoundStarted
@@ -479,7 +479,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          rounds: int = typer.Option(3, min=1, max=1000, help="Federated rounds."),
          malicious: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of malicious devices."),
          attack: str = typer.Option("sign-flip", help="sign-flip | scale | noise | label-flip"),
-         deadline: Optional[float] = typer.Option(None, help="Seconds a round waits (default fl.deadline_seconds)."),
+         deadline: float | None = typer.Option(None, help="Seconds a round waits (default fl.deadline_seconds)."),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
     from edge_agent.trainer import ATTACKS

@@ -39,7 +39,7 @@ def render() -> str:
 
 def update(doc: Path = DOC) -> bool:
     text = doc.read_text()
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: render(), text, flags=re.S)
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: render(), text, flags=re.DOTALL)
     changed = new != text
     doc.write_text(new)
     return changed

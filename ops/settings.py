@@ -28,7 +28,7 @@ class ConfigError(Exception):
     """Bad configuration; the message is one line naming the field and the reason."""
 
 
-def _canonical(name: str, kind: type[KemId] | type[SigId]) -> str:
+def _canonical(name: str, kind: type[KemId | SigId]) -> str:
     canon = ALIASES.get(name, name)
     if canon != name:
         from pqc.registry import note_alias

@@ -18,7 +18,24 @@ from pqc.seal import hkdf_sha256, open_sealed, seal
 from pqc.sig import Signature
 
 __all__ = [
-    "ALIASES", "DEFAULT_KEM", "DEFAULT_SIG", "Kem", "KemId", "Policy", "SigId", "Signature",
-    "errors", "fingerprint", "get_kem", "get_signature", "hkdf_sha256", "keys", "kem_backends",
-    "load_private_key", "open_sealed", "save_private_key", "seal", "sig_backends",
+    "ALIASES",
+    "DEFAULT_KEM",
+    "DEFAULT_SIG",
+    "Kem",
+    "KemId",
+    "Policy",
+    "SigId",
+    "Signature",
+    "errors",
+    "fingerprint",
+    "get_kem",
+    "get_signature",
+    "hkdf_sha256",
+    "kem_backends",
+    "keys",
+    "load_private_key",
+    "open_sealed",
+    "save_private_key",
+    "seal",
+    "sig_backends",
 ]

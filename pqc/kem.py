@@ -9,7 +9,6 @@ secret (FIPS 203 §6.3, algorithm 18 step 9), never an error.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import os
 from types import ModuleType

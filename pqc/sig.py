@@ -13,7 +13,6 @@ it raises only for a malformed public key or context (caller errors).
 from __future__ import annotations
 
 import functools
-
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any

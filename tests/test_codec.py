@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import msgpack
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from schemas.codec import WIRE_VERSION, CodecError, decode, encode
 from schemas.messages import (
-    BY_TYPE, Event, GlobalModel, Ping, RoundResult, RoundSpec, Signed, Update, UpdateHeader,
+    BY_TYPE,
+    Event,
+    GlobalModel,
+    Ping,
+    RoundResult,
+    RoundSpec,
+    Signed,
+    Update,
+    UpdateHeader,
 )
 from schemas.reasons import Reason
 

@@ -164,7 +164,7 @@ async def test_replayed_session_request_is_refused(broker, settings):
         ident = dev.identity
         signed = signing.sign(req, ident.sig_alg, ident.sig_sk, ident.sig_pk)
         rpc = await broker.rpc()
-        call = lambda: rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, signed, SessionAccept, 10)  # noqa: E731
+        call = lambda: rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, signed, SessionAccept, 10)
         await call()
         await expect_reason(call(), Reason.REPLAY)
 
@@ -310,7 +310,7 @@ async def test_control_traffic_is_protected_by_the_session_key(broker, settings)
         st = await client.status(rpc, broker.names, dev)
         assert st.device_id == "ctl-1" and st.status == "active"
         sess = dev.session
-        call = lambda seq, key: rpc.call(  # noqa: E731
+        call = lambda seq, key: rpc.call(
             broker.names.rpc_exchange, Names.COORDINATOR_KEY,
             SessionCall(session_id=sess.session_id, seq=seq, ciphertext=seal_call(
                 key, sess.session_id, seq, TO_COORDINATOR, encode(StatusRequest()))), SessionCall, 10)

@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from schemas.codec import encode
-from schemas.messages import Ping, Pong, Event
+from schemas.messages import Event, Ping, Pong
 from schemas.names import REASON_HEADER, Names
 from tests.services import EventLog, coordinator, enclave, enrolled
 from tests.test_broker import drain_dead_letters
@@ -64,8 +64,8 @@ async def test_metrics_count_outcomes(broker, settings):
     before_bad = value("qflare_enrollments_total", outcome="token_unknown")
     async with coordinator(settings) as coord:
         await enrolled(broker, coord, "metered", session=False)
-        from tests.test_enrollment import enroll
         from schemas.reasons import QflareError
+        from tests.test_enrollment import enroll
         with pytest.raises(QflareError):
             await enroll(broker, coord, "metered-2", "no-such-token")
     assert value("qflare_enrollments_total", outcome="ok") == before_ok + 1
