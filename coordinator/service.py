@@ -70,6 +70,8 @@ REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed,
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
 META_ROTATIONS = "coordinator_rotations"
+#: How long past a round's deadline the coordinator waits for the enclave to close it.
+ROUND_GRACE_SECONDS = 60.0
 
 
 def coordinator_dir(settings: Settings) -> Path:
@@ -391,10 +393,25 @@ class Coordinator:
             await self.broker.publisher.publish(self.broker.names.control_exchange, "enclave",
                                                 self._sign(RoundOpen(spec=spec, issued_at=time.time())))
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
-            while True:
-                ev = await self._round_done.get()
-                if ev.round_id == round_id:
-                    break
+            if not await self._wait_round(round_id, req.deadline_seconds + ROUND_GRACE_SECONDS):
+                # No enclave closed the round: say so and stop, rather than wait forever.
+                self.registry.audit("coordinator", "round.stalled", round_id=round_id)
+                await self._event("round.stalled", round_id=round_id, reason=Reason.NO_ENCLAVE.value,
+                                  remaining=first + req.rounds - round_id - 1)
+                log.error("round %d was not closed by any enclave; remaining rounds cancelled", round_id)
+                return
+
+    async def _wait_round(self, round_id: int, timeout: float) -> bool:
+        """True when the enclave reported ``round_id`` completed or failed within ``timeout``."""
+        end = time.monotonic() + timeout
+        while (left := end - time.monotonic()) > 0:
+            try:
+                ev = await asyncio.wait_for(self._round_done.get(), left)
+            except asyncio.TimeoutError:
+                return False
+            if ev.round_id == round_id:
+                return True
+        return False
 
 
 def rotations(registry: Registry) -> list[bytes]:

@@ -231,3 +231,18 @@ async def test_enclave_report_from_an_untrusted_platform_is_refused(broker, sett
             assert exc.value.reason == Reason.BAD_SIGNATURE
         finally:
             await enc.stop()
+
+
+async def test_a_round_no_enclave_closes_is_reported_stalled(broker, settings, monkeypatch):
+    import coordinator.service as svc
+    from schemas.messages import RoundStart, RoundStarted
+    from schemas.names import Names
+
+    monkeypatch.setattr(svc, "ROUND_GRACE_SECONDS", 0.5)
+    async with coordinator(settings):
+        events = await EventLog.bind(broker, "round.*")
+        rpc = await broker.rpc()
+        await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY,
+                       RoundStart(rounds=3, min_updates=1, deadline_seconds=0.5), RoundStarted, 5)
+        stalled = await events.wait("round.stalled", timeout=10)
+        assert stalled[0].round_id == 1 and stalled[0].reason == "no_enclave" and stalled[0].detail["remaining"] == 2
