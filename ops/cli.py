@@ -471,6 +471,90 @@ def broker_status(json_out: bool = typer.Option(False, "--json")) -> None:
     console.print(t)
 
 
+@broker_app.command("dead-letters")
+def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="How many to show."),
+                        purge: bool = typer.Option(False, help="Remove the ones shown."),
+                        json_out: bool = typer.Option(False, "--json")) -> None:
+    """Show dead-lettered messages with their queue and reason (left in place unless --purge)."""
+    from broker.client import BrokerClient
+    from schemas.codec import peek_type
+    from schemas.names import DETAIL_HEADER, REASON_HEADER
+
+    s = settings()
+
+    async def go():
+        b = await BrokerClient.open(s, name="qflare-dead-letters")
+        try:
+            ch = await b.connection.channel()
+            await ch.set_qos(prefetch_count=limit)
+            q = await ch.declare_queue(b.names.dead_letter_queue, passive=True)
+            rows, held = [], []
+            while len(rows) < limit:
+                m = await q.get(fail=False, no_ack=False)
+                if m is None:
+                    break
+                h = m.headers or {}
+                rows.append({"queue": h.get("x-qflare-queue"), "reason": h.get(REASON_HEADER),
+                             "detail": h.get(DETAIL_HEADER), "type": peek_type(bytes(m.body)), "bytes": len(m.body)})
+                held.append(m)
+            for m in held:
+                await (m.ack() if purge else m.nack(requeue=True))
+            await ch.close()
+            return rows
+        finally:
+            await b.close()
+
+    rows = run(go())
+    if json_out:
+        print_json(rows)
+        return
+    t = Table("queue", "reason", "detail", "type", "bytes", title="dead letters" + (" (purged)" if purge else ""))
+    for r in rows:
+        t.add_row(*(str(r[k]) for k in ("queue", "reason", "detail", "type", "bytes")))
+    console.print(t)
+
+
+@app.command()
+def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 'update.rejected.#' (default #)."),
+           count: int = typer.Option(0, help="Stop after this many events (0: until interrupted)."),
+           json_out: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
+    """Follow the events exchange live: what an operator or another system sees."""
+    from broker.client import BrokerClient
+    from schemas.codec import CodecError, decode
+    from schemas.messages import Event
+
+    s = settings()
+
+    async def go():
+        b = await BrokerClient.open(s, name="qflare-events")
+        try:
+            q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
+            for key in binding or ["#"]:
+                await q.bind(b.names.events_exchange, key)
+            seen = 0
+            async with q.iterator(no_ack=True) as it:
+                async for message in it:
+                    try:
+                        ev = decode(message.body, Event)
+                    except CodecError:
+                        continue
+                    if json_out:
+                        sys.stdout.write(json.dumps(ev.model_dump()) + "\n")
+                        sys.stdout.flush()
+                    else:
+                        extra = " ".join(f"{k}={v}" for k, v in ev.detail.items())
+                        console.print(f"{time.strftime('%H:%M:%S', time.localtime(ev.at))} [bold]{ev.type}[/] "
+                                      f"{ev.device_id or ''} {('round ' + str(ev.round_id)) if ev.round_id else ''} "
+                                      f"{ev.reason or ''} {extra}".rstrip())
+                    seen += 1
+                    if count and seen >= count:
+                        return
+        finally:
+            await b.close()
+
+    run(go())
+
+
 # --- demo --------------------------------------------------------------------------------
 
 

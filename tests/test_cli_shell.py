@@ -204,3 +204,40 @@ def test_a_device_enrolls_with_its_own_confined_broker_user(sh):
         assert other.returncode != 0
     finally:
         sh.run("device", "broker-user", "cam-9", "--delete")
+
+
+def test_operators_see_events_and_dead_letters(sh):
+    import subprocess as sp
+
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    follower = sp.Popen([sys.executable, "-m", "ops.cli", "events", "enrollment.rejected.#", "--count", "1", "--json"],
+                        env=sh.env, stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # the follower binds its queue
+        tok = sh.json("token", "create", "--device-id", "cam-e")
+        bad = sh.run("agent", "enroll", "--device-id", "cam-e", "--token", "wrong-token",
+                     "--coordinator-fingerprint", tok["coordinator_fingerprint"], ok=False)
+        assert "token_unknown" in bad.stderr
+        out, _ = follower.communicate(timeout=20)
+        assert json.loads(out.splitlines()[0])["type"] == "enrollment.rejected.token_unknown"
+    finally:
+        follower.kill()
+    # a malformed request lands in the dead-letter queue, visible to the operator
+    subprocess.run([sys.executable, "-c", _PUBLISH_GARBAGE], env=sh.env, check=True, timeout=60)
+    rows = sh.json("broker", "dead-letters")
+    assert rows and rows[0]["reason"] == "malformed" and rows[0]["queue"].endswith("coordinator.requests")
+
+
+_PUBLISH_GARBAGE = """
+import asyncio
+from broker.client import BrokerClient
+from ops.settings import load_settings
+from schemas.names import Names
+async def main():
+    b = await BrokerClient.open(load_settings(), declare=False)
+    await b.publisher.publish(b.names.rpc_exchange, Names.COORDINATOR_KEY, b"\\xc1 never valid msgpack")
+    await asyncio.sleep(0.5)
+    await b.close()
+asyncio.run(main())
+"""
