@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from schemas.messages import ALL_MESSAGES
-from schemas.reasons import Reason
+from schemas.reasons import DESCRIPTIONS, Reason
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 BEGIN, END = "<!-- generated:messages -->", "<!-- /generated:messages -->"
@@ -33,7 +33,8 @@ def render() -> str:
             out.append(f"| `{name}` | `{_type_name(field.annotation)}` {meta} | "
                        f"{'yes' if field.is_required() else 'no (default ' + repr(field.default) + ')'} |")
         out.append("")
-    out += ["### Reason codes", "", "| code |", "|---|"] + [f"| `{r.value}` |" for r in Reason] + ["", END]
+    out += ["### Reason codes", "", "| code | meaning |", "|---|---|"]
+    out += [f"| `{r.value}` | {DESCRIPTIONS[r]} |" for r in Reason] + ["", END]
     return "\n".join(out)
 
 

@@ -45,6 +45,44 @@ class Reason(StrEnum):
     INTERNAL = "internal"
 
 
+#: What each reason means, for people and for systems consuming events (docs/protocol.md).
+DESCRIPTIONS: dict[Reason, str] = {
+    Reason.MALFORMED: "not msgpack, not a QFLARE envelope, or a sealed part that does not open",
+    Reason.OVERSIZE: "larger than broker.max_message_bytes",
+    Reason.TRAILING_BYTES: "bytes after the end of the message",
+    Reason.UNKNOWN_VERSION: "wire version this peer does not speak",
+    Reason.UNKNOWN_TYPE: "unknown message type, or a type this queue does not accept",
+    Reason.INVALID_FIELD: "a field missing, unknown, of the wrong type or out of range",
+    Reason.TOKEN_UNKNOWN: "no such token (or it was revoked)",
+    Reason.TOKEN_EXPIRED: "the token's lifetime has passed",
+    Reason.TOKEN_USED: "the token was already used: tokens work once",
+    Reason.DEVICE_MISMATCH: "the token, routing key or sealed claim names another device",
+    Reason.BAD_SIGNATURE: "a signature does not verify, or is by an unexpected key",
+    Reason.UNSUPPORTED_ALGORITHM: "an algorithm the policy does not allow, or a key this peer does not hold",
+    Reason.RATE_LIMITED: "too many requests; retry later",
+    Reason.REVOKED: "the device is revoked",
+    Reason.NOT_ENROLLED: "the device is not enrolled",
+    Reason.STALE: "timestamp outside the freshness window (clock skew or a delayed replay)",
+    Reason.REPLAY: "seen before: a nonce, an update id, a call sequence number, or a second update this round",
+    Reason.SESSION_UNKNOWN: "no such session (the coordinator restarted?): open a new one",
+    Reason.SESSION_EXPIRED: "the session has expired: open a new one",
+    Reason.BAD_GRANT: "the session grant is missing, forged, or for another device",
+    Reason.GRANT_EXPIRED: "the session grant has expired",
+    Reason.WRONG_ROUND: "the update is for a round that is not open",
+    Reason.DUPLICATE: "a duplicate of something already counted",
+    Reason.DECRYPTION_FAILED: "the sealed payload does not open with this enclave's key",
+    Reason.LAYOUT_MISMATCH: "the parameter vector does not match the model's layout",
+    Reason.NORM_BOUND: "update norm over the bound (scaled or boosted update)",
+    Reason.LOW_COSINE: "update points away from the round's robust reference (e.g. sign-flipped)",
+    Reason.NON_FINITE: "NaN or infinity in the update",
+    Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
+    Reason.NO_ENCLAVE: "no attested enclave is available",
+    Reason.TIMEOUT: "no reply in time",
+    Reason.INTERNAL: "a bug on the receiving side; the message was dead-lettered",
+}
+assert set(DESCRIPTIONS) == set(Reason), "every reason needs a description"
+
+
 class QflareError(Exception):
     """A failure with a reason code; the only exception type replies are built from."""
 

@@ -320,3 +320,17 @@ async def test_control_traffic_is_protected_by_the_session_key(broker, settings)
         await expect_reason(client.status(rpc, broker.names, dev), Reason.REVOKED)
     async with coordinator(settings) as coord:  # keys are not kept across restarts
         await expect_reason(client.status(rpc, broker.names, dev), Reason.SESSION_UNKNOWN)
+
+
+async def test_session_requests_are_rate_limited_per_device(broker, settings):
+    settings = settings.model_copy(update={"rate_limits": settings.rate_limits.model_copy(
+        update={"session_per_device_burst": 2, "session_per_device_per_s": 0.001})})
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "chatty", session=False)
+        rpc = await broker.rpc()
+        for _ in range(2):
+            await client.open_session(rpc, broker.names, dev)
+        await expect_reason(client.open_session(rpc, broker.names, dev), Reason.RATE_LIMITED)
+        # another device is not affected
+        other = await enrolled(broker, coord, "quiet", session=False)
+        await client.open_session(rpc, broker.names, other)
