@@ -70,6 +70,8 @@ REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed,
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
 META_ROTATIONS = "coordinator_rotations"
+META_PLAN = "round_plan"  # the running RoundStart and its first round id, until it ends
+META_CURRENT = "round_current"  # the spec of the round last opened
 #: How long past a round's deadline the coordinator waits for the enclave to close it.
 ROUND_GRACE_SECONDS = 60.0
 
@@ -144,6 +146,7 @@ class Coordinator:
         await q.bind(b.names.events_exchange, "round.completed")
         await q.bind(b.names.events_exchange, "round.failed")
         await q.consume(self._on_round_event, no_ack=True)
+        self._resume_plan()
         log.info("coordinator ready: signature key %s", self.identity.sig_fp)
 
     async def _on_round_event(self, message) -> None:
@@ -380,26 +383,43 @@ class Coordinator:
         if self._rounds_task is not None and not self._rounds_task.done():
             raise QflareError(Reason.INVALID_FIELD, "rounds are already running")
         first = int(self.registry.get_meta(META_ROUND) or b"0") + 1
+        self.registry.set_meta(META_PLAN, msgpack.packb({"req": encode(req), "first": first}))
         self._rounds_task = asyncio.create_task(self._run_rounds(req, first))
         return RoundStarted(round_id=first)
 
-    async def _run_rounds(self, req: RoundStart, first: int) -> None:
+    def _resume_plan(self) -> None:
+        """After a restart, carry on with an unfinished plan: the current round is opened
+        again (the enclave answers at once if it already closed), then the rest."""
+        raw, current = self.registry.get_meta(META_PLAN), self.registry.get_meta(META_CURRENT)
+        if not raw or not current:
+            return
+        plan = msgpack.unpackb(raw)
+        req, spec = decode(plan["req"], RoundStart), decode(current, RoundSpec)
+        if spec.round_id < plan["first"] + req.rounds:
+            log.info("resuming rounds at %d", spec.round_id)
+            self._rounds_task = asyncio.create_task(self._run_rounds(req, plan["first"], resume=spec))
+
+    async def _run_rounds(self, req: RoundStart, first: int, resume: RoundSpec | None = None) -> None:
         assert self.broker is not None
-        for round_id in range(first, first + req.rounds):
-            spec = RoundSpec(round_id=round_id, deadline=time.time() + req.deadline_seconds,
-                             min_updates=req.min_updates, expected=req.expected, epochs=req.epochs, lr=req.lr,
-                             batch_size=req.batch_size)
+        start = resume.round_id if resume else first
+        for round_id in range(start, first + req.rounds):
+            spec = resume if resume and round_id == resume.round_id else RoundSpec(
+                round_id=round_id, deadline=time.time() + req.deadline_seconds, min_updates=req.min_updates,
+                expected=req.expected, epochs=req.epochs, lr=req.lr, batch_size=req.batch_size)
             self.registry.set_meta(META_ROUND, str(round_id).encode())
+            self.registry.set_meta(META_CURRENT, encode(spec))
             await self.broker.publisher.publish(self.broker.names.control_exchange, "enclave",
                                                 self._sign(RoundOpen(spec=spec, issued_at=time.time())))
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
-            if not await self._wait_round(round_id, req.deadline_seconds + ROUND_GRACE_SECONDS):
+            wait = max(0.0, spec.deadline - time.time()) + ROUND_GRACE_SECONDS
+            if not await self._wait_round(round_id, wait):
                 # No enclave closed the round: say so and stop, rather than wait forever.
                 self.registry.audit("coordinator", "round.stalled", round_id=round_id)
                 await self._event("round.stalled", round_id=round_id, reason=Reason.NO_ENCLAVE.value,
                                   remaining=first + req.rounds - round_id - 1)
                 log.error("round %d was not closed by any enclave; remaining rounds cancelled", round_id)
-                return
+                break
+        self.registry.set_meta(META_PLAN, b"")
 
     async def _wait_round(self, round_id: int, timeout: float) -> bool:
         """True when the enclave reported ``round_id`` completed or failed within ``timeout``."""

@@ -202,7 +202,10 @@ class Enclave:
     async def _open_round(self, spec: RoundSpec) -> None:
         status = self.store.round_status(spec.round_id)
         if status is not None and status != "open":
-            return  # a redelivered command for a round already closed
+            # Already closed (a redelivered command, or a coordinator that restarted mid-plan):
+            # say again how it ended, so whoever waits for it can go on.
+            await self._announce_closed(spec.round_id, status)
+            return
         if self.round is not None and self.round.round_id != spec.round_id:
             await self._finish(self.round, forced=True)
         self.store.open_round(spec.round_id, encode(spec))
@@ -359,8 +362,7 @@ class Enclave:
             result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected, seconds=t0 - spec.deadline,
                                  status="failed")
             self.store.close_round(spec.round_id, "failed", result.model_dump())
-            await self.broker.publisher.event("round.failed", round_id=spec.round_id, received=len(stored),
-                                              min_updates=spec.min_updates, reason="too_few_updates")
+            await self._round_event("failed", spec.round_id, result, received=len(stored))
             metrics.ROUNDS.labels("failed").inc()
             log.warning("round %d failed: %d of %d updates", spec.round_id, len(stored), spec.min_updates)
             return
@@ -394,11 +396,26 @@ class Enclave:
         metrics.MODEL_VERSION.set(version)
         if accuracy is not None:
             metrics.ACCURACY.set(accuracy)
-        await self.broker.publisher.event("round.completed", round_id=spec.round_id, version=version,
-                                          accepted=accepted, accuracy=accuracy,
-                                          rejected=",".join(f"{k}={v}" for k, v in sorted(rejected.items())))
+        await self._round_event("completed", spec.round_id, result, version=version)
         log.info("round %d completed: %d accepted, rejected %s, accuracy %s", spec.round_id, accepted, rejected,
                  accuracy)
+
+
+    async def _round_event(self, status: str, round_id: int, result: RoundResult, *, version: int | None = None,
+                           received: int | None = None) -> None:
+        """``round.completed`` or ``round.failed``: the one place their fields are spelled."""
+        if status == "completed":
+            await self.broker.publisher.event(
+                "round.completed", round_id=round_id, version=version, accepted=result.accepted,
+                accuracy=result.accuracy, rejected=",".join(f"{k}={v}" for k, v in sorted(result.rejected.items())))
+        else:
+            await self.broker.publisher.event("round.failed", round_id=round_id, received=received,
+                                              reason="too_few_updates")
+
+    async def _announce_closed(self, round_id: int, status: str) -> None:
+        result, version = self.store.closed_round(round_id)
+        await self._round_event(status, round_id, RoundResult.model_validate(result), version=version,
+                                received=len(self.store.round_updates(round_id)))
 
 
 async def run(settings: Settings) -> None:

@@ -105,6 +105,12 @@ class EnclaveStore:
             self.db.execute("UPDATE rounds SET status=?, closed_at=?, result=? WHERE round_id=?",
                             (status, time.time(), json.dumps(result), round_id))
 
+    def closed_round(self, round_id: int) -> tuple[dict, int | None]:
+        """(stored round result, version of the model it produced, if any)."""
+        row = self.db.execute("SELECT result FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        model = self.db.execute("SELECT version FROM models WHERE round_id=?", (round_id,)).fetchone()
+        return json.loads(row[0]), model[0] if model else None
+
     def count_rejection(self, round_id: int, reason: str) -> None:
         with self.lock:
             row = self.db.execute("SELECT rejected FROM rounds WHERE round_id=?", (round_id,)).fetchone()

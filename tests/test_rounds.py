@@ -246,3 +246,54 @@ async def test_a_round_no_enclave_closes_is_reported_stalled(broker, settings, m
                        RoundStart(rounds=3, min_updates=1, deadline_seconds=0.5), RoundStarted, 5)
         stalled = await events.wait("round.stalled", timeout=10)
         assert stalled[0].round_id == 1 and stalled[0].reason == "no_enclave" and stalled[0].detail["remaining"] == 2
+
+
+async def test_rounds_carry_on_after_a_coordinator_restart(broker, settings, tmp_path):
+    from edge_agent.data import device_shard as shard
+    from edge_agent.fleet import Fleet, Member
+    from edge_agent.outbox import Outbox
+    from schemas.messages import RoundStart, RoundStarted
+    from schemas.names import Names
+
+    async with enclave_after_coordinator(settings) as enc_holder:
+        events = await EventLog.bind(broker, "round.completed")
+        async with coordinator(settings) as coord:
+            enc = await enc_holder()
+            dev = await enrolled(broker, coord, "steady")
+            fleet = Fleet(broker, Outbox(tmp_path / "o.sqlite3"))
+            fleet.add(Member(dev, *shard(0, 2)))
+            await fleet.listen()
+            rpc = await broker.rpc()
+            await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY,
+                           RoundStart(rounds=3, min_updates=1, deadline_seconds=30, expected=["steady"]),
+                           RoundStarted, 5)
+            await events.wait("round.completed", 1, timeout=30)
+        # the coordinator is down between rounds; a new one resumes the plan
+        async with coordinator(settings):
+            done = await events.wait("round.completed", 3, timeout=60)
+        assert sorted({e.round_id for e in done}) == [1, 2, 3]
+        assert enc.version == 3
+        await fleet.drain()
+
+
+def enclave_after_coordinator(settings):
+    """An enclave that outlives the coordinator contexts (it attests to the first one)."""
+    import contextlib
+
+    @contextlib.asynccontextmanager
+    async def cm():
+        holder: dict = {}
+
+        async def get():
+            if "e" not in holder:
+                holder["e"] = Enclave(settings)
+                await holder["e"].start(attest_timeout=15)
+            return holder["e"]
+
+        try:
+            yield get
+        finally:
+            if "e" in holder:
+                await holder["e"].stop()
+
+    return cm()
