@@ -19,6 +19,9 @@ from ops.settings import Settings
 
 log = logging.getLogger("qflare.agent")
 
+#: How often a device without an attested enclave asks again (each ask is a new session).
+ENCLAVE_RETRY_SECONDS = 2.0
+
 
 async def run_agent(settings: Settings, device_id: str, shard: int, of: int, attack: str | None = None,
                     stop: asyncio.Event | None = None) -> None:
@@ -28,8 +31,13 @@ async def run_agent(settings: Settings, device_id: str, shard: int, of: int, att
     outbox = Outbox(device_dir(settings.state_dir, device_id) / "outbox.sqlite3")
     try:
         rpc = await broker.rpc()
-        await client.open_session(rpc, broker.names, device, kem_alg=settings.crypto.kem,
-                                  timeout=settings.broker.rpc_timeout)
+        while True:
+            await client.open_session(rpc, broker.names, device, kem_alg=settings.crypto.kem,
+                                      timeout=settings.broker.rpc_timeout)
+            if device.enclave is not None:
+                break
+            log.info("no attested enclave yet; asking again in %.0f s", ENCLAVE_RETRY_SECONDS)
+            await asyncio.sleep(ENCLAVE_RETRY_SECONDS)
         save_device(settings.state_dir, device)
         fl = settings.fl
         x, y = device_shard(shard, of, fl.partition, fl.dirichlet_alpha, fl.seed)

@@ -155,9 +155,11 @@ def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
     tok = sh.json("token", "create", "--device-id", "cam-3")
     sh.run("agent", "enroll", "--device-id", "cam-3", "--token", tok["token"],
            "--coordinator-fingerprint", tok["coordinator_fingerprint"])
-    time.sleep(1.0)  # the enclave attests at start; the session then carries its keys
+    # the agent waits for an attested enclave before it takes part
     sh.start("agent", "run", "--device-id", "cam-3", "--shard", "0", "--of", "2")
-    time.sleep(1.0)
+    registry = Path(sh.env["QFLARE_STATE_DIR"]) / "registry.sqlite3"
+    _poll(lambda: _meta(registry, "enclave_report") is not None, 30)
+    # no wait for the agent: a device that joins late reads the open round from the models stream
     sh.run("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-3")
     end = time.time() + 60
     status = []
@@ -178,6 +180,25 @@ def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
         raise AssertionError(f"round did not complete; queues: {status}")
     by_name = {q["queue"].split(".", 1)[1]: q for q in status}
     assert by_name["enclave.updates"]["consumers"] == 1 and by_name["coordinator.requests"]["consumers"] == 1
+
+
+def _meta(db_path: Path, key: str):
+    import sqlite3
+
+    db = sqlite3.connect(db_path)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+    finally:
+        db.close()
+
+
+def _poll(predicate, timeout: float) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        if time.time() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
 
 
 def test_crypto_info_names_a_backend_for_every_algorithm(sh):

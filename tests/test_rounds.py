@@ -20,6 +20,7 @@ from ops.demo import run_demo
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import RoundOpen, RoundSpec, Update
+from tests.conftest import wait_for
 from tests.services import EventLog, coordinator, enclave, enrolled
 
 pytestmark = pytest.mark.broker
@@ -116,7 +117,7 @@ async def test_attacks_on_intake_are_rejected_with_reasons_and_leave_the_model_u
 
         # a revoked device
         await coord.revoke("gone")
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: "gone" in enc._revoked)
         _, gkey, gbody = honest_update(gone, enc, 1, 2)
         await publish(broker, gkey, gbody)
         await events.wait("update.rejected.revoked")
@@ -181,7 +182,7 @@ async def test_round_short_of_its_minimum_fails_and_is_reported(broker, settings
     async with coordinator(settings) as coord, enclave(settings) as enc:
         events = await EventLog.bind(broker, "round.*", "update.accepted")
         dev = await enrolled(broker, coord, "lonely")
-        spec = RoundSpec(round_id=1, deadline=time.time() + 1.5, min_updates=2, expected=["lonely", "absent"],
+        spec = RoundSpec(round_id=1, deadline=time.time() + 4, min_updates=2, expected=["lonely", "absent"],
                          epochs=1, lr=0.1, batch_size=16)
         await broker.publisher.publish(broker.names.control_exchange, "enclave",
                                        coord._sign(RoundOpen(spec=spec, issued_at=time.time())))
@@ -270,8 +271,9 @@ async def test_rounds_carry_on_after_a_coordinator_restart(broker, settings, tmp
             await events.wait("round.completed", 1, timeout=30)
         # the coordinator is down between rounds; a new one resumes the plan
         async with coordinator(settings):
-            done = await events.wait("round.completed", 3, timeout=60)
-        assert sorted({e.round_id for e in done}) == [1, 2, 3]
+            await wait_for(lambda: any(e.type == "round.completed" and e.round_id == 3 for e in events.events), 60)
+        # a round that closed while no coordinator listened is announced again, not run twice
+        assert {e.round_id for e in events.events} == {1, 2, 3}
         assert enc.version == 3
         await fleet.drain()
 
