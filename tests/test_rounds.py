@@ -3,7 +3,6 @@ and an enclave crash mid-round."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import numpy as np
