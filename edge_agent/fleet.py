@@ -21,7 +21,7 @@ from broker.messaging import TRANSIENT
 from edge_agent import updates
 from edge_agent.client import Device
 from edge_agent.outbox import Outbox
-from edge_agent.trainer import train_local
+from edge_agent.trainer import train_local, warm_up
 from schemas import signing
 from schemas.codec import CodecError, decode
 from schemas.messages import GlobalModel, Signed
@@ -65,6 +65,7 @@ class Fleet:
 
     async def listen(self) -> None:
         """Subscribe to the models fanout, after reading the latest model from the stream."""
+        await asyncio.to_thread(warm_up)
         ch = self.broker.channel
         self._queue = await ch.declare_queue(self.broker.private_queue("models"), exclusive=True, auto_delete=True)
         await self._queue.bind(self.broker.names.models_exchange)

@@ -143,3 +143,12 @@ def train_centralised(
         _sgd(model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
         flat = get_flat(model)
     return evaluate(flat, x_test, y_test)
+
+
+def warm_up() -> None:
+    """One tiny training step, so PyTorch's one-time initialisation (about a second here)
+    happens while a device waits for a round, not inside the first round."""
+    from edge_agent.model import build_model, get_flat
+
+    x = np.zeros((2, 64), dtype=np.float32)
+    train_local(get_flat(build_model(0)), x, np.zeros(2, dtype=np.int64), epochs=1, lr=0.01, batch_size=2, seed=0)
