@@ -124,7 +124,6 @@ class Enclave:
         self._flusher: asyncio.Task | None = None
         self._deadline: asyncio.Task | None = None
         self._test_data = None
-        self.started = time.time()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -359,7 +358,7 @@ class Enclave:
             self._deadline.cancel()
         self.round = None
         if len(stored) < spec.min_updates:
-            result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected, seconds=t0 - spec.deadline,
+            result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected, seconds=round(time.time() - t0, 4),
                                  status="failed")
             self.store.close_round(spec.round_id, "failed", result.model_dump())
             await self._round_event("failed", spec.round_id, result, received=len(stored))
