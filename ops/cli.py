@@ -346,6 +346,30 @@ def _exists(s: Settings, device_id: str) -> bool:
     return (device_dir(s.state_dir, device_id) / "device.json").exists()
 
 
+@agent_app.command("status")
+def agent_status(device_id: str = typer.Option(..., "--device-id"),
+                 json_out: bool = typer.Option(False, "--json")) -> None:
+    """Ask the coordinator where this device stands, under a fresh session's key."""
+    from edge_agent import client
+    from edge_agent.storage import load_device
+
+    s = settings()
+    if not _exists(s, device_id):
+        raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
+    dev = load_device(s.state_dir, device_id)
+
+    async def go(broker, rpc):
+        await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+        return await client.status(rpc, broker.names, dev, timeout=s.broker.rpc_timeout)
+
+    st = run(_with_rpc(s, go, device_id))
+    if json_out:
+        print_json(st.model_dump())
+    else:
+        console.print(f"{st.device_id}: {st.status}; session until {_when(st.session_not_after)}; "
+                      f"last round {st.last_round_id}; enclave KEM key {(st.enclave_kem_fp or '-')[:16]}")
+
+
 @agent_app.command("rotate")
 def agent_rotate(device_id: str = typer.Option(..., "--device-id")) -> None:
     """Rotate this device's keys (the request is signed by the old key)."""

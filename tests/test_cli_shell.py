@@ -106,6 +106,7 @@ def test_token_enroll_session_from_a_shell_and_across_a_coordinator_restart(sh):
     sh.run(*enroll)
     session = sh.json("agent", "session", "--device-id", "cam-1")
     assert len(session["session_id"]) == 32
+    assert sh.json("agent", "status", "--device-id", "cam-1")["status"] == "active"  # under the session key
     again = sh.run(*enroll, ok=False)
     assert again.returncode != 0 and "token_used" in again.stderr
     # restart: nothing is lost
