@@ -114,6 +114,15 @@ class Fleet:
         delta, n = await asyncio.to_thread(train_local, base, m.x, m.y, epochs=spec.epochs, lr=spec.lr,
                                            batch_size=spec.batch_size, seed=seed, attack=m.attack)
         update_id, key, body = updates.build(m.device, spec.round_id, model.version, model.layout_id, delta, n)
+        limit = self.broker.settings.broker.max_message_bytes
+        if len(body) > limit:
+            # The enclave would dead-letter it as oversize; say so here, where it can be fixed.
+            log.error("update of %s is %d bytes, over broker.max_message_bytes (%d): not sent; raise the "
+                      "limit (RabbitMQ 3.x accepts up to 128 MiB) or use a smaller model", m.device.device_id,
+                      len(body), limit)
+            if self.on_reject:
+                self.on_reject(m.device.device_id, "oversize")
+            return
         self.outbox.put(update_id, m.device.device_id, key, body, spec.round_id)
         await self.send(update_id, key, body)
         if self.on_sent:

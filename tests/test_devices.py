@@ -74,3 +74,26 @@ async def test_outbox_keeps_an_unconfirmed_update_and_resends_it_with_the_same_i
         accepted = await events.wait("update.accepted")
         assert accepted[0].detail["update_id"] == uid
         assert [u.update_id for u in enc.store.round_updates(1)] == [uid]
+
+
+async def test_an_update_over_the_message_limit_is_not_sent_and_says_why(broker, settings, tmp_path, caplog):
+    small = settings.model_copy(update={"broker": settings.broker.model_copy(update={"max_message_bytes": 8192})})
+    async with coordinator(settings) as coord, enclave(settings):
+        dev = await enrolled(broker, coord, "big")
+        refused: list[tuple[str, str]] = []
+        device_broker = await BrokerClient.open(small, name="big", declare=False)
+        try:
+            fleet = Fleet(device_broker, Outbox(tmp_path / "o.sqlite3"),
+                          on_reject=lambda d, r: refused.append((d, r)))
+            fleet.add(Member(dev, *device_shard(0, 2)))
+            await fleet.listen()
+            await start_round(coord, broker, 1, ["big"])
+            from tests.conftest import wait_for
+
+            await wait_for(lambda: refused, 20)
+            await fleet.drain()
+            assert refused == [("big", "oversize")]
+            assert fleet.outbox.pending() == []
+            assert "max_message_bytes" in caplog.text
+        finally:
+            await device_broker.close()
