@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -588,6 +589,8 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          malicious: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of malicious devices."),
          attack: str = typer.Option("sign-flip", help="sign-flip | scale | noise | label-flip"),
          deadline: float | None = typer.Option(None, help="Seconds a round waits (default fl.deadline_seconds)."),
+         aggregator: str | None = typer.Option(None, help="fedavg | median | trimmed_mean | multi_krum."),
+         partition: str | None = typer.Option(None, help="iid | dirichlet (non-IID, fl.dirichlet_alpha)."),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
     from edge_agent.trainer import ATTACKS
@@ -596,6 +599,13 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
     if attack not in ATTACKS:
         raise fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}", 2)
     s = settings()
+    overrides = {k: v for k, v in (("aggregator", aggregator), ("partition", partition)) if v is not None}
+    if overrides:
+        try:
+            s = s.model_copy(update={"fl": type(s.fl).model_validate({**s.fl.model_dump(), **overrides})})
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise fail(f"--{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})", 2) from None
     if json_out:
         report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
                               deadline=deadline))
