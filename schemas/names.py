@@ -81,9 +81,9 @@ class Names:
         """An exclusive queue a client declares for itself (RPC replies, model feed).
 
         Prefixed by the client id so a per-device broker user can be allowed exactly its own
-        queues (``client_queues_pattern``).
+        queues (see :func:`broker.users.device_permissions`).
         """
-        return self._n(f"client.{client_id}.{purpose}.{suffix}")
+        return self.client_queues_prefix(client_id) + f"{purpose}.{suffix}"
 
     def client_queues_prefix(self, client_id: str) -> str:
         return self._n(f"client.{client_id}.")
