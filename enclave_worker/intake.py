@@ -7,6 +7,7 @@ signature, then decryption and the payload's shape. Any failure raises
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -58,6 +59,17 @@ def signed_parts(update_header: bytes, sealed: bytes) -> list[bytes]:
     return [update_header, hashlib.new(CIPHERTEXT_DIGEST, sealed).digest()]
 
 
+@functools.lru_cache(maxsize=65536)
+def verified_grant(grant: bytes, alg: str, pk: bytes) -> SessionGrant:
+    """A grant whose coordinator signature verified, cached by its exact bytes and key.
+
+    A device presents the same grant with every update of its session, so the enclave
+    verifies it once; expiry and the device id are still checked on every update.
+    Failures raise and are never cached.
+    """
+    return signing.verify(decode(grant, Signed), SessionGrant, alg, pk)
+
+
 def read_header(update: Update) -> UpdateHeader:
     try:
         return decode(update.header, UpdateHeader)
@@ -81,7 +93,7 @@ def check_and_open(update: Update, header: UpdateHeader, routed_device: str | No
         key = ctx.coordinator_keys.get(signed_grant.signer)
         if key is None:
             raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
-        grant = signing.verify(signed_grant, SessionGrant, *key)
+        grant = verified_grant(header.grant, *key)
     except (QflareError, CodecError) as err:
         raise QflareError(Reason.BAD_GRANT, err.detail) from None
     if grant.device_id != header.device_id:
