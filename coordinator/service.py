@@ -193,7 +193,8 @@ class Coordinator:
         if req.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "sealed to a key this coordinator does not hold")
         try:
-            inner = pqc.open_sealed(self.identity.kem_sk, req.sealed, handshake.ENROLL_AAD, policy=self.policy)
+            inner = pqc.open_sealed(self.identity.kem_sk, req.sealed, handshake.enroll_aad(req.device_id),
+                                    policy=self.policy)
         except pqc.errors.PolicyError as exc:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, str(exc)) from None
         except pqc.errors.QflareCryptoError:

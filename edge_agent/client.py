@@ -92,7 +92,7 @@ async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coord
                         kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32),
                         timestamp=time.time())
     signed = signing.sign(claim, ident.sig_alg, ident.sig_sk, ident.sig_pk)
-    sealed = pqc.seal(keys.kem_alg, keys.kem_pk, encode(signed), handshake.ENROLL_AAD)
+    sealed = pqc.seal(keys.kem_alg, keys.kem_pk, encode(signed), handshake.enroll_aad(device_id))
     req = EnrollRequest(device_id=device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=pqc.fingerprint(keys.kem_pk, keys.kem_alg),
                         sealed=sealed)
     reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, timeout)

@@ -56,7 +56,7 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int) -> d
                             timestamp=time.time())
         body = encode(signing.sign(claim, ident.sig_alg, ident.sig_sk, ident.sig_pk))
         reqs.append(EnrollRequest(device_id=claim.device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=keys.kem_fp,
-                                  sealed=pqc.seal(keys.kem_alg, keys.kem_pk, body, handshake.ENROLL_AAD)))
+                                  sealed=pqc.seal(keys.kem_alg, keys.kem_pk, body, handshake.enroll_aad(claim.device_id))))
     t0 = time.perf_counter()
     for r in reqs:
         await coord.enroll(r)

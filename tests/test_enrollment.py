@@ -46,7 +46,7 @@ async def send_claim(broker, coord, claim: EnrollClaim, signer: Identity, *, sea
     body = encode(signing.sign(claim, signer.sig_alg, signer.sig_sk, signer.sig_pk))
     req = EnrollRequest(device_id=claim.device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=keys.kem_fp,
                         sealed=sealed if sealed is not None else pqc.seal(keys.kem_alg, keys.kem_pk, body,
-                                                                          handshake.ENROLL_AAD))
+                                                                          handshake.enroll_aad(claim.device_id)))
     rpc = await broker.rpc()
     return await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, 10)
 
