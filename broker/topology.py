@@ -43,7 +43,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
     coord = await channel.declare_queue(names.coordinator_queue, durable=True, arguments=quorum)
     await coord.bind(ex[names.rpc_exchange], Names.COORDINATOR_KEY)
     updates = await channel.declare_queue(names.updates_queue, durable=True, arguments=quorum)
-    await updates.bind(ex[names.updates_exchange], "update.*")
+    await updates.bind(ex[names.updates_exchange], "update.#")  # device ids may contain dots
     control = await channel.declare_queue(names.enclave_control_queue, durable=True, arguments=quorum)
     await control.bind(ex[names.control_exchange], Names.ENCLAVE_CONTROL_KEY)
     stream = await channel.declare_queue(

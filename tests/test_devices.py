@@ -97,3 +97,17 @@ async def test_an_update_over_the_message_limit_is_not_sent_and_says_why(broker,
             assert "max_message_bytes" in caplog.text
         finally:
             await device_broker.close()
+
+
+async def test_device_ids_with_dots_route_to_the_enclave(broker, settings):
+    from tests.test_rounds import honest_update, publish
+
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "update.accepted")
+        dev = await enrolled(broker, coord, "site.a.cam-1")
+        await start_round(coord, broker, 1, ["site.a.cam-1", "other"])
+        _, key, body = honest_update(dev, enc, 1)
+        assert key == "update.site.a.cam-1"
+        await publish(broker, key, body)
+        accepted = await events.wait("update.accepted")
+        assert accepted[0].device_id == "site.a.cam-1"
