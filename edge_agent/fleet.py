@@ -132,8 +132,9 @@ class Fleet:
         """Publish with confirm; the outbox keeps the update until the broker confirmed it."""
         self.outbox.attempt(update_id)
         try:
+            # mandatory: an update no queue takes comes back as an error, never vanishes
             await self.broker.publisher.publish(self.broker.names.updates_exchange, routing_key, body,
-                                                message_id=update_id)
+                                                message_id=update_id, mandatory=True)
         except TRANSIENT as exc:
             log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
             return False
