@@ -291,11 +291,8 @@ def enclave_measurement() -> None:
 async def _with_rpc(s: Settings, fn, device_id: str | None = None):
     from broker.client import BrokerClient
 
-    broker = await BrokerClient.open(s, name="qflare-agent", declare=device_id is None, client_id=device_id)
-    try:
+    async with await BrokerClient.open(s, name="qflare-agent", declare=device_id is None, client_id=device_id) as broker:
         return await fn(broker, await broker.rpc())
-    finally:
-        await broker.close()
 
 
 @agent_app.command("enroll")
@@ -443,8 +440,7 @@ def broker_check(json_out: bool = typer.Option(False, "--json")) -> None:
     s = settings()
 
     async def go():
-        b = await BrokerClient.open(s, name="qflare-check")
-        try:
+        async with await BrokerClient.open(s, name="qflare-check") as b:
             rpc = await b.rpc()
             try:
                 t0 = time.perf_counter()
@@ -453,8 +449,6 @@ def broker_check(json_out: bool = typer.Option(False, "--json")) -> None:
                         "rpc_ms": round((time.perf_counter() - t0) * 1e3, 2)}
             except QflareError:
                 return {"broker": redact(s.amqp_url), "coordinator": None}
-        finally:
-            await b.close()
 
     out = run(go())
     if json_out:
@@ -472,8 +466,7 @@ def broker_status(json_out: bool = typer.Option(False, "--json")) -> None:
     s = settings()
 
     async def go():
-        b = await BrokerClient.open(s, name="qflare-status")
-        try:
+        async with await BrokerClient.open(s, name="qflare-status") as b:
             n = b.names
             rows = []
             for q in (n.coordinator_queue, n.updates_queue, n.enclave_control_queue, n.dead_letter_queue):
@@ -483,8 +476,6 @@ def broker_status(json_out: bool = typer.Option(False, "--json")) -> None:
                 rows.append({"queue": q, "messages": res.message_count, "consumers": res.consumer_count})
                 await ch.close()
             return rows
-        finally:
-            await b.close()
 
     rows = run(go())
     if json_out:
@@ -508,8 +499,7 @@ def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="H
     s = settings()
 
     async def go():
-        b = await BrokerClient.open(s, name="qflare-dead-letters")
-        try:
+        async with await BrokerClient.open(s, name="qflare-dead-letters") as b:
             ch = await b.connection.channel()
             await ch.set_qos(prefetch_count=limit)
             q = await ch.declare_queue(b.names.dead_letter_queue, passive=True)
@@ -526,8 +516,6 @@ def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="H
                 await (m.ack() if purge else m.nack(requeue=True))
             await ch.close()
             return rows
-        finally:
-            await b.close()
 
     rows = run(go())
     if json_out:
@@ -551,8 +539,7 @@ def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 
     s = settings()
 
     async def go():
-        b = await BrokerClient.open(s, name="qflare-events")
-        try:
+        async with await BrokerClient.open(s, name="qflare-events") as b:
             q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
             for key in binding or ["#"]:
                 await q.bind(b.names.events_exchange, key)
@@ -574,8 +561,6 @@ def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 
                     seen += 1
                     if count and seen >= count:
                         return
-        finally:
-            await b.close()
 
     run(go())
 
