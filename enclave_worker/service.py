@@ -157,7 +157,6 @@ class Enclave:
         accept = signing.unverified(signed, AttestAccept)
         signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
         self._trust(accept.coordinator_sig_alg, accept.coordinator_sig_pk)
-        self.coordinator_key = (accept.coordinator_sig_alg, accept.coordinator_sig_pk)
 
     def _trust(self, alg: str, pk: bytes) -> None:
         self.coordinator_keys[pqc.fingerprint(pk, alg)] = (alg, pk)
@@ -187,7 +186,6 @@ class Enclave:
         msg = self._verify_coordinator(signed, type(inner_type))
         if isinstance(msg, CoordinatorKeys):  # a rotation, signed by a key we trust
             self._trust(msg.sig_alg, msg.sig_pk)
-            self.coordinator_key = (msg.sig_alg, msg.sig_pk)
             log.info("coordinator key rotated to %s", pqc.fingerprint(msg.sig_pk, msg.sig_alg)[:16])
             return
         if isinstance(msg, Revocation):
@@ -348,6 +346,15 @@ class Enclave:
             self._test_data = (xt, yt)
         return evaluate(params, *self._test_data)
 
+    def _screen_and_aggregate(self, stored: list, weights: np.ndarray) -> tuple[np.ndarray | None,
+                                                                                filters.ScreenResult]:
+        fl = self.settings.fl
+        if fl.aggregator == "fedavg":
+            return close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored), weights, fl,
+                                         norms=np.array([u.norm for u in stored]))
+        # robust aggregators need every update at once
+        return close_round(np.stack([self.store.load_delta(u) for u in stored]), weights, fl)
+
     async def _finish(self, spec: RoundSpec, forced: bool = False) -> None:
         """Close ``spec``: screen, aggregate, sign and publish the model, then record it."""
         await self._flush()
@@ -366,13 +373,9 @@ class Enclave:
             log.warning("round %d failed: %d of %d updates", spec.round_id, len(stored), spec.min_updates)
             return
         weights = np.array([u.num_samples for u in stored], dtype=np.float64)
-        if self.settings.fl.aggregator == "fedavg":
-            combined, verdict = close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored),
-                                                      weights, self.settings.fl,
-                                                      norms=np.array([u.norm for u in stored]))
-        else:  # robust aggregators need every update at once
-            deltas = np.stack([self.store.load_delta(u) for u in stored])
-            combined, verdict = close_round(deltas, weights, self.settings.fl)
+        # The close reads every delta and can take seconds: off the event loop, so acks and
+        # heartbeats go on. The lock is held, so nothing writes the store meanwhile.
+        combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights)
         for u, reason in zip(stored, verdict.reasons, strict=True):
             if reason is not None:
                 metrics.UPDATES.labels(reason).inc()
@@ -381,7 +384,7 @@ class Enclave:
                                                   round_id=spec.round_id, reason=reason, update_id=u.update_id)
         accepted = int(verdict.accepted.sum())
         new_params = self.params + combined if combined is not None else self.params
-        accuracy = self._evaluate(new_params)
+        accuracy = await asyncio.to_thread(self._evaluate, new_params)
         result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected, accuracy=accuracy,
                              seconds=round(time.time() - t0, 4), status="completed")
         version = self.version + 1

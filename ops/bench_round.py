@@ -24,7 +24,7 @@ import numpy as np
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
-from coordinator.service import Coordinator
+from coordinator.service import META_ENCLAVE_REPORT, Coordinator
 from edge_agent import client, updates
 from enclave_worker.service import Enclave, close_round_streaming
 from enclave_worker.store import EnclaveStore
@@ -124,7 +124,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
                 pass
 
         await q.consume(on, no_ack=True)
-        while coord.registry.get_meta("enclave_report") is None:  # the child attested
+        while coord.registry.get_meta(META_ENCLAVE_REPORT) is None:  # the child attested
             await asyncio.sleep(0.05)
         sem = asyncio.Semaphore(32)
 

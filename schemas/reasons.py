@@ -32,7 +32,6 @@ class Reason(StrEnum):
     BAD_GRANT = "bad_grant"
     GRANT_EXPIRED = "grant_expired"
     WRONG_ROUND = "wrong_round"
-    DUPLICATE = "duplicate"
     DECRYPTION_FAILED = "decryption_failed"
     LAYOUT_MISMATCH = "layout_mismatch"
     NORM_BOUND = "norm_bound"
@@ -69,7 +68,6 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.BAD_GRANT: "the session grant is missing, forged, or for another device",
     Reason.GRANT_EXPIRED: "the session grant has expired",
     Reason.WRONG_ROUND: "the update is for a round that is not open",
-    Reason.DUPLICATE: "a duplicate of something already counted",
     Reason.DECRYPTION_FAILED: "the sealed payload does not open with this enclave's key",
     Reason.LAYOUT_MISMATCH: "the parameter vector does not match the model's layout",
     Reason.NORM_BOUND: "update norm over the bound (scaled or boosted update)",

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.service import META_ENCLAVE_REPORT
+
 pytestmark = pytest.mark.broker
 
 
@@ -159,7 +161,7 @@ def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
     # the agent waits for an attested enclave before it takes part
     sh.start("agent", "run", "--device-id", "cam-3", "--shard", "0", "--of", "2")
     registry = Path(sh.env["QFLARE_STATE_DIR"]) / "registry.sqlite3"
-    _poll(lambda: _meta(registry, "enclave_report") is not None, 30)
+    _poll(lambda: _meta(registry, META_ENCLAVE_REPORT) is not None, 30)
     # no wait for the agent: a device that joins late reads the open round from the models stream
     sh.run("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-3")
     end = time.time() + 60
