@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ops.benchreport import write_section
+from common.report import write_section
+from ops.bench_crypto import render_markdown, run_crypto_bench
 from ops.tuning import tune_allocator
-from pqc.bench import render_markdown, run_crypto_bench
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 import asyncio
 import json
 
+from common.settings import load_settings
 from ops.bench_fleet import run_bench
-from ops.settings import load_settings
 from ops.tuning import tune_allocator
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ import asyncio
 import json
 import sys
 
+from common.settings import load_settings
 from ops.bench_round import run_bench
-from ops.settings import load_settings
 from ops.tuning import tune_allocator
 
 if __name__ == "__main__":

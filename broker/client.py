@@ -10,7 +10,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from broker.connection import connect
 from broker.messaging import Publisher, RpcClient
 from broker.topology import declare_topology
-from ops.settings import Settings
+from common.settings import Settings
 from schemas.names import Names
 
 

@@ -11,7 +11,7 @@ import ssl
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from ops.settings import Settings
+from common.settings import Settings
 
 
 class BrokerUnavailable(Exception):

@@ -2,7 +2,7 @@
 
 The broker plumbing lives here and only here: handlers are small typed async functions
 (decoded message in, decision out); acks, dead-letters with a reason header, confirms and
-error replies are done by this module (STYLE.md: FastStream's subscribers, Dramatiq's
+error replies are done by this module (after FastStream's subscribers, Dramatiq's
 middleware).
 """
 
@@ -18,11 +18,12 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
-from ops.metrics import DEAD_LETTERED, HANDLED
+from common.metrics import DEAD_LETTERED, HANDLED
+from pqc.errors import QflareCryptoError
 from schemas.codec import CodecError, decode, encode
 from schemas.messages import ErrorReply, Event, Message, Scalar
 from schemas.names import DETAIL_HEADER, REASON_HEADER, Names
-from schemas.reasons import QflareError, Reason
+from schemas.reasons import QflareError, Reason, as_qflare_error
 
 log = logging.getLogger("qflare.broker")
 
@@ -120,7 +121,8 @@ async def consume(
             try:
                 msg = decode(message.body, expected, max_bytes)
                 outcome = await handler(msg, message)
-            except QflareError as err:
+            except (QflareError, QflareCryptoError) as exc:
+                err = as_qflare_error(exc)
                 if on_reject is not None:
                     await on_reject(message, err)
                 await publisher.dead_letter(message, queue_name, err.reason, err.detail)
@@ -161,7 +163,8 @@ async def serve_rpc(
     async def on_request(msg: Message, message: AbstractIncomingMessage) -> None:
         try:
             answer = await handler(msg)
-        except QflareError as err:
+        except (QflareError, QflareCryptoError) as exc:
+            err = as_qflare_error(exc)
             answer = ErrorReply(reason=err.reason, detail=err.detail)
         await reply(message, answer)
 

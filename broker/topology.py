@@ -1,4 +1,4 @@
-"""Declaring the whole topology, idempotently (DESIGN.md, Broker topology).
+"""Declaring the whole topology, idempotently (docs/architecture.md, Broker topology).
 
 Every queue dead-letters into one fanout exchange; the updates and control queues are
 quorum queues with a delivery limit, so a poison message cannot loop forever.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from aio_pika import ExchangeType
 from aio_pika.abc import AbstractChannel
 
-from ops.settings import Settings
+from common.settings import Settings
 from schemas.names import Names
 
 #: Bytes of global-model history the models stream keeps for returning devices.

@@ -1,4 +1,4 @@
-"""Per-device broker users, confined by RabbitMQ permissions (DESIGN.md, Broker topology).
+"""Per-device broker users, confined by RabbitMQ permissions (docs/architecture.md, Broker topology).
 
 A device's user may publish updates only under its own routing key (a topic permission on
 the updates exchange), send requests to the coordinator, and read the models fanout, the

@@ -20,11 +20,10 @@ import msgpack
 import pqc
 from broker.client import BrokerClient
 from broker.messaging import serve_rpc
-from coordinator import handshake
+from common import handshake, metrics
+from common.settings import Settings
 from coordinator.ratelimit import RateLimiter
 from coordinator.registry import Registry
-from ops import metrics
-from ops.settings import Settings
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import CodecError, decode, encode
@@ -179,7 +178,7 @@ class Coordinator:
     async def keys(self, _: KeysRequest) -> KeyChain:
         return KeyChain(current=encode(self.keys_message), rotations=rotations(self.registry))
 
-    # --- enrollment (DESIGN.md step 2) ---------------------------------------------------
+    # --- enrollment (docs/architecture.md step 2) ---------------------------------------------------
 
     async def enroll(self, req: EnrollRequest) -> Signed:
         try:
@@ -354,7 +353,7 @@ class Coordinator:
     # --- attestation admission (step 6) --------------------------------------------------
 
     async def admit_enclave(self, req: AttestRequest) -> Signed:
-        from enclave_worker.attestation import allowed_measurements, trusted_platform_key
+        from common.attestation import allowed_measurements, trusted_platform_key
 
         try:
             platform = trusted_platform_key(self.settings)
@@ -428,7 +427,7 @@ class Coordinator:
         while (left := end - time.monotonic()) > 0:
             try:
                 ev = await asyncio.wait_for(self._round_done.get(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             if ev.round_id == round_id:
                 return True

@@ -10,12 +10,12 @@ import asyncio
 import logging
 
 from broker.client import BrokerClient
+from common.data import device_shard
+from common.settings import Settings
 from edge_agent import client
-from edge_agent.data import device_shard
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from edge_agent.storage import device_dir, load_device, save_device
-from ops.settings import Settings
 
 log = logging.getLogger("qflare.agent")
 

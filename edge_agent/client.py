@@ -1,4 +1,4 @@
-"""The device's half of enrollment, sessions and key rotation (DESIGN.md steps 2-3).
+"""The device's half of enrollment, sessions and key rotation (docs/architecture.md steps 2-3).
 
 Real devices (``qflare agent ...``) and the simulator share these functions. Each takes an
 RPC client and returns verified results, or raises :class:`QflareError` with the
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import pqc
 from broker.messaging import RpcClient
-from coordinator import handshake
+from common import handshake
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import decode, encode

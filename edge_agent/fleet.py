@@ -18,10 +18,10 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from broker.client import BrokerClient
 from broker.messaging import TRANSIENT
+from common.training import train_local, warm_up
 from edge_agent import updates
 from edge_agent.client import Device
 from edge_agent.outbox import Outbox
-from edge_agent.trainer import train_local, warm_up
 from schemas import signing
 from schemas.codec import CodecError, decode
 from schemas.messages import GlobalModel, Signed

@@ -1,4 +1,4 @@
-"""Building a sealed, signed update (DESIGN.md step 4).
+"""Building a sealed, signed update (docs/architecture.md step 4).
 
 The header is the AEAD's associated data, so the enclave can trust every header field it
 reads once the payload opens; the device signs header ‖ ciphertext with its long-term key.
@@ -12,8 +12,8 @@ import uuid
 import numpy as np
 
 import pqc
+from common.updates import signed_parts, update_aad
 from edge_agent.client import Device
-from enclave_worker.intake import signed_parts, update_aad
 from schemas import signing
 from schemas.codec import encode
 from schemas.messages import Update, UpdateHeader

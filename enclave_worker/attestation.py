@@ -1,4 +1,4 @@
-"""Simulated TEE attestation and sealed storage (DESIGN.md step 6).
+"""Simulated TEE attestation and sealed storage (docs/architecture.md step 6).
 
 The platform is simulated: a "vendor" ML-DSA key in ``<state>/platform`` stands in for the
 CPU's attestation key, and the code measurement is a SHA3-256 over the enclave's source.
@@ -9,49 +9,22 @@ only the same code on the same platform can unseal them after a restart.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
 import secrets
 import time
 from pathlib import Path
 
 import pqc
-from ops.settings import Settings
+from common.attestation import PLATFORM_SIG, allowed_measurements, measurement, trusted_platform_key  # noqa: F401
+from common.settings import Settings
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import encode
 from schemas.messages import AttestationReport, AttestRequest
 
-PLATFORM_SIG = "ML-DSA-44"
-_SOURCE = Path(__file__).resolve().parent
-
-
-def measurement() -> str:
-    """SHA3-256 over the enclave worker's source files, in name order (the "MRENCLAVE")."""
-    h = hashlib.sha3_256()
-    for path in sorted(_SOURCE.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()
-
-
-def allowed_measurements(settings: Settings) -> set[str]:
-    """The allow-list: configured measurements, or this installation's own code."""
-    return set(settings.enclave.allowed_measurements) or {measurement()}
-
 
 def platform_identity(directory: Path) -> Identity:
     """The simulated platform's key pair, created once per state directory."""
     return Identity.load_or_create(directory, PLATFORM_SIG, pqc.ids.DEFAULT_KEM)
-
-
-def trusted_platform_key(settings: Settings) -> tuple[str, bytes] | None:
-    """(alg, public key) of the platform the coordinator trusts, if one is configured."""
-    path = settings.enclave.platform_key_file or settings.state_dir / "platform" / "public.json"
-    if not path.exists():
-        return None
-    pub = json.loads(path.read_text())
-    return pub["sig_alg"], base64.b64decode(pub["sig_pk"])
 
 
 def sealing_key(platform: Identity, code: str) -> bytes:

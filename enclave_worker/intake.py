@@ -1,4 +1,4 @@
-"""Checking and opening one sealed update (DESIGN.md step 5), without I/O.
+"""Checking and opening one sealed update (docs/architecture.md step 5), without I/O.
 
 Checks run cheapest first: header, routing, round, replay, revocation, grant, device
 signature, then decryption and the payload's shape. Any failure raises
@@ -8,12 +8,12 @@ signature, then decryption and the payload's shape. Any failure raises
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 import pqc
+from common.updates import signed_parts, update_aad
 from schemas import signing
 from schemas.codec import CodecError, decode
 from schemas.messages import SessionGrant, Signed, Update, UpdateHeader
@@ -41,22 +41,6 @@ class Opened:
     header: UpdateHeader
     delta: np.ndarray
     norm: float  # L2 norm, computed here (in the worker thread) so the close need not reread
-
-
-def update_aad(header_bytes: bytes) -> bytes:
-    """Associated data of a sealed update: its encoded header, under a label."""
-    return b"qflare/v1/update\0" + header_bytes
-
-
-#: Digest of the ciphertext inside the signed message. SHA-256 (SHA-NI: 1.6 GB/s here) rather
-#: than hashing megabytes through ML-DSA's SHAKE256 (0.48 GB/s): hash-then-sign with a
-#: collision-resistant hash binds the signature to the ciphertext all the same.
-CIPHERTEXT_DIGEST = "sha256"
-
-
-def signed_parts(update_header: bytes, sealed: bytes) -> list[bytes]:
-    """What the device signs: the header and a SHA-256 digest of the ciphertext."""
-    return [update_header, hashlib.new(CIPHERTEXT_DIGEST, sealed).digest()]
 
 
 @functools.lru_cache(maxsize=65536)

@@ -1,4 +1,4 @@
-"""Signing and publishing global models on the models fanout (DESIGN.md step 5).
+"""Signing and publishing global models on the models fanout (docs/architecture.md step 5).
 
 Devices accept a model only with a valid enclave signature; the fanout also feeds the
 models stream from which a returning device reads the latest version.

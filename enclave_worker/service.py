@@ -17,12 +17,12 @@ import numpy as np
 import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
-from edge_agent import model as model_lib
+from common import metrics
+from common import model as model_lib
+from common.settings import Settings
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
 from enclave_worker.store import EnclaveStore
-from ops import metrics
-from ops.settings import Settings
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
@@ -338,8 +338,8 @@ class Enclave:
     def _evaluate(self, params: np.ndarray) -> float | None:
         if not self.settings.fl.evaluate:
             return None
-        from edge_agent.data import load_digits_split
-        from edge_agent.trainer import evaluate
+        from common.data import load_digits_split
+        from common.training import evaluate
 
         if self._test_data is None:
             _, _, xt, yt = load_digits_split(seed=self.settings.fl.seed)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from ops.benchreport import md_table, write_section
+from common.report import md_table, write_section
+from common.settings import Settings
 from ops.demo import run_demo
-from ops.settings import Settings
 
 
 async def run_bench(base: Settings, sizes: tuple[int, ...] = (100, 500, 1000), rounds: int = 2) -> dict:

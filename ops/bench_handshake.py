@@ -19,11 +19,11 @@ from pathlib import Path
 import pqc
 from broker.client import BrokerClient
 from broker.topology import delete_topology
-from coordinator import handshake
+from common import handshake
+from common.report import md_table, write_section
+from common.settings import Settings
 from coordinator.service import Coordinator
 from edge_agent import client
-from ops.benchreport import md_table, write_section
-from ops.settings import Settings
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import encode

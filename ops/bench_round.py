@@ -24,12 +24,12 @@ import numpy as np
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
+from common.report import md_table, write_section
+from common.settings import Settings
 from coordinator.service import META_ENCLAVE_REPORT, Coordinator
 from edge_agent import client, updates
 from enclave_worker.service import Enclave, close_round_streaming
 from enclave_worker.store import EnclaveStore
-from ops.benchreport import md_table, write_section
-from ops.settings import Settings
 from schemas.codec import CodecError, decode
 from schemas.messages import Event, RoundOpen, RoundSpec
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ops.settings import ConfigError, Settings, load_settings
+from common.settings import ConfigError, Settings, load_settings
 from ops.tuning import tune_allocator
 
 app = typer.Typer(help="QFLARE: quantum-resistant federated learning over RabbitMQ.", no_args_is_help=True,
@@ -578,7 +578,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          partition: str | None = typer.Option(None, help="iid | dirichlet (non-IID, fl.dirichlet_alpha)."),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
-    from edge_agent.trainer import ATTACKS
+    from common.training import ATTACKS
     from ops.demo import run_demo
 
     if attack not in ATTACKS:

@@ -1,4 +1,4 @@
-"""``qflare crypto ...`` and ``qflare bench crypto``: thin shells over :mod:`pqc.info` and :mod:`pqc.bench`."""
+"""``qflare crypto ...`` and ``qflare bench crypto``: thin shells over :mod:`pqc.info` and :mod:`ops.bench_crypto`."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def info(json_out: bool = typer.Option(False, "--json", help="machine-readable o
 def bench_crypto(json_out: bool = typer.Option(False, "--json", help="print the figures as JSON"),
                  quick: bool = typer.Option(False, "--quick", help="fewer sizes, shorter timings")) -> None:
     """Measure keygen/encaps/decaps/sign/verify per second and seal/open MB/s; record them."""
-    from ops.benchreport import write_section
-    from pqc.bench import render_markdown, run_crypto_bench
+    from common.report import write_section
+    from ops.bench_crypto import render_markdown, run_crypto_bench
 
     result = run_crypto_bench(quick=quick)
     md = render_markdown(result)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
+from common.data import device_shard
+from common.settings import Settings
 from coordinator.service import Coordinator
 from edge_agent import client
-from edge_agent.data import device_shard
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from enclave_worker.service import Enclave
-from ops.settings import Settings
 from schemas.codec import CodecError, decode
 from schemas.messages import Event, RoundStart, RoundStarted
 from schemas.names import Names

@@ -39,7 +39,7 @@ ALIASES: dict[str, str] = {
 DEFAULT_KEM = KemId.ML_KEM_768
 DEFAULT_SIG = SigId.ML_DSA_44
 
-#: AEAD and KDF for every sealed payload and session key (DESIGN.md, Cryptography).
+#: AEAD and KDF for every sealed payload and session key (docs/architecture.md, Cryptography).
 AEAD = "AES-256-GCM"
 KDF = "HKDF-SHA-256"
 DIGEST = "SHA3-256"

@@ -1,7 +1,7 @@
 """What a peer accepts: allowed algorithms, and exact lengths for every input.
 
 A peer refuses an algorithm its policy does not allow instead of negotiating down
-(DESIGN.md, Cryptography), and every key, ciphertext, seed and signature length is
+(docs/architecture.md, Cryptography), and every key, ciphertext, seed and signature length is
 checked here before it reaches a backend: liboqs silently zero-pads short inputs, and a
 padded key is a different key.
 """

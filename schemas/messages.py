@@ -58,7 +58,7 @@ class Pong(Message):
     version: str
 
 
-# --- enrollment (DESIGN.md protocol step 2) -------------------------------------------
+# --- enrollment (docs/architecture.md protocol step 2) -------------------------------------------
 
 
 class EnrollClaim(Message):

@@ -54,7 +54,17 @@ class Names:
         """Direct exchange for coordinator → enclave commands (round open, revocations)."""
         return self._n("control")
 
+    @property
+    def operator_exchange(self) -> str:
+        """Direct exchange for signed operator requests; only operator broker users may write it."""
+        return self._n("operator")
+
     # queues
+    @property
+    def operator_queue(self) -> str:
+        """The coordinator's queue of signed operator requests (rounds, tokens, devices)."""
+        return self._n("coordinator.operator")
+
     @property
     def coordinator_queue(self) -> str:
         return self._n("coordinator.requests")
@@ -94,4 +104,5 @@ class Names:
         return f"update.{device_id}"
 
     COORDINATOR_KEY = "coordinator"
+    OPERATOR_KEY = "operator"
     ENCLAVE_CONTROL_KEY = "enclave"

@@ -88,3 +88,14 @@ class QflareError(Exception):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
+
+
+def as_qflare_error(exc: Exception) -> QflareError:
+    """The same failure as a :class:`QflareError`; crypto errors carry the reason as a string."""
+    if isinstance(exc, QflareError):
+        return exc
+    try:
+        reason = Reason(getattr(exc, "reason", Reason.INTERNAL))
+    except ValueError:
+        reason = Reason.INTERNAL
+    return QflareError(reason, getattr(exc, "detail", "") or type(exc).__name__)

@@ -17,9 +17,9 @@ from urllib.parse import urlparse
 
 import pytest
 
-from ops.settings import DEFAULT_AMQP_URL, Settings, load_settings
+from common.settings import DEFAULT_AMQP_URL, Settings, load_settings
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 
 def _answers(url: str) -> bool:

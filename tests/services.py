@@ -7,10 +7,10 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from broker.client import BrokerClient
+from common.settings import Settings
 from coordinator.service import Coordinator
 from edge_agent import client
 from enclave_worker.service import Enclave
-from ops.settings import Settings
 from schemas.codec import CodecError, decode
 from schemas.messages import Event
 

@@ -73,7 +73,7 @@ _CLEANUP = """
 import asyncio
 from broker.client import BrokerClient
 from broker.topology import delete_topology
-from ops.settings import load_settings
+from common.settings import load_settings
 async def main():
     b = await BrokerClient.open(load_settings(), declare=False)
     ch = await b.connection.channel()
@@ -256,7 +256,7 @@ def test_operators_see_events_and_dead_letters(sh):
 _PUBLISH_GARBAGE = """
 import asyncio
 from broker.client import BrokerClient
-from ops.settings import load_settings
+from common.settings import load_settings
 from schemas.names import Names
 async def main():
     b = await BrokerClient.open(load_settings(), declare=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from broker.client import BrokerClient
-from edge_agent.data import device_shard
+from common.data import device_shard
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from schemas.messages import RoundOpen, RoundSpec

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.settings import FLSettings
 from enclave_worker.service import close_round, close_round_streaming
-from ops.settings import FLSettings
 
 
 def round_of(k: int, d: int, bad: dict[int, float], seed: int = 0) -> np.ndarray:

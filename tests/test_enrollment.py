@@ -13,7 +13,7 @@ import time
 import pytest
 
 import pqc
-from coordinator import handshake
+from common import handshake
 from edge_agent import client
 from pqc.identity import Identity
 from schemas import signing
@@ -276,7 +276,7 @@ async def test_coordinator_key_rotation_is_followed_by_devices_and_enclave(broke
 
 
 async def test_forged_key_chain_is_refused():
-    from coordinator.handshake import follow_key_chain
+    from common.handshake import follow_key_chain
     from schemas.messages import CoordinatorKeys
 
     a, b, mallory = (Identity.generate("ML-DSA-44", "ML-KEM-768") for _ in range(3))
@@ -301,7 +301,7 @@ async def test_forged_key_chain_is_refused():
 
 
 async def test_control_traffic_is_protected_by_the_session_key(broker, settings):
-    from coordinator.handshake import TO_COORDINATOR, seal_call
+    from common.handshake import TO_COORDINATOR, seal_call
     from schemas.messages import SessionCall, StatusRequest
 
     async with coordinator(settings) as coord:

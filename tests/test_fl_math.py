@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge_agent.data import load_digits_split, partition
-from edge_agent.model import build_model, get_flat
-from edge_agent.trainer import DEFAULTS, train_local
+from common.data import load_digits_split, partition
+from common.model import build_model, get_flat
+from common.training import DEFAULTS, train_local
 from enclave_worker.aggregate import (
     AGGREGATORS,
     RunningFedAvg,

@@ -11,7 +11,7 @@ import pytest
 from pqc.drbg import CtrDrbg
 from pqc.frodo import FrodoKEM640AES
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 KAT_FILE = VECTORS / "FrodoKEM-640-AES.kat-first5.rsp"
 
 KEM = FrodoKEM640AES()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem as crypto_mlkem
 from pqc import mlkem_pure
 from pqc.mlkem_pure import MLKEMPure
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 SIZES = {  # FIPS 203 Table 3: ek, dk, ct
     "ML-KEM-512": (800, 1632, 768),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pqc
-from tests.vectors import acvp_cases, case_id
+from tests.kat import acvp_cases, case_id
 
 MLKEM_KEYGEN = acvp_cases("ML-KEM-768-keyGen.json")
 MLKEM_ENCAP = acvp_cases("ML-KEM-768-encapDecap.json", function="encapsulation")

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import pqc
+from common.data import device_shard, load_digits_split
+from common.training import train_centralised, train_local
+from common.updates import signed_parts
 from edge_agent import updates
-from edge_agent.data import device_shard, load_digits_split
 from edge_agent.fleet import verify_model
-from edge_agent.trainer import train_centralised, train_local
-from enclave_worker.intake import signed_parts
 from enclave_worker.service import Enclave
 from ops.demo import run_demo
 from schemas import signing
@@ -249,7 +249,7 @@ async def test_a_round_no_enclave_closes_is_reported_stalled(broker, settings, m
 
 
 async def test_rounds_carry_on_after_a_coordinator_restart(broker, settings, tmp_path):
-    from edge_agent.data import device_shard as shard
+    from common.data import device_shard as shard
     from edge_agent.fleet import Fleet, Member
     from edge_agent.outbox import Outbox
     from schemas.messages import RoundStart, RoundStarted

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from edge_agent.data import device_shard, load_digits_split, partition
-from edge_agent.model import (
+from common.data import device_shard, load_digits_split, partition
+from common.model import (
     LAYOUT_VERSION,
     build_model,
     get_flat,
@@ -16,7 +16,7 @@ from edge_agent.model import (
     layout_id,
     set_flat,
 )
-from edge_agent.trainer import DEFAULTS, evaluate, train_centralised, train_local
+from common.training import DEFAULTS, evaluate, train_centralised, train_local
 from enclave_worker.aggregate import RunningFedAvg, fedavg
 from enclave_worker.filters import screen
 

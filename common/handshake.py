@@ -1,4 +1,4 @@
-"""Pure protocol rules shared by the coordinator and the edge agent (DESIGN.md steps 2-3).
+"""Pure protocol rules shared by the coordinator and the edge agent (docs/architecture.md steps 2-3).
 
 No I/O here: freshness, transcript hashing and the session-key derivation, so both ends
 compute exactly the same values and tests can check them without a broker.

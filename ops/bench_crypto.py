@@ -13,7 +13,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from ops.benchreport import md_table
+from common.report import md_table
 from pqc.ids import KemId, SigId
 from pqc.registry import get_kem, get_signature, kem_backends, sig_backends
 from pqc.seal import open_sealed, seal

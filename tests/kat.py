@@ -1,4 +1,4 @@
-"""The one loader for the known-answer files in ``shared/vectors`` (see its README)."""
+"""The one loader for the known-answer files in ``tests/vectors`` (see its README)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors"
+VECTORS = Path(__file__).resolve().parent / "vectors"
 
 
 def acvp_cases(filename: str, **group_filter: Any) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_agent.model import build_model, get_flat, set_flat
+from common.model import build_model, get_flat, set_flat
 
 #: Hyper-parameters the rest of the product uses for local training. Tuned on digits:
 #: 5 IID devices reach 0.94-0.96 test accuracy in 3 rounds (seeds 0-4), 10 Dirichlet(0.5)
@@ -148,7 +148,7 @@ def train_centralised(
 def warm_up() -> None:
     """One tiny training step, so PyTorch's one-time initialisation (about a second here)
     happens while a device waits for a round, not inside the first round."""
-    from edge_agent.model import build_model, get_flat
+    from common.model import build_model, get_flat
 
     x = np.zeros((2, 64), dtype=np.float32)
     train_local(get_flat(build_model(0)), x, np.zeros(2, dtype=np.int64), epochs=1, lr=0.01, batch_size=2, seed=0)

@@ -1,0 +1,1 @@
+"""The ground floor the parties share: settings, metrics, protocol rules, the model and data."""
