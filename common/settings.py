@@ -59,6 +59,10 @@ class CryptoSettings(BaseModel):
     allowed_signatures: list[str] = [SigId.ML_DSA_44, SigId.ML_DSA_65, SigId.ML_DSA_87]
     session_ttl_seconds: float = Field(3600.0, gt=0)
     freshness_seconds: float = Field(120.0, gt=0)
+    #: Allow on the live path a KEM that only the pure-Python backend serves here (e.g.
+    #: FrodoKEM-640-AES without liboqs). Off by default: that backend is not constant time
+    #: (docs/crypto.md); the demo turns it on.
+    allow_pure_backends: bool = False
 
     @field_validator("kem")
     @classmethod

@@ -21,6 +21,7 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import serve_rpc
 from common import handshake, metrics
+from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from coordinator.ratelimit import RateLimiter
 from coordinator.registry import Registry
@@ -94,11 +95,11 @@ class LiveSession:
 
 class Coordinator:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        require_live_kem(settings.crypto)
         self.settings = settings
         self.identity = load_identity(settings)
         self.registry = registry or Registry(str(settings.registry_file))
-        self.policy = pqc.Policy(kems=set(settings.crypto.allowed_kems),
-                                 signatures=set(settings.crypto.allowed_signatures))
+        self.policy = live_policy(settings.crypto)
         rl = settings.rate_limits
         self.enroll_limits = RateLimiter(rl.enroll_per_device_per_s, rl.enroll_per_device_burst,
                                          rl.global_per_s, rl.global_burst)

@@ -19,6 +19,7 @@ from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from common import metrics
 from common import model as model_lib
+from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
@@ -96,13 +97,13 @@ def close_round_streaming(load, n: int, weights: np.ndarray, fl, sample: int = R
 class Enclave:
     def __init__(self, settings: Settings, initial: tuple[np.ndarray, str] | None = None) -> None:
         """``initial`` (parameters, layout id) replaces the digits MLP, e.g. for benchmarks."""
+        require_live_kem(settings.crypto)
         self.settings = settings
         self.code = attestation.measurement()
         self.platform = attestation.platform_identity(settings.state_dir / "platform")
         self.identity = attestation.load_enclave_keys(settings, self.platform, self.code)
         self.store = EnclaveStore(settings.state_dir / "enclave")
-        self.policy = pqc.Policy(kems=set(settings.crypto.allowed_kems),
-                                 signatures=set(settings.crypto.allowed_signatures))
+        self.policy = live_policy(settings.crypto)
         if initial is None:
             net = model_lib.build_model(settings.fl.seed)
             initial = (model_lib.get_flat(net), model_lib.layout_id(net))

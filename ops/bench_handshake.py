@@ -37,7 +37,7 @@ def _settings(base: Settings, state: Path, kem: str, sig: str) -> Settings:
     return base.model_copy(update={
         "state_dir": state, "registry_path": None,
         "broker": base.broker.model_copy(update={"namespace": f"bench-{uuid.uuid4().hex[:8]}"}),
-        "crypto": base.crypto.model_copy(update={"kem": kem, "signature": sig}),
+        "crypto": base.crypto.model_copy(update={"kem": kem, "signature": sig, "allow_pure_backends": True}),
         "rate_limits": base.rate_limits.model_copy(update={
             "global_per_s": 1e9, "global_burst": 1e9, "enroll_per_device_per_s": 1e9,
             "enroll_per_device_burst": 1e9, "session_per_device_per_s": 1e9, "session_per_device_burst": 1e9}),

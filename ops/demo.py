@@ -77,8 +77,11 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
     """Run the demo in a fresh namespace and state directory; clean both up afterwards."""
     state = Path(tempfile.mkdtemp(prefix="qflare-demo-"))
     ns = f"demo-{uuid.uuid4().hex[:8]}"
-    settings = settings.model_copy(update={"state_dir": state, "registry_path": None,
-                                           "broker": settings.broker.model_copy(update={"namespace": ns})})
+    settings = settings.model_copy(update={
+        "state_dir": state, "registry_path": None,
+        "broker": settings.broker.model_copy(update={"namespace": ns}),
+        # the demo may show every configurable algorithm, pure-Python backends included
+        "crypto": settings.crypto.model_copy(update={"allow_pure_backends": True})})
     say = progress or (lambda *_: None)
     ids = [f"device-{i:04d}" for i in range(devices)]
     bad = malicious_ids(ids, malicious)

@@ -10,8 +10,12 @@ most 640 terms of |a| < 2^16 times |s| <= 12, far below 2^53. They are cut into 
 small enough that OpenBLAS stays single-threaded (on two cores a woken thread pool made the
 full-size product about ten times slower).
 
-Python cannot promise constant time; decapsulation keeps a constant *structure* (it always
-re-encrypts, compares every coefficient and selects the secret without branching on it).
+Python cannot promise constant time; every step that touches secret data keeps a constant
+*structure* instead: the error sampler compares each sample with every entry of the CDF table
+and sums the comparisons (as the reference implementation does: no search, no table index and
+no branch that depends on a secret), and decapsulation always re-encrypts, compares every
+coefficient and selects the secret without branching on it (docs/crypto.md, "Limits of the
+pure backend").
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ _DS_ENCAPS = b"\x96"
 #: CDF of the FrodoKEM-640 error distribution chi (spec table "Error distributions").
 _CDF = np.array(
     [4643, 13363, 20579, 25843, 29227, 31145, 32103, 32525, 32689, 32745, 32762, 32766],
-    dtype=np.uint16,
-)  # the last entry, 32767, never changes the count and is left out, as in the reference
+    dtype=np.int32,
+)[:, None]  # a column; the last entry, 32767, never changes the count and is left out, as in the reference
 
 _ROW_BLOCK = 64  # rows of A per BLAS call: keeps each call under OpenBLAS' threading size
 
@@ -80,9 +84,15 @@ def _gen_a(seed_a: bytes) -> np.ndarray:
 
 
 def _sample(r: bytes) -> np.ndarray:
-    """Frodo.SampleMatrix via the CDF (spec 2.2.4): LSB is the sign, the other 15 bits index chi."""
-    words = np.frombuffer(r, dtype="<u2")
-    magnitude = np.searchsorted(_CDF, words >> 1, side="left").astype(np.int64)
+    """Frodo.SampleMatrix via the CDF (spec 2.2.4): LSB is the sign, the other 15 bits select chi.
+
+    Data-independent, as the reference ``frodo_sample_n``: every 15-bit value is compared
+    with *every* table entry and the comparisons summed (``(CDF[j] - v) >> 31`` is -1
+    exactly when ``CDF[j] < v``), so neither the work done nor the memory touched depends on
+    the secret; the sign is applied with a mask, not a branch.
+    """
+    words = np.frombuffer(r, dtype="<u2").astype(np.int32)
+    magnitude = -((_CDF - (words >> 1)[None, :]) >> 31).sum(axis=0, dtype=np.int64)
     sign = (words & 1).astype(np.int64)
     return (magnitude ^ -sign) + sign
 

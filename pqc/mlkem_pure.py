@@ -15,7 +15,11 @@ XOF = SHAKE128.
 
 This code is *not* constant time (Python integers and numpy are not); it is meant for
 known-answer testing, interoperability checks and ML-KEM-512 where no native backend
-exists, not for handling long-term secrets on hostile shared hardware.
+exists, not for handling long-term secrets on hostile shared hardware. What it does do is
+keep every step on secret data free of secret-dependent branches, indexing and division:
+reductions mod q and the divisions of Compress are multiply-and-shift (Barrett; the
+KyberSlash timing leak came from dividing secrets by q), and decapsulation selects K' or
+K̄ with a mask (docs/crypto.md, "Limits of the pure backend").
 """
 
 from __future__ import annotations
@@ -32,6 +36,26 @@ __all__ = ["PARAMS", "MLKEMParams", "MLKEMPure"]
 Q = 3329
 N = 256
 _N_INV = 3303  # 128^{-1} mod q, the final scaling of Algorithm 10
+
+# Division-free arithmetic mod q. floor(y / q) = (y * _M) >> _S exactly for 0 <= y < 2^28
+# (_S = 40 >= 28 + log2 q, _M = ceil(2^_S / q)); products stay below 2^57 in int64. Every
+# value reduced here lies in (-2^25, 2^25) (at most 2·q² in the base-case product), so adding
+# _OFFSET = q·2^14 makes it non-negative and below 2^28.
+_S = 40
+_M = -(-(1 << _S) // Q)
+_OFFSET = Q << 14
+
+
+def _div_q(y: np.ndarray) -> np.ndarray:
+    """floor(y / q) for 0 <= y < 2^28 by multiply and shift: no division on secret data."""
+    return (y * _M) >> _S
+
+
+def _mod_q(x: np.ndarray) -> np.ndarray:
+    """x mod q in [0, q) for |x| < 2^25, without a division (the timing of integer division
+    depends on its operands on many CPUs)."""
+    y = x + _OFFSET
+    return y - Q * _div_q(y)
 
 
 @dataclass(frozen=True)
@@ -114,13 +138,13 @@ def _byte_decode(b: bytes, d: int) -> np.ndarray:
     bits = np.unpackbits(np.frombuffer(b, dtype=np.uint8), bitorder="little")
     vals = bits.reshape(-1, N, d).astype(np.int64) @ (1 << np.arange(d, dtype=np.int64))
     if d == 12:
-        vals %= Q
+        vals = _mod_q(vals)
     return vals
 
 
 def _compress(x: np.ndarray, d: int) -> np.ndarray:
     """Compress_d(x) = ⌈(2^d/q)·x⌋ mod 2^d  (FIPS 203 eq. 4.7), in integers."""
-    return (((x << d) + Q // 2) // Q) & ((1 << d) - 1)
+    return _div_q((x << d) + Q // 2) & ((1 << d) - 1)
 
 
 def _decompress(y: np.ndarray, d: int) -> np.ndarray:
@@ -156,7 +180,7 @@ def _sample_poly_cbd(b: bytes, eta: int) -> np.ndarray:
     """SamplePolyCBD_η (Algorithm 8): centred binomial coefficients from 64η bytes."""
     bits = np.unpackbits(np.frombuffer(b, dtype=np.uint8), bitorder="little")
     s = bits.reshape(N, 2, eta).sum(axis=2, dtype=np.int64)
-    return (s[:, 0] - s[:, 1]) % Q
+    return _mod_q(s[:, 0] - s[:, 1])
 
 
 # --------------------------------------------------------------------------------------
@@ -176,9 +200,9 @@ def _ntt(f: np.ndarray) -> np.ndarray:
         blocks = 128 // length
         z = _ZETAS[blocks:2 * blocks][:, None]
         v = f.reshape(*lead, blocks, 2, length)
-        t = (z * v[..., 1, :]) % Q
+        t = _mod_q(z * v[..., 1, :])
         a = v[..., 0, :]
-        v = np.stack(((a + t) % Q, (a - t) % Q), axis=-2)
+        v = np.stack((_mod_q(a + t), _mod_q(a - t)), axis=-2)
         f = v.reshape(*lead, N)
         length //= 2
     return f
@@ -198,10 +222,10 @@ def _ntt_inv(f: np.ndarray) -> np.ndarray:
         z = _ZETAS[blocks:2 * blocks][::-1][:, None]
         v = f.reshape(*lead, blocks, 2, length)
         a, b = v[..., 0, :], v[..., 1, :]
-        v = np.stack(((a + b) % Q, (z * (b - a)) % Q), axis=-2)
+        v = np.stack((_mod_q(a + b), _mod_q(z * (b - a))), axis=-2)
         f = v.reshape(*lead, N)
         length *= 2
-    return (f * _N_INV) % Q
+    return _mod_q(f * _N_INV)
 
 
 def _multiply_ntts(f: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -217,19 +241,28 @@ def _multiply_ntts(f: np.ndarray, g: np.ndarray) -> np.ndarray:
     b = np.broadcast_to(g, shape).reshape(*shape[:-1], 128, 2)
     a0, a1 = a[..., 0], a[..., 1]
     b0, b1 = b[..., 0], b[..., 1]
-    c0 = (a0 * b0 + ((a1 * b1) % Q) * _GAMMAS) % Q
-    c1 = (a0 * b1 + a1 * b0) % Q
+    c0 = _mod_q(a0 * b0 + _mod_q(a1 * b1) * _GAMMAS)
+    c1 = _mod_q(a0 * b1 + a1 * b0)
     return np.stack((c0, c1), axis=-1).reshape(shape)
 
 
 def _matvec(a_hat: np.ndarray, v_hat: np.ndarray) -> np.ndarray:
     """Â ∘ v̂ in the NTT domain: result[i] = Σ_j Â[i, j] × v̂[j]  (FIPS 203 §2.4.7)."""
-    return _multiply_ntts(a_hat, v_hat[None, :, :]).sum(axis=1) % Q
+    return _mod_q(_multiply_ntts(a_hat, v_hat[None, :, :]).sum(axis=1))
 
 
 def _dot(u_hat: np.ndarray, v_hat: np.ndarray) -> np.ndarray:
     """û^T ∘ v̂ in the NTT domain: Σ_j û[j] × v̂[j]."""
-    return _multiply_ntts(u_hat, v_hat).sum(axis=0) % Q
+    return _mod_q(_multiply_ntts(u_hat, v_hat).sum(axis=0))
+
+
+def _select(equal: bool, when_equal: bytes, otherwise: bytes) -> bytes:
+    """``when_equal`` if ``equal`` else ``otherwise``, by a byte mask rather than a branch
+    (Algorithm 18's implicit rejection must not show which key was returned)."""
+    mask = np.uint8(-int(equal) & 0xFF)
+    a = np.frombuffer(when_equal, dtype=np.uint8)
+    b = np.frombuffer(otherwise, dtype=np.uint8)
+    return ((a & mask) | (b & ~mask)).tobytes()
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +322,7 @@ class MLKEMPure:
         e = self._sample_vec(sigma, p.eta1, p.k)
         s_hat = _ntt(s)
         e_hat = _ntt(e)
-        t_hat = (_matvec(a_hat, s_hat) + e_hat) % Q
+        t_hat = _mod_q(_matvec(a_hat, s_hat) + e_hat)
         return _byte_encode(t_hat, 12) + rho, _byte_encode(s_hat, 12)
 
     def _pke_encrypt(self, ek_pke: bytes, m: bytes, r: bytes) -> bytes:
@@ -304,9 +337,9 @@ class MLKEMPure:
         e2 = _sample_poly_cbd(_PRF(p.eta2, r, 2 * k), p.eta2)
         y_hat = _ntt(y)
         # u = NTT⁻¹(Â^T ∘ ŷ) + e1: transpose the two matrix axes.
-        u = (_ntt_inv(_matvec(a_hat.transpose(1, 0, 2), y_hat)) + e1) % Q
+        u = _mod_q(_ntt_inv(_matvec(a_hat.transpose(1, 0, 2), y_hat)) + e1)
         mu = _decompress(_byte_decode(m, 1)[0], 1)
-        v = (_ntt_inv(_dot(t_hat, y_hat)) + e2 + mu) % Q
+        v = _mod_q(_ntt_inv(_dot(t_hat, y_hat)) + e2 + mu)
         c1 = _byte_encode(_compress(u, p.du), p.du)
         c2 = _byte_encode(_compress(v, p.dv), p.dv)
         return c1 + c2
@@ -319,7 +352,7 @@ class MLKEMPure:
         u = _decompress(_byte_decode(c[:split], p.du), p.du)
         v = _decompress(_byte_decode(c[split:], p.dv)[0], p.dv)
         s_hat = _byte_decode(dk_pke, 12)
-        w = (v - _ntt_inv(_dot(s_hat, _ntt(u)))) % Q
+        w = _mod_q(v - _ntt_inv(_dot(s_hat, _ntt(u))))
         return _byte_encode(_compress(w, 1), 1)
 
     # ---- Input checks, FIPS 203 §7.2 and §7.3 -----------------------------------------
@@ -423,4 +456,4 @@ class MLKEMPure:
         k_prime, r_prime = _G(m_prime + h)
         k_bar = _J(z + ct)
         c_prime = self._pke_encrypt(ek_pke, m_prime, r_prime)
-        return k_prime if hmac.compare_digest(ct, c_prime) else k_bar
+        return _select(hmac.compare_digest(ct, c_prime), k_prime, k_bar)

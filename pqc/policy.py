@@ -40,19 +40,28 @@ class Policy:
 
     kems: frozenset[KemId] = field(default_factory=lambda: frozenset(KemId))
     signatures: frozenset[SigId] = field(default_factory=lambda: frozenset(SigId))
+    #: Why an algorithm is left out, when there is more to say than "not configured".
+    why_not: dict[str, str] = field(default_factory=dict)
 
-    def __init__(self, kems: Iterable[str] | None = None, signatures: Iterable[str] | None = None) -> None:
+    def __init__(self, kems: Iterable[str] | None = None, signatures: Iterable[str] | None = None,
+                 why_not: dict[str, str] | None = None) -> None:
         object.__setattr__(self, "kems", frozenset(KemId) if kems is None
                            else frozenset(resolve_kem(k) for k in kems))
         object.__setattr__(self, "signatures", frozenset(SigId) if signatures is None
                            else frozenset(resolve_sig(s) for s in signatures))
+        object.__setattr__(self, "why_not", dict(why_not or {}))
+
+    def __hash__(self) -> int:
+        return hash((self.kems, self.signatures))
 
     def check_kem(self, name: str) -> KemId:
         """The canonical id of ``name``; :class:`PolicyError` naming it if not allowed."""
         kem = resolve_kem(name)
         if kem not in self.kems:
             allowed = ", ".join(sorted(self.kems)) or "none"
-            raise PolicyError(f"KEM {kem.value} is not allowed by policy (allowed: {allowed})")
+            why = self.why_not.get(kem.value)
+            raise PolicyError(f"KEM {kem.value} is not allowed by policy "
+                              + (f"({why})" if why else f"(allowed: {allowed})"))
         return kem
 
     def check_sig(self, name: str) -> SigId:

@@ -97,6 +97,11 @@ def kem_backends(name: str) -> list[str]:
     return [b for b in BACKENDS if _kem(alg, b) is not None]
 
 
+def pure_only(name: str) -> bool:
+    """Whether KEM ``name`` is served here only by the pure-Python backend (not constant time)."""
+    return kem_backends(name) == [PURE]
+
+
 def sig_backends(name: str) -> list[str]:
     """Installed backends implementing signature ``name``, most preferred first."""
     alg = resolve_sig(name)

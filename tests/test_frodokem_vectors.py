@@ -125,3 +125,27 @@ def test_drbg_behaviour() -> None:
     assert CtrDrbg(seed, b"\x01" * 48).random_bytes(32) != one
     with pytest.raises(ValueError):
         CtrDrbg(seed[:47])
+
+
+def test_sampler_never_searches_the_cdf_table_by_secret(monkeypatch) -> None:
+    """The attack: the old sampler ran ``np.searchsorted`` on the secret 15-bit values, whose
+    memory accesses and work depend on them. The sampler must compare against the whole
+    table (as the reference does) and still give exactly the same samples."""
+    import numpy as np
+
+    from pqc import frodo
+
+    every_word = np.arange(1 << 16, dtype="<u2").tobytes()
+    table = np.array([4643, 13363, 20579, 25843, 29227, 31145, 32103, 32525, 32689, 32745, 32762, 32766])
+    words = np.arange(1 << 16)
+    magnitude = np.searchsorted(table, words >> 1, side="left")
+    expected = np.where(words & 1, -magnitude, magnitude)
+
+    def searched(*_a, **_k):
+        raise AssertionError("the sampler searched the CDF table with secret values")
+
+    monkeypatch.setattr(np, "searchsorted", searched)
+    assert np.array_equal(frodo._sample(every_word), expected)  # all 2^16 inputs, exactly
+    pk, sk = KEM.keypair_derand(bytes(range(64)))  # and the KAT path never searches either
+    ct, ss = KEM.encaps_derand(pk, bytes(48))
+    assert KEM.decapsulate(sk, ct) == ss

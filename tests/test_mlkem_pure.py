@@ -259,3 +259,23 @@ def test_ntt_matches_schoolbook_multiplication() -> None:
     product = mlkem_pure._ntt_inv(
         mlkem_pure._multiply_ntts(mlkem_pure._ntt(f), mlkem_pure._ntt(g)))
     assert np.array_equal(product, _negacyclic_product(f, g))
+
+
+def test_compress_and_reduction_divide_no_secret_by_q() -> None:
+    """The attack (KyberSlash): Compress_d divided secret coefficients by q, and integer
+    division time depends on its operands. The multiply-and-shift forms must give exactly
+    the division's results on every input they can get."""
+    x = np.arange(mlkem_pure.Q, dtype=np.int64)
+    for d in (1, 4, 5, 10, 11):
+        exact = (((x << d) + mlkem_pure.Q // 2) // mlkem_pure.Q) & ((1 << d) - 1)
+        assert np.array_equal(mlkem_pure._compress(x, d), exact), d
+    bound = 2 * (mlkem_pure.Q - 1) ** 2  # the largest magnitude any reduction sees
+    rng = np.random.default_rng(7)
+    samples = np.concatenate([rng.integers(-bound, bound + 1, 1_000_000),
+                              np.arange(-3 * mlkem_pure.Q, 3 * mlkem_pure.Q), [-bound, bound]]).astype(np.int64)
+    assert np.array_equal(mlkem_pure._mod_q(samples), samples % mlkem_pure.Q)
+
+
+def test_implicit_rejection_selects_by_mask_not_branch() -> None:
+    a, b = bytes(range(32)), bytes(range(100, 132))
+    assert mlkem_pure._select(True, a, b) == a and mlkem_pure._select(False, a, b) == b
