@@ -31,9 +31,23 @@ def allowed_measurements(settings: Settings) -> set[str]:
     return set(settings.enclave.allowed_measurements) or {measurement()}
 
 
+#: Said at every start of a service that relies on it: nobody should mistake it for a TEE.
+SIMULATED_WARNING = ("ATTESTATION IS SIMULATED: the platform key in %s is a file on this host, not a TEE; "
+                     "anyone who can read it can forge enclave reports")
+
+
+def platform_dir(settings: Settings) -> Path:
+    """The simulated platform's own directory: ``enclave.platform_dir``, else a sibling of
+    the state directory (``<state_dir>-platform``), never inside any service's state."""
+    if settings.enclave.platform_dir is not None:
+        return settings.enclave.platform_dir
+    state = settings.state_dir.resolve()
+    return state.with_name(state.name + "-platform")
+
+
 def trusted_platform_key(settings: Settings) -> tuple[str, bytes] | None:
     """(alg, public key) of the platform the coordinator trusts, if one is configured."""
-    path = settings.enclave.platform_key_file or settings.state_dir / "platform" / "public.json"
+    path = settings.enclave.platform_key_file or platform_dir(settings) / "public.json"
     if not path.exists():
         return None
     pub = json.loads(path.read_text())

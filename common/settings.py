@@ -117,8 +117,11 @@ class EnclaveSettings(BaseModel):
     #: Allowed code measurements (hex). Empty: only this installation's own measurement.
     allowed_measurements: list[str] = []
     #: The (simulated) platform's public.json the coordinator trusts; default
-    #: ``<state_dir>/platform/public.json``, which the enclave creates on first start.
+    #: ``<platform_dir>/public.json``, which the enclave creates on first start.
     platform_key_file: Path | None = None
+    #: Where the simulated platform keeps its private key, apart from every service's state
+    #: (that key unseals the enclave's keys); default ``<state_dir>-platform``, a sibling.
+    platform_dir: Path | None = None
 
 
 class Settings(BaseSettings):

@@ -15,7 +15,10 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+from common.state import private_file
 
 MIGRATIONS: list[str] = [
     """
@@ -120,6 +123,8 @@ class Registry:
     """SQLite implementation of :class:`RegistryStore`."""
 
     def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            private_file(Path(path))  # 0600 before SQLite opens it (its -wal/-shm follow the mode)
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self.lock = threading.RLock()
         if path != ":memory:":

@@ -21,8 +21,10 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import serve_rpc
 from common import handshake, metrics
+from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
+from common.state import private_dir
 from coordinator.ratelimit import RateLimiter
 from coordinator.registry import Registry
 from pqc.identity import Identity
@@ -97,6 +99,7 @@ class Coordinator:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         require_live_kem(settings.crypto)
         self.settings = settings
+        private_dir(settings.state_dir)
         self.identity = load_identity(settings)
         self.registry = registry or Registry(str(settings.registry_file))
         self.policy = live_policy(settings.crypto)
@@ -147,6 +150,7 @@ class Coordinator:
         await q.bind(b.names.events_exchange, "round.failed")
         await q.consume(self._on_round_event, no_ack=True)
         self._resume_plan()
+        log.warning(SIMULATED_WARNING, platform_dir(self.settings))
         log.info("coordinator ready: signature key %s", self.identity.sig_fp)
 
     async def _on_round_event(self, message) -> None:

@@ -9,22 +9,38 @@ only the same code on the same platform can unseal them after a restart.
 
 from __future__ import annotations
 
+import logging
 import secrets
+import shutil
 import time
 from pathlib import Path
 
 import pqc
 from common.attestation import PLATFORM_SIG, allowed_measurements, measurement, trusted_platform_key  # noqa: F401
 from common.settings import Settings
+from common.state import private_dir
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import encode
 from schemas.messages import AttestationReport, AttestRequest
 
+log = logging.getLogger("qflare.enclave")
 
-def platform_identity(directory: Path) -> Identity:
-    """The simulated platform's key pair, created once per state directory."""
-    return Identity.load_or_create(directory, PLATFORM_SIG, pqc.ids.DEFAULT_KEM)
+
+def platform_identity(directory: Path, legacy: Path | None = None) -> Identity:
+    """The simulated platform's key pair, created once in its own directory (0700).
+
+    ``legacy`` is where older versions kept it (``<state_dir>/platform``, beside the state it
+    protects): found there and not yet in ``directory``, it is moved, so the enclave keys it
+    sealed still open.
+    """
+    if legacy is not None and (legacy / "public.json").exists() and not (directory / "public.json").exists():
+        private_dir(directory.parent)
+        shutil.move(str(legacy), str(directory))
+        log.warning("moved the simulated platform key from %s to %s, out of the service state", legacy, directory)
+    ident = Identity.load_or_create(directory, PLATFORM_SIG, pqc.ids.DEFAULT_KEM)
+    private_dir(directory)
+    return ident
 
 
 def sealing_key(platform: Identity, code: str) -> bytes:

@@ -20,7 +20,9 @@ from broker.messaging import DEFERRED, TRANSIENT, consume
 from common import metrics
 from common import model as model_lib
 from common.crypto_policy import live_policy, require_live_kem
+from common.attestation import SIMULATED_WARNING, platform_dir
 from common.settings import Settings
+from common.state import private_dir
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
 from enclave_worker.store import EnclaveStore
@@ -100,7 +102,9 @@ class Enclave:
         require_live_kem(settings.crypto)
         self.settings = settings
         self.code = attestation.measurement()
-        self.platform = attestation.platform_identity(settings.state_dir / "platform")
+        private_dir(settings.state_dir)
+        self.platform_dir = platform_dir(settings)
+        self.platform = attestation.platform_identity(self.platform_dir, legacy=settings.state_dir / "platform")
         self.identity = attestation.load_enclave_keys(settings, self.platform, self.code)
         self.store = EnclaveStore(settings.state_dir / "enclave")
         self.policy = live_policy(settings.crypto)
@@ -139,6 +143,7 @@ class Enclave:
                       max_bytes=mb)
         await consume(b.channel, b.publisher, b.names.updates_queue, self._on_update, expected=Update,
                       max_bytes=mb)
+        log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave ready: measurement %s, KEM key %s", self.code[:16], self.identity.kem_fp[:16])
 
     async def _attest(self, timeout: float) -> None:

@@ -4,7 +4,8 @@ Deltas are appended to one segment file per round and indexed (offset, length) i
 a batch of updates becomes durable with one fsync of the segment and one SQLite commit, and
 only then are its messages acked. A crash therefore redelivers at most what was not yet
 durable, and the update id (primary key) keeps a redelivered update from counting twice.
-In a real TEE this directory would be sealed.
+A round's segment is deleted once the round is recorded closed. Directories are 0700 and
+files 0600 (common/state.py). In a real TEE this directory would be sealed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.state import open_private_append, private_dir, private_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -47,15 +50,16 @@ class StoredUpdate:
 
 class EnclaveStore:
     def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(directory / "enclave.sqlite3"), check_same_thread=False, isolation_level=None)
+        self.dir = private_dir(directory)
+        db_path = private_file(directory / "enclave.sqlite3")  # models and the round index, 0600
+        self.db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
         self._segments: dict[int, object] = {}  # round id -> open append handle
-        (self.dir / "rounds").mkdir(exist_ok=True)
+        private_dir(self.dir / "rounds")
+        self._drop_closed_segments()
 
     def close(self) -> None:
         for fh in self._segments.values():
@@ -67,7 +71,7 @@ class EnclaveStore:
 
     def _segment(self, round_id: int):
         if round_id not in self._segments:
-            self._segments[round_id] = open(self._segment_path(round_id), "ab")
+            self._segments[round_id] = open_private_append(self._segment_path(round_id))
         return self._segments[round_id]
 
     def begin(self) -> None:
@@ -101,9 +105,27 @@ class EnclaveStore:
         return self.db.execute("SELECT round_id, spec FROM rounds WHERE status='open' ORDER BY round_id").fetchall()
 
     def close_round(self, round_id: int, status: str, result: dict) -> None:
+        """Record how the round ended, then delete its segment: its decrypted deltas are no
+        longer needed once the outcome (and any model it made) is recorded."""
         with self.lock:
             self.db.execute("UPDATE rounds SET status=?, closed_at=?, result=? WHERE round_id=?",
                             (status, time.time(), json.dumps(result), round_id))
+            if self.db.in_transaction:
+                self.commit()  # the close must be durable before the deltas go
+            self._drop_segment(round_id)
+
+    def _drop_segment(self, round_id: int) -> None:
+        fh = self._segments.pop(round_id, None)
+        if fh is not None:
+            fh.close()
+        self._segment_path(round_id).unlink(missing_ok=True)
+
+    def _drop_closed_segments(self) -> None:
+        """Segments left by a crash between recording a round closed and deleting them."""
+        for path in (self.dir / "rounds").glob("*.f32"):
+            status = self.round_status(int(path.stem)) if path.stem.isdigit() else "closed"
+            if status != "open":
+                path.unlink(missing_ok=True)
 
     def closed_round(self, round_id: int) -> tuple[dict, int | None]:
         """(stored round result, version of the model it produced, if any)."""

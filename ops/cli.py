@@ -111,9 +111,10 @@ def print_json(obj: Any) -> None:
 
 
 def _registry(s: Settings):
+    from common.state import private_dir
     from coordinator.registry import Registry
 
-    s.registry_file.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(s.registry_file.parent)
     return Registry(str(s.registry_file))
 
 

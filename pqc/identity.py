@@ -42,12 +42,15 @@ class Identity:
     def save(self, directory: Path, passphrase: bytes | None = None) -> None:
         """Write ``sig.key``/``kem.key`` (0600) and ``public.json``; atomic per file."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)  # also when it existed: only the owner enters a key directory
         pqc.keys.save_private_key(directory / "sig.key", self.sig_alg, self.sig_sk, passphrase=passphrase)
         pqc.keys.save_private_key(directory / "kem.key", self.kem_alg, self.kem_sk, passphrase=passphrase)
         pub = {"sig_alg": self.sig_alg, "sig_pk": base64.b64encode(self.sig_pk).decode(),
                "kem_alg": self.kem_alg, "kem_pk": base64.b64encode(self.kem_pk).decode()}
         tmp = directory / "public.json.tmp"
-        tmp.write_text(json.dumps(pub, indent=1))
+        fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(pub, indent=1))
         os.replace(tmp, directory / "public.json")
 
     @classmethod
