@@ -32,6 +32,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
         (names.events_exchange, ExchangeType.TOPIC),
         (names.dlx, ExchangeType.FANOUT),
         (names.control_exchange, ExchangeType.DIRECT),
+        (names.operator_exchange, ExchangeType.DIRECT),
     ):
         ex[name] = await channel.declare_exchange(name, kind, durable=True)
 
@@ -42,6 +43,9 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
     quorum = {"x-queue-type": "quorum", "x-delivery-limit": limit, **_dead_lettered(names)}
     coord = await channel.declare_queue(names.coordinator_queue, durable=True, arguments=quorum)
     await coord.bind(ex[names.rpc_exchange], Names.COORDINATOR_KEY)
+    # signed operator requests: their own exchange, which device users have no write permission on
+    operator = await channel.declare_queue(names.operator_queue, durable=True, arguments=quorum)
+    await operator.bind(ex[names.operator_exchange], Names.OPERATOR_KEY)
     updates = await channel.declare_queue(names.updates_queue, durable=True, arguments=quorum)
     await updates.bind(ex[names.updates_exchange], "update.#")  # device ids may contain dots
     control = await channel.declare_queue(names.enclave_control_queue, durable=True, arguments=quorum)
@@ -56,9 +60,9 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
 
 async def delete_topology(channel: AbstractChannel, names: Names) -> None:
     """Remove everything :func:`declare_topology` made (tests, ``qflare broker reset``)."""
-    for q in (names.coordinator_queue, names.updates_queue, names.enclave_control_queue,
+    for q in (names.coordinator_queue, names.operator_queue, names.updates_queue, names.enclave_control_queue,
               names.models_stream, names.dead_letter_queue):
         await channel.queue_delete(q)
     for e in (names.rpc_exchange, names.updates_exchange, names.models_exchange,
-              names.events_exchange, names.dlx, names.control_exchange):
+              names.events_exchange, names.dlx, names.control_exchange, names.operator_exchange):
         await channel.exchange_delete(e)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -124,6 +124,27 @@ class EnclaveSettings(BaseModel):
     platform_dir: Path | None = None
 
 
+class OperatorSettings(BaseModel):
+    """Who may steer the coordinator, and how far (docs/security.md, "Operator requests")."""
+
+    #: Coordinator side: fingerprints of the operator keys whose signed requests it obeys
+    #: (``qflare operator init`` prints one). Empty: every operator request is refused.
+    pinned_fingerprints: list[Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = []
+    #: Operator side: where ``qflare operator init`` keeps the operator key (default
+    #: ``<state_dir>/operator``).
+    key_dir: Path | None = None
+    #: Operator side: the coordinator fingerprint replies must chain to (default: the
+    #: coordinator key found under this host's state directory, if any).
+    coordinator_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    #: Bounds on every field of ``round start`` (and on a plan resumed after a restart).
+    max_rounds: int = Field(100, ge=1, le=10_000)
+    max_deadline_seconds: float = Field(3600.0, gt=0, le=7 * 86400)
+    max_epochs: int = Field(20, ge=1, le=100)
+    max_lr: float = Field(1.0, gt=0, le=10)
+    max_batch_size: int = Field(1024, ge=1, le=100_000)
+    max_token_ttl_seconds: float = Field(30 * 86400.0, gt=0)
+
+
 class Settings(BaseSettings):
     """Everything a QFLARE process can be told; one instance per process."""
 
@@ -141,6 +162,7 @@ class Settings(BaseSettings):
     fl: FLSettings = FLSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     enclave: EnclaveSettings = EnclaveSettings()
+    operator: OperatorSettings = OperatorSettings()
 
     @property
     def registry_file(self) -> Path:

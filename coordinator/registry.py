@@ -42,6 +42,13 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
     """,
+    # rounds as the coordinator saw them: opened by its plan, closed by the enclave's events
+    """
+    CREATE TABLE rounds (
+      round_id INTEGER PRIMARY KEY, status TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL,
+      min_updates INTEGER NOT NULL, expected INTEGER NOT NULL, closed_at REAL, accepted INTEGER,
+      rejected TEXT NOT NULL DEFAULT '{}', accuracy REAL, version INTEGER, reason TEXT);
+    """,
 ]
 
 
@@ -94,6 +101,28 @@ class AuditEntry:
     action: str
     device_id: str | None
     detail: dict
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round_id: int
+    status: str
+    opened_at: float
+    deadline: float
+    min_updates: int
+    expected: int
+    closed_at: float | None
+    accepted: int | None
+    rejected: dict
+    accuracy: float | None
+    version: int | None
+    reason: str | None
+
+    @classmethod
+    def from_row(cls, row: tuple) -> RoundRecord:
+        values = list(row)
+        values[8] = json.loads(values[8])
+        return cls(*values)
 
 
 def token_hash(token: str) -> str:
@@ -311,6 +340,37 @@ class Registry:
                 self.fast.execute("ROLLBACK")
                 raise
             return cur.rowcount == 1
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    def record_round_opened(self, round_id: int, deadline: float, min_updates: int, expected: int,
+                            now: float | None = None) -> None:
+        """A round the plan opened (again, after a restart: the record is kept as it was)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO rounds(round_id, status, opened_at, deadline, min_updates, expected)"
+                            " VALUES (?,?,?,?,?,?)", (round_id, "open", now, deadline, min_updates, expected))
+
+    def record_round_closed(self, round_id: int, status: str, *, accepted: int | None = None,
+                            rejected: dict[str, int] | None = None, accuracy: float | None = None,
+                            version: int | None = None, reason: str | None = None,
+                            now: float | None = None) -> bool:
+        """Record how an open round ended; False if it was not open (the first word stays)."""
+        now = time.time() if now is None else now
+        with self.lock:
+            cur = self.db.execute(
+                "UPDATE rounds SET status=?, closed_at=?, accepted=?, rejected=?, accuracy=?, version=?, reason=? "
+                "WHERE round_id=? AND status='open'",
+                (status, now, accepted, json.dumps(rejected or {}), accuracy, version, reason, round_id))
+            return cur.rowcount == 1
+
+    def list_rounds(self, limit: int = 20) -> list[RoundRecord]:
+        rows = self.db.execute("SELECT * FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,)).fetchall()
+        return [RoundRecord.from_row(r) for r in rows]
+
+    def get_round(self, round_id: int) -> RoundRecord | None:
+        row = self.db.execute("SELECT * FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        return RoundRecord.from_row(row) if row else None
 
     # --- audit and meta ------------------------------------------------------------------
 

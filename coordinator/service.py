@@ -25,6 +25,7 @@ from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from common.state import private_dir
+from coordinator.operator import OperatorDesk, check_round_start
 from coordinator.ratelimit import RateLimiter
 from coordinator.registry import Registry
 from pqc.identity import Identity
@@ -48,10 +49,10 @@ from schemas.messages import (
     Revocation,
     RotationAccept,
     RotationRequest,
+    RoundAbort,
     RoundOpen,
     RoundSpec,
     RoundStart,
-    RoundStarted,
     SessionAccept,
     SessionCall,
     SessionGrant,
@@ -67,13 +68,17 @@ log = logging.getLogger("qflare.coordinator")
 VERSION = "0.1.0"
 
 #: What the coordinator's request queue accepts (the broker dead-letters anything else).
+#: Devices can write this queue, so nothing here steers rounds: operator requests have their
+#: own queue (coordinator/operator.py).
 REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed, RotationRequest,
-                                       AttestRequest, RoundStart, SessionCall)
+                                       AttestRequest, SessionCall)
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
 META_ROTATIONS = "coordinator_rotations"
 META_PLAN = "round_plan"  # the running RoundStart and its first round id, until it ends
 META_CURRENT = "round_current"  # the spec of the round last opened
+#: Events that end a round (the enclave's; the coordinator records them and moves on).
+ROUND_END_EVENTS = ("round.completed", "round.failed", "round.cancelled")
 #: How long past a round's deadline the coordinator waits for the enclave to close it.
 ROUND_GRACE_SECONDS = 60.0
 
@@ -113,6 +118,7 @@ class Coordinator:
         self.sessions: dict[str, LiveSession] = {}
         self._rounds_task: asyncio.Task | None = None
         self._round_done: asyncio.Queue[Event] = asyncio.Queue()
+        self.operator_desk = OperatorDesk(self)
         self.keys_message = signing.sign(self._keys(), self.identity.sig_alg, self.identity.sig_sk,
                                          self.identity.sig_pk)
 
@@ -144,20 +150,38 @@ class Coordinator:
         b = self.broker
         await serve_rpc(b.channel, b.publisher, b.names.coordinator_queue, self.handle,
                         expected=REQUESTS, max_bytes=self.settings.broker.max_message_bytes)
+        await serve_rpc(b.channel, b.publisher, b.names.operator_queue, self.operator_desk.handle,
+                        expected=(Signed,), max_bytes=self.settings.broker.max_message_bytes)
         # round progress: the enclave announces each closed round on the events exchange
         q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
-        await q.bind(b.names.events_exchange, "round.completed")
-        await q.bind(b.names.events_exchange, "round.failed")
+        for key in ROUND_END_EVENTS:
+            await q.bind(b.names.events_exchange, key)
         await q.consume(self._on_round_event, no_ack=True)
-        self._resume_plan()
+        await self._resume_plan()
         log.warning(SIMULATED_WARNING, platform_dir(self.settings))
-        log.info("coordinator ready: signature key %s", self.identity.sig_fp)
+        if not self.operator_desk.pinned:
+            log.warning("no operator key is pinned (operator.pinned_fingerprints): every operator request "
+                        "will be refused; make one with `qflare operator init`")
+        log.info("coordinator ready: signature key %s, %d pinned operator key(s)", self.identity.sig_fp,
+                 len(self.operator_desk.pinned))
 
     async def _on_round_event(self, message) -> None:
         try:
-            await self._round_done.put(decode(message.body, Event))
+            ev = decode(message.body, Event)
         except CodecError:
-            pass
+            return
+        if ev.round_id is not None:
+            self._record_round_end(ev)
+        await self._round_done.put(ev)
+
+    def _record_round_end(self, ev: Event) -> None:
+        d = ev.detail
+        status = ev.type.removeprefix("round.")
+        accepted, accuracy, version = d.get("accepted"), d.get("accuracy"), d.get("version")
+        self.registry.record_round_closed(
+            ev.round_id, status, accepted=accepted if isinstance(accepted, int) else None,
+            rejected=_parse_counts(d.get("rejected")), accuracy=accuracy if isinstance(accuracy, float) else None,
+            version=version if isinstance(version, int) else None, reason=ev.reason)
 
     async def stop(self) -> None:
         if self._rounds_task:
@@ -172,8 +196,7 @@ class Coordinator:
         """Route a request to its handler (``REQUESTS`` lists what the queue accepts)."""
         handlers = {
             Ping: self.ping, KeysRequest: self.keys, EnrollRequest: self.enroll, Signed: self.open_session,
-            RotationRequest: self.rotate, AttestRequest: self.admit_enclave, RoundStart: self.start_rounds,
-            SessionCall: self.session_call,
+            RotationRequest: self.rotate, AttestRequest: self.admit_enclave, SessionCall: self.session_call,
         }
         return await handlers[type(msg)](msg)
 
@@ -384,25 +407,92 @@ class Coordinator:
 
     # --- rounds --------------------------------------------------------------------------
 
-    async def start_rounds(self, req: RoundStart) -> RoundStarted:
+    def device_status(self, device_id: str) -> str | None:
+        """The registry status of a device ("active", "revoked"), None if never enrolled."""
+        device = self.registry.get_device(device_id)
+        return device.status if device else None
+
+    def running_plan(self) -> tuple[int, int] | None:
+        """(first, last) round id of the plan being run, if one runs."""
+        if self._rounds_task is None or self._rounds_task.done():
+            return None
+        plan = self._stored_plan()
+        return (plan[1], plan[1] + plan[0].rounds - 1) if plan else None
+
+    def _stored_plan(self) -> tuple[RoundStart, int] | None:
+        raw = self.registry.get_meta(META_PLAN)
+        if not raw:
+            return None
+        plan = msgpack.unpackb(raw)
+        return decode(plan["req"], RoundStart), plan["first"]
+
+    async def start_rounds(self, req: RoundStart) -> int:
+        """Run an authenticated, bounds-checked plan (coordinator/operator.py); its first round id."""
         if self._rounds_task is not None and not self._rounds_task.done():
-            raise QflareError(Reason.INVALID_FIELD, "rounds are already running")
+            raise QflareError(Reason.INVALID_FIELD, "rounds are already running; cancel them first")
         first = int(self.registry.get_meta(META_ROUND) or b"0") + 1
         self.registry.set_meta(META_PLAN, msgpack.packb({"req": encode(req), "first": first}))
         self._rounds_task = asyncio.create_task(self._run_rounds(req, first))
-        return RoundStarted(round_id=first)
+        return first
 
-    def _resume_plan(self) -> None:
+    async def cancel_rounds(self, reason: str) -> tuple[int | None, int]:
+        """Stop the running plan and tell the enclave, signed, to close the open round as
+        cancelled. Returns (the round stopped, how many rounds of the plan never ran)."""
+        plan = self._stored_plan()
+        if self._rounds_task is None or self._rounds_task.done() or plan is None:
+            raise QflareError(Reason.NO_ROUND, "no round plan is running")
+        self._rounds_task.cancel()
+        try:
+            await self._rounds_task
+        except asyncio.CancelledError:
+            pass
+        self.registry.set_meta(META_PLAN, b"")
+        req, first = plan
+        current = int(self.registry.get_meta(META_ROUND) or b"0")
+        round_id = current if current >= first else None  # None: its first round never opened
+        skipped = first + req.rounds - 1 - current if round_id else req.rounds
+        if round_id is not None:
+            await self._abort_round(round_id, reason)
+        log.info("round plan cancelled at round %s (%s); %d round(s) not run", round_id, reason, skipped)
+        return round_id, skipped
+
+    async def _abort_round(self, round_id: int, reason: str) -> None:
+        """The signed control message that makes the enclave close ``round_id`` as cancelled."""
+        assert self.broker is not None
+        await self.broker.publisher.publish(self.broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY,
+                                            self._sign(RoundAbort(round_id=round_id, issued_at=time.time(),
+                                                                  reason=reason)))
+        self.registry.record_round_closed(round_id, "cancelled", reason=reason)
+
+    async def _resume_plan(self) -> None:
         """After a restart, carry on with an unfinished plan: the current round is opened
-        again (the enclave answers at once if it already closed), then the rest."""
+        again (the enclave answers at once if it already closed), then the rest.
+
+        The plan is checked again against today's bounds: one that no longer passes (or that
+        an older version stored without them, e.g. 10 000 rounds of a billion seconds) is
+        dropped, and its open round cancelled, instead of wedging the round driver again.
+        """
         raw, current = self.registry.get_meta(META_PLAN), self.registry.get_meta(META_CURRENT)
         if not raw or not current:
             return
-        plan = msgpack.unpackb(raw)
-        req, spec = decode(plan["req"], RoundStart), decode(current, RoundSpec)
-        if spec.round_id < plan["first"] + req.rounds:
+        try:
+            req, first = self._stored_plan()  # type: ignore[misc]
+            spec = decode(current, RoundSpec)
+            check_round_start(req, self.settings, self.device_status)
+            if spec.deadline - time.time() > self.settings.operator.max_deadline_seconds:
+                raise QflareError(Reason.INVALID_FIELD, "the open round's deadline is past operator.max_deadline_seconds")
+        except (QflareError, KeyError, TypeError, ValueError) as exc:
+            detail = exc.detail if isinstance(exc, QflareError) else type(exc).__name__
+            self.registry.set_meta(META_PLAN, b"")
+            self.registry.audit("coordinator", "round.plan.dropped", detail=detail)
+            round_id = int(self.registry.get_meta(META_ROUND) or b"0")
+            if round_id:
+                await self._abort_round(round_id, "plan outside the bounds")
+            log.error("dropped the stored round plan instead of resuming it: %s", detail)
+            return
+        if spec.round_id < first + req.rounds:
             log.info("resuming rounds at %d", spec.round_id)
-            self._rounds_task = asyncio.create_task(self._run_rounds(req, plan["first"], resume=spec))
+            self._rounds_task = asyncio.create_task(self._run_rounds(req, first, resume=spec))
 
     async def _run_rounds(self, req: RoundStart, first: int, resume: RoundSpec | None = None) -> None:
         assert self.broker is not None
@@ -413,6 +503,7 @@ class Coordinator:
                 expected=req.expected, epochs=req.epochs, lr=req.lr, batch_size=req.batch_size)
             self.registry.set_meta(META_ROUND, str(round_id).encode())
             self.registry.set_meta(META_CURRENT, encode(spec))
+            self.registry.record_round_opened(round_id, spec.deadline, spec.min_updates, len(spec.expected))
             await self.broker.publisher.publish(self.broker.names.control_exchange, "enclave",
                                                 self._sign(RoundOpen(spec=spec, issued_at=time.time())))
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
@@ -420,6 +511,7 @@ class Coordinator:
             if not await self._wait_round(round_id, wait):
                 # No enclave closed the round: say so and stop, rather than wait forever.
                 self.registry.audit("coordinator", "round.stalled", round_id=round_id)
+                self.registry.record_round_closed(round_id, "stalled", reason=Reason.NO_ENCLAVE.value)
                 await self._event("round.stalled", round_id=round_id, reason=Reason.NO_ENCLAVE.value,
                                   remaining=first + req.rounds - round_id - 1)
                 log.error("round %d was not closed by any enclave; remaining rounds cancelled", round_id)
@@ -437,6 +529,16 @@ class Coordinator:
             if ev.round_id == round_id:
                 return True
         return False
+
+
+def _parse_counts(text: object) -> dict[str, int]:
+    """``"norm_bound=2,low_cosine=1"`` (the ``rejected`` detail of ``round.completed``) as a dict."""
+    out: dict[str, int] = {}
+    for part in text.split(",") if isinstance(text, str) else ():
+        key, _, value = part.partition("=")
+        if key and value.isdigit():
+            out[key] = int(value)
+    return out
 
 
 def rotations(registry: Registry) -> list[bytes]:

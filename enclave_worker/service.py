@@ -19,8 +19,8 @@ from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from common import metrics
 from common import model as model_lib
-from common.crypto_policy import live_policy, require_live_kem
 from common.attestation import SIMULATED_WARNING, platform_dir
+from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from common.state import private_dir
 from enclave_worker import aggregate as agg
@@ -33,6 +33,7 @@ from schemas.messages import (
     CoordinatorKeys,
     Message,
     Revocation,
+    RoundAbort,
     RoundOpen,
     RoundResult,
     RoundSpec,
@@ -188,8 +189,12 @@ class Enclave:
         return signing.verify(signed, expected, *key)
 
     async def _on_control(self, signed: Signed, raw) -> None:
-        inner_type = signing.unverified(signed, (RoundOpen, Revocation, CoordinatorKeys))
+        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys))
         msg = self._verify_coordinator(signed, type(inner_type))
+        if isinstance(msg, RoundAbort):
+            async with self.lock:
+                await self._abort_round(msg)
+            return
         if isinstance(msg, CoordinatorKeys):  # a rotation, signed by a key we trust
             self._trust(msg.sig_alg, msg.sig_pk)
             log.info("coordinator key rotated to %s", pqc.fingerprint(msg.sig_pk, msg.sig_alg)[:16])
@@ -215,6 +220,26 @@ class Enclave:
         await self._resume(spec)
         await self.broker.publisher.event("round.opened", round_id=spec.round_id, deadline=spec.deadline,
                                           min_updates=spec.min_updates, expected=len(spec.expected))
+
+    async def _abort_round(self, abort: RoundAbort) -> None:
+        """Close a round as ``cancelled`` at the coordinator's signed word (an operator
+        cancelled the plan): no model, its deltas deleted; a later open of it is refused."""
+        status = self.store.round_status(abort.round_id)
+        if status not in (None, "open"):
+            return  # it already ended; nothing to stop
+        await self._flush()
+        if self.round is not None and self.round.round_id == abort.round_id:
+            if self._deadline:
+                self._deadline.cancel()
+            self.round = None
+        if status is None:
+            self.store.open_round(abort.round_id, b"")  # known, so a delayed RoundOpen is refused
+        result = RoundResult(round_id=abort.round_id, accepted=0, rejected=self.store.rejections(abort.round_id),
+                             seconds=0.0, status="cancelled")
+        self.store.close_round(abort.round_id, "cancelled", result.model_dump())
+        await self._round_event("cancelled", abort.round_id, result,
+                                received=len(self.store.round_updates(abort.round_id)))
+        log.warning("round %d cancelled by the coordinator (%s)", abort.round_id, abort.reason)
 
     async def _resume(self, spec: RoundSpec) -> None:
         """Announce ``spec`` on the current model and arm its deadline."""
@@ -416,6 +441,9 @@ class Enclave:
             await self.broker.publisher.event(
                 "round.completed", round_id=round_id, version=version, accepted=result.accepted,
                 accuracy=result.accuracy, rejected=",".join(f"{k}={v}" for k, v in sorted(result.rejected.items())))
+        elif status == "cancelled":
+            await self.broker.publisher.event("round.cancelled", round_id=round_id, received=received,
+                                              reason="cancelled")
         else:
             await self.broker.publisher.event("round.failed", round_id=round_id, received=received,
                                               reason="too_few_updates")

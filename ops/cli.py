@@ -118,29 +118,6 @@ def _registry(s: Settings):
     return Registry(str(s.registry_file))
 
 
-@token_app.command("create")
-def token_create(device_id: str = typer.Option(..., "--device-id", help="The device this token enrolls."),
-                 ttl: str = typer.Option("24h", help="Lifetime: 90s, 15m, 24h, 7d."),
-                 json_out: bool = typer.Option(False, "--json")) -> None:
-    """Create a one-time token; prints it and the coordinator fingerprint the device pins."""
-    from coordinator.service import load_identity
-
-    s = settings()
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", device_id):
-        raise fail("device id must be 1-128 characters of A-Z a-z 0-9 _ . -", 2)
-    seconds = parse_duration(ttl)
-    reg = _registry(s)
-    token = reg.create_token(device_id, seconds)
-    reg.close()
-    fp = load_identity(s).sig_fp
-    out = {"device_id": device_id, "token": token, "expires_in_seconds": seconds, "coordinator_fingerprint": fp}
-    if json_out:
-        print_json(out)
-    else:
-        console.print(f"token for [bold]{device_id}[/] (one use, expires in {ttl}):\n  {token}\n"
-                      f"coordinator fingerprint to pin:\n  {fp}")
-
-
 @token_app.command("list")
 def token_list(all_: bool = typer.Option(False, "--all", help="Include used tokens."),
                json_out: bool = typer.Option(False, "--json")) -> None:
@@ -174,22 +151,6 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
 
 
-@device_app.command("list")
-def device_list(status: str | None = typer.Option(None, help="active or revoked"),
-                json_out: bool = typer.Option(False, "--json")) -> None:
-    """List enrolled devices."""
-    reg = _registry(settings())
-    rows = reg.list_devices(status)
-    reg.close()
-    if json_out:
-        print_json([{k: v for k, v in d.__dict__.items() if not isinstance(v, bytes)} for d in rows])
-        return
-    t = Table("device", "status", "signature", "fingerprint", "enrolled", "revoked")
-    for d in rows:
-        t.add_row(d.device_id, d.status, d.sig_alg, d.sig_fp[:16], _when(d.enrolled_at), _when(d.revoked_at))
-    console.print(t)
-
-
 @device_app.command("show")
 def device_show(device_id: str, json_out: bool = typer.Option(False, "--json")) -> None:
     """Show one device."""
@@ -204,19 +165,6 @@ def device_show(device_id: str, json_out: bool = typer.Option(False, "--json")) 
     else:
         for k, v in info.items():
             console.print(f"{k:>12}: {_when(v) if k.endswith('_at') else v}")
-
-
-@device_app.command("revoke")
-def device_revoke(device_id: str, reason: str = typer.Option("operator", help="Recorded in the audit log.")) -> None:
-    """Revoke a device at once: registry, the enclave's notice, an event."""
-    from coordinator.service import revoke_device
-
-    s = settings()
-    try:
-        run(revoke_device(s, device_id, reason))
-    except KeyError:
-        raise fail(f"no device {device_id!r}") from None
-    console.print(f"device {device_id} revoked")
 
 
 @device_app.command("broker-user")
@@ -397,33 +345,6 @@ def agent_run(device_id: str = typer.Option(..., "--device-id"),
     if not _exists(s, device_id):
         raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
     run(run_agent(s, device_id, shard, of, attack))
-
-
-# --- rounds ------------------------------------------------------------------------------
-
-
-@round_app.command("start")
-def round_start(rounds: int = typer.Option(None, help="How many rounds (default: fl.rounds)."),
-                min_updates: int = typer.Option(None, help="Fewest updates a round needs."),
-                deadline: float = typer.Option(None, help="Seconds a round waits for updates."),
-                expected: list[str] | None = typer.Option(None, "--device", help="Expected device (repeat)."),
-                ) -> None:
-    """Ask the running coordinator to run rounds (the seed's federated_start)."""
-    from schemas.messages import RoundStart, RoundStarted
-    from schemas.names import Names
-
-    s = settings()
-    fl = s.fl
-    req = RoundStart(rounds=rounds or fl.rounds, min_updates=min_updates or fl.min_updates,
-                     deadline_seconds=deadline or fl.deadline_seconds, expected=expected or [], epochs=fl.epochs,
-                     lr=fl.lr, batch_size=fl.batch_size)
-
-    async def go(broker, rpc):
-        return await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, RoundStarted,
-                              s.broker.rpc_timeout)
-
-    started = run(_with_rpc(s, go))
-    console.print(f"rounds {started.round_id}..{started.round_id + req.rounds - 1} started")
 
 
 # --- broker ------------------------------------------------------------------------------
@@ -666,6 +587,10 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
     if json_out:
         print_json(result)
 
+
+from ops.operator_cmd import register as _register_operator_commands
+
+_register_operator_commands(app, token_app, device_app, round_app, coordinator_app, sys.modules[__name__])
 
 if __name__ == "__main__":
     app()

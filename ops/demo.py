@@ -26,9 +26,9 @@ from edge_agent import client
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from enclave_worker.service import Enclave
+from ops.operator_client import OperatorClient, init_operator
 from schemas.codec import CodecError, decode
 from schemas.messages import Event, RoundStart, RoundStarted
-from schemas.names import Names
 
 
 @dataclass
@@ -65,6 +65,18 @@ def parse_rejected(text: str | None) -> dict[str, int]:
     return out
 
 
+def demo_operator(settings: Settings, devices: int, rounds: int, deadline: float | None = None) -> Settings:
+    """Make the demo's operator key and pin it in the demo coordinator's settings, as an
+    operator would with ``qflare operator init``; the demo's bounds fit the demo's plan."""
+    operator, _ = init_operator(settings)
+    op, fl = settings.operator, settings.fl
+    return settings.model_copy(update={
+        "operator": op.model_copy(update={
+            "pinned_fingerprints": [operator.sig_fp], "max_rounds": max(op.max_rounds, rounds),
+            "max_deadline_seconds": max(op.max_deadline_seconds, deadline or fl.deadline_seconds)}),
+        "fl": fl.model_copy(update={"min_updates": min(fl.min_updates, devices)})})
+
+
 def malicious_ids(device_ids: list[str], fraction: float) -> list[str]:
     """The last ``round(fraction * n)`` devices misbehave (deterministic, easy to read)."""
     k = int(round(fraction * len(device_ids)))
@@ -82,6 +94,7 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
         "broker": settings.broker.model_copy(update={"namespace": ns}),
         # the demo may show every configurable algorithm, pure-Python backends included
         "crypto": settings.crypto.model_copy(update={"allow_pure_backends": True})})
+    settings = demo_operator(settings, devices, rounds, deadline)
     say = progress or (lambda *_: None)
     ids = [f"device-{i:04d}" for i in range(devices)]
     bad = malicious_ids(ids, malicious)
@@ -131,10 +144,11 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
         report.enroll_seconds = time.perf_counter() - t0
         await fleet.listen()
 
-        started = await rpc.call(fleet_broker.names.rpc_exchange, Names.COORDINATOR_KEY, RoundStart(
-            rounds=rounds, min_updates=max(1, math.ceil(devices / 2)),
-            deadline_seconds=deadline or fl.deadline_seconds, expected=ids, epochs=fl.epochs, lr=fl.lr,
-            batch_size=fl.batch_size), RoundStarted, settings.broker.rpc_timeout)
+        async with OperatorClient(settings) as operator:  # a signed operator request, as `qflare round start`
+            started = await operator.call(
+                RoundStart, RoundStarted, rounds=rounds, min_updates=max(fl.min_updates, math.ceil(devices / 2)),
+                deadline_seconds=deadline or fl.deadline_seconds, expected=ids, epochs=fl.epochs, lr=fl.lr,
+                batch_size=fl.batch_size)
         first = started.round_id
         opened: dict[int, float] = {}
         say("rounds", 0, rounds)

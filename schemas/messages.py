@@ -8,7 +8,7 @@ verification never depends on re-encoding. ``docs/protocol.md`` documents each o
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -284,22 +284,187 @@ class RoundOpen(Message):
     issued_at: float
 
 
-class RoundStart(Message):
-    """Operator → coordinator: run ``rounds`` rounds with these parameters."""
+class RoundAbort(Message):
+    """Coordinator → enclave, signed: stop this round now; it closes as ``cancelled``."""
+
+    TYPE: ClassVar[str] = "round.abort"
+    round_id: Annotated[int, Field(ge=1)]
+    issued_at: float
+    reason: Annotated[str, Field(max_length=200)] = "operator"
+
+
+# --- the operator plane (docs/security.md, "Operator requests") -----------------------------
+# Each request travels as Signed(<request>) on the operator exchange, signed by an operator
+# key the coordinator pins; each reply as Signed(<reply>) by the coordinator, naming the
+# request's nonce.
+
+Reason200 = Annotated[str, Field(max_length=200)]
+
+
+class OperatorRequest(Message):
+    """Fields every operator request carries: the signer's key, a single-use nonce, a time."""
+
+    operator_alg: AlgName
+    operator_pk: Key
+    nonce: Nonce
+    issued_at: float
+
+
+class RoundStart(OperatorRequest):
+    """Operator → coordinator: run ``rounds`` rounds with these parameters (bounded by the
+    coordinator's ``operator.*`` and ``fl.min_updates`` settings)."""
 
     TYPE: ClassVar[str] = "round.start"
     rounds: Annotated[int, Field(ge=1, le=10_000)]
-    min_updates: Annotated[int, Field(ge=1)]
-    deadline_seconds: Annotated[float, Field(gt=0)]
-    expected: list[DeviceId] = []
-    epochs: int = 1
-    lr: float = 0.1
-    batch_size: int = 16
+    min_updates: Annotated[int, Field(ge=1, le=100_000)]
+    deadline_seconds: Annotated[float, Field(gt=0, le=7 * 86400)]
+    expected: Annotated[list[DeviceId], Field(max_length=100_000)] = []
+    epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.1
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 16
 
 
 class RoundStarted(Message):
+    """Coordinator → operator, signed: the plan runs rounds ``round_id`` .. ``last_round_id``."""
+
     TYPE: ClassVar[str] = "round.started"
+    request_nonce: Nonce
     round_id: int
+    last_round_id: int
+
+
+class RoundCancel(OperatorRequest):
+    """Operator → coordinator: stop the running plan; the open round closes as cancelled."""
+
+    TYPE: ClassVar[str] = "round.cancel"
+    reason: Reason200 = "operator"
+
+
+class RoundCancelled(Message):
+    """Coordinator → operator, signed: which round was stopped and how many never ran."""
+
+    TYPE: ClassVar[str] = "round.cancelled"
+    request_nonce: Nonce
+    round_id: int | None = None
+    skipped: int = 0
+
+
+class RoundListRequest(OperatorRequest):
+    """Operator → coordinator: the latest rounds, newest first."""
+
+    TYPE: ClassVar[str] = "round.list.request"
+    limit: Annotated[int, Field(ge=1, le=1000)] = 20
+
+
+class RoundStatusRequest(OperatorRequest):
+    """Operator → coordinator: one round (the latest when ``round_id`` is None) and the plan."""
+
+    TYPE: ClassVar[str] = "round.status.request"
+    round_id: Annotated[int, Field(ge=1)] | None = None
+
+
+class RoundInfo(Message):
+    """One round as the coordinator recorded it (from its plan and the enclave's events)."""
+
+    TYPE: ClassVar[str] = "round.info"
+    round_id: int
+    status: str  # open | completed | failed | cancelled | stalled
+    opened_at: float
+    deadline: float
+    min_updates: int
+    expected: int
+    closed_at: float | None = None
+    accepted: int | None = None
+    rejected: dict[str, int] = {}
+    accuracy: float | None = None
+    version: int | None = None
+    reason: str | None = None
+
+
+class RoundPlan(Message):
+    """The plan being run: its first and last round ids."""
+
+    TYPE: ClassVar[str] = "round.plan"
+    first_round_id: int
+    last_round_id: int
+
+
+class RoundTable(Message):
+    """Coordinator → operator, signed: rounds (newest first) and the running plan, if any."""
+
+    TYPE: ClassVar[str] = "round.table"
+    request_nonce: Nonce
+    rounds: list[RoundInfo] = []
+    plan: RoundPlan | None = None
+
+
+class TokenCreate(OperatorRequest):
+    """Operator → coordinator: a one-time enrollment token, sealed to ``reply_kem_pk``."""
+
+    TYPE: ClassVar[str] = "token.create"
+    device_id: DeviceId
+    ttl_seconds: Annotated[float, Field(gt=0)]
+    reply_kem_alg: AlgName
+    reply_kem_pk: Key
+
+
+class TokenCreated(Message):
+    """Coordinator → operator, signed: the token, sealed to the request's KEM key (the
+    request nonce is the associated data), so only the operator reads it."""
+
+    TYPE: ClassVar[str] = "token.created"
+    request_nonce: Nonce
+    device_id: DeviceId
+    sealed_token: Blob
+    expires_at: float
+    coordinator_fingerprint: Fingerprint
+
+
+class DeviceListRequest(OperatorRequest):
+    """Operator → coordinator: the enrolled devices, optionally by status."""
+
+    TYPE: ClassVar[str] = "device.list.request"
+    status: Literal["active", "revoked"] | None = None
+
+
+class DeviceInfo(Message):
+    """One enrolled device, public parts only."""
+
+    TYPE: ClassVar[str] = "device.info"
+    device_id: DeviceId
+    status: str
+    sig_alg: AlgName
+    sig_fp: Fingerprint
+    kem_alg: AlgName
+    kem_fp: Fingerprint
+    enrolled_at: float
+    rotated_at: float | None = None
+    revoked_at: float | None = None
+
+
+class DeviceTable(Message):
+    """Coordinator → operator, signed: the devices asked for."""
+
+    TYPE: ClassVar[str] = "device.table"
+    request_nonce: Nonce
+    devices: list[DeviceInfo] = []
+
+
+class DeviceRevoke(OperatorRequest):
+    """Operator → coordinator: revoke this device at once (registry, enclave, broker user)."""
+
+    TYPE: ClassVar[str] = "device.revoke"
+    device_id: DeviceId
+    reason: Reason200 = "operator"
+
+
+class DeviceRevoked(Message):
+    """Coordinator → operator, signed: the device is revoked."""
+
+    TYPE: ClassVar[str] = "device.revoked"
+    request_nonce: Nonce
+    device_id: DeviceId
+    revoked_at: float
 
 
 class Revocation(Message):
@@ -343,7 +508,7 @@ class RoundResult(Message):
     rejected: dict[str, int] = {}
     accuracy: float | None = None
     seconds: float
-    status: str  # "completed" | "failed"
+    status: str  # "completed" | "failed" | "cancelled"
 
 
 class GlobalModel(Message):
@@ -376,8 +541,16 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SessionRequest, SessionGrant, SessionAccept, SessionCall, StatusRequest, StatusReply,
     KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
     AttestationReport, AttestRequest, AttestAccept,
-    RoundSpec, RoundOpen, RoundStart, RoundStarted, Revocation,
+    RoundSpec, RoundOpen, RoundAbort, Revocation,
+    RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
+    RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
+    DeviceRevoked,
     UpdateHeader, Update, RoundResult, GlobalModel, Event,
 )
 BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
 assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"
+
+#: Every request the coordinator accepts on its operator queue, each inside Signed.
+OPERATOR_REQUESTS: tuple[type[OperatorRequest], ...] = (
+    RoundStart, RoundCancel, RoundListRequest, RoundStatusRequest, TokenCreate, DeviceListRequest, DeviceRevoke,
+)

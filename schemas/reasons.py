@@ -40,6 +40,8 @@ class Reason(StrEnum):
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
+    NOT_OPERATOR = "not_operator"
+    NO_ROUND = "no_round"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
 
@@ -75,6 +77,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NON_FINITE: "NaN or infinity in the update",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
+    Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",
+    Reason.NO_ROUND: "no such round, or no round plan is running",
     Reason.TIMEOUT: "no reply in time",
     Reason.INTERNAL: "a bug on the receiving side; the message was dead-lettered",
 }

@@ -11,8 +11,9 @@ from common.settings import Settings
 from coordinator.service import Coordinator
 from edge_agent import client
 from enclave_worker.service import Enclave
+from ops.operator_client import OperatorClient, init_operator
 from schemas.codec import CodecError, decode
-from schemas.messages import Event
+from schemas.messages import Event, RoundStart, RoundStarted
 
 
 class EventLog:
@@ -50,9 +51,31 @@ class EventLog:
             await asyncio.sleep(0.02)
 
 
+def with_operator(settings: Settings) -> Settings:
+    """``settings`` whose coordinator pins the operator key under its state directory (made
+    on first use, as ``qflare operator init`` does)."""
+    operator, _ = init_operator(settings)
+    if operator.sig_fp in settings.operator.pinned_fingerprints:
+        return settings
+    pinned = [*settings.operator.pinned_fingerprints, operator.sig_fp]
+    return settings.model_copy(update={"operator": settings.operator.model_copy(
+        update={"pinned_fingerprints": pinned})})
+
+
+async def operator_call(settings: Settings, request_type, reply_type, **fields):
+    """One signed operator request over the broker, as the CLI sends it; the verified reply."""
+    async with OperatorClient(with_operator(settings)) as op:
+        return await op.call(request_type, reply_type, **fields)
+
+
+async def start_rounds(settings: Settings, **fields) -> RoundStarted:
+    return await operator_call(settings, RoundStart, RoundStarted, **fields)
+
+
 @contextlib.asynccontextmanager
 async def coordinator(settings: Settings) -> AsyncIterator[Coordinator]:
-    c = Coordinator(settings)
+    """A running coordinator that pins this test's operator key (``coord.settings`` has it)."""
+    c = Coordinator(with_operator(settings))
     await c.start()
     try:
         yield c

@@ -25,8 +25,12 @@ pytestmark = pytest.mark.broker
 class Shell:
     def __init__(self, amqp_url: str, state: Path) -> None:
         self.env = {**os.environ, "QFLARE_AMQP_URL": amqp_url, "QFLARE_STATE_DIR": str(state),
-                    "QFLARE_BROKER__NAMESPACE": "c" + uuid.uuid4().hex[:10]}
+                    "QFLARE_BROKER__NAMESPACE": "c" + uuid.uuid4().hex[:10],
+                    "QFLARE_OPERATOR__KEY_DIR": str(state.parent / "operator-key")}
         self.procs: list[subprocess.Popen] = []
+        # the operator key, pinned by every coordinator this shell starts
+        self.operator_fp = self.json("operator", "init")["fingerprint"]
+        self.env["QFLARE_OPERATOR__PINNED_FINGERPRINTS"] = json.dumps([self.operator_fp])
 
     def run(self, *args: str, ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         res = subprocess.run([sys.executable, "-m", "ops.cli", *args], env={**self.env, **(env or {})},
@@ -152,6 +156,7 @@ def test_demo_json_shows_rounds_and_rejected_attackers(sh):
 
 
 def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
+    sh.env["QFLARE_FL__MIN_UPDATES"] = "1"  # a one-device fleet
     sh.start("coordinator", "run")
     sh.wait_for_coordinator()
     sh.start("enclave", "run")
@@ -163,7 +168,8 @@ def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
     registry = Path(sh.env["QFLARE_STATE_DIR"]) / "registry.sqlite3"
     _poll(lambda: _meta(registry, META_ENCLAVE_REPORT) is not None, 30)
     # no wait for the agent: a device that joins late reads the open round from the models stream
-    sh.run("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-3")
+    started = sh.json("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-3")
+    assert started == {"first_round_id": 1, "last_round_id": 1}
     end = time.time() + 60
     status = []
     while time.time() < end:
@@ -265,3 +271,57 @@ async def main():
     await b.close()
 asyncio.run(main())
 """
+
+
+def test_an_operator_on_another_host_runs_rounds_tokens_and_devices_over_the_broker(sh, tmp_path):
+    """Operator commands need the operator key and the broker only: no registry file, no
+    coordinator key beside them; replies are checked against the pinned coordinator."""
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    coordinator_fp = sh.json("coordinator", "fingerprint")["coordinator_fingerprint"]
+    remote = {"QFLARE_STATE_DIR": str(tmp_path / "laptop"), "QFLARE_OPERATOR__COORDINATOR_FINGERPRINT": coordinator_fp}
+
+    def op(*args: str, ok: bool = True):
+        res = sh.run(*args, ok=ok, env=remote)
+        return json.loads(res.stdout) if ok and "--json" in args else res
+
+    tokens = [op("token", "create", "--device-id", f"cam-{i}", "--json") for i in range(2)]
+    assert all(t["coordinator_fingerprint"] == coordinator_fp for t in tokens)
+    for i, t in enumerate(tokens):
+        sh.run("agent", "enroll", "--device-id", f"cam-{i}", "--token", t["token"],
+               "--coordinator-fingerprint", coordinator_fp)
+    assert [d["device_id"] for d in op("device", "list", "--json")] == ["cam-0", "cam-1"]
+    assert not (tmp_path / "laptop" / "registry.sqlite3").exists()
+    started = op("round", "start", "--rounds", "3", "--deadline", "600", "--device", "cam-0", "--device", "cam-1",
+                 "--json")
+    assert started == {"first_round_id": 1, "last_round_id": 3}
+    status = op("round", "status", "--json")
+    assert status["rounds"][0]["status"] == "open" and status["plan"] == {"first_round_id": 1, "last_round_id": 3}
+    assert op("round", "cancel", "--json")["skipped"] == 2
+    listed = op("round", "list", "--json")
+    assert [(r["round_id"], r["status"]) for r in listed["rounds"]] == [(1, "cancelled")] and listed["plan"] is None
+    op("device", "revoke", "cam-1")
+    assert {d["device_id"]: d["status"] for d in op("device", "list", "--json")}["cam-1"] == "revoked"
+    # bounds and bad input: one line each, never a traceback
+    too_many = op("round", "start", "--rounds", "100000", "--device", "cam-0", ok=False)
+    assert too_many.returncode != 0 and "invalid_field" in too_many.stderr
+    negative = op("round", "start", "--rounds", "-1", ok=False)
+    assert negative.returncode == 2
+    ghost = op("round", "start", "--rounds", "1", "--min-updates", "2", "--device", "cam-0", "--device", "ghost",
+               ok=False)
+    assert "not_enrolled" in ghost.stderr
+    # a coordinator other than the pinned one: its replies are refused
+    wrong = sh.run("device", "list", ok=False, env={**remote, "QFLARE_OPERATOR__COORDINATOR_FINGERPRINT": "ab" * 32})
+    assert wrong.returncode != 0 and "bad_signature" in wrong.stderr
+    # a host without the operator key is told how to make one
+    keyless = sh.run("device", "list", ok=False, env={**remote, "QFLARE_OPERATOR__KEY_DIR": str(tmp_path / "none")})
+    assert keyless.returncode != 0 and "qflare operator init" in " ".join(keyless.stderr.split())
+
+
+def test_an_operator_key_not_pinned_by_the_coordinator_is_refused(sh, tmp_path):
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    other = {"QFLARE_OPERATOR__KEY_DIR": str(tmp_path / "intruder")}
+    sh.run("operator", "init", env=other)
+    refused = sh.run("round", "list", ok=False, env=other)
+    assert refused.returncode != 0 and "not_operator" in refused.stderr

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from coordinator.registry import Registry, RegistryError
+from coordinator.registry import MIGRATIONS, Registry, RegistryError
 from pqc.identity import Identity
 
 IDENT = Identity.generate("ML-DSA-44", "ML-KEM-768")
@@ -67,7 +67,7 @@ def test_state_survives_reopening_and_migrations_are_idempotent(tmp_path):
     enroll(reg, "d0")
     reg.close()
     reg = Registry(path)
-    assert reg.schema_version == 1
+    assert reg.schema_version == len(MIGRATIONS)
     assert reg.get_device("d0").sig_fp == IDENT.sig_fp
     assert reg.consume_token(token, "d1") == "ok"
 
@@ -108,3 +108,15 @@ def test_audit_log_is_append_only(tmp_path):
     for sql in ("DELETE FROM audit", "UPDATE audit SET action='x'"):
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             reg.db.execute(sql)
+
+
+def test_rounds_are_recorded_and_their_first_outcome_stays(tmp_path):
+    reg = Registry(str(tmp_path / "r.sqlite3"))
+    reg.record_round_opened(1, deadline=100.0, min_updates=2, expected=3, now=10.0)
+    reg.record_round_opened(1, deadline=999.0, min_updates=9, expected=9)  # reopened after a restart
+    assert reg.record_round_closed(1, "completed", accepted=3, rejected={"norm_bound": 1}, accuracy=0.9, version=1)
+    assert not reg.record_round_closed(1, "cancelled")
+    r = reg.get_round(1)
+    assert (r.status, r.deadline, r.accepted, r.rejected, r.version) == ("completed", 100.0, 3, {"norm_bound": 1}, 1)
+    reg.record_round_opened(2, deadline=200.0, min_updates=2, expected=0)
+    assert [x.round_id for x in reg.list_rounds(5)] == [2, 1] and reg.get_round(3) is None

@@ -20,7 +20,7 @@ from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import RoundOpen, RoundSpec, Update
 from tests.conftest import wait_for
-from tests.services import EventLog, coordinator, enclave, enrolled
+from tests.services import EventLog, coordinator, enclave, enrolled, start_rounds
 
 pytestmark = pytest.mark.broker
 
@@ -235,15 +235,11 @@ async def test_enclave_report_from_an_untrusted_platform_is_refused(broker, sett
 
 async def test_a_round_no_enclave_closes_is_reported_stalled(broker, settings, monkeypatch):
     import coordinator.service as svc
-    from schemas.messages import RoundStart, RoundStarted
-    from schemas.names import Names
 
     monkeypatch.setattr(svc, "ROUND_GRACE_SECONDS", 0.5)
     async with coordinator(settings):
         events = await EventLog.bind(broker, "round.*")
-        rpc = await broker.rpc()
-        await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY,
-                       RoundStart(rounds=3, min_updates=1, deadline_seconds=0.5), RoundStarted, 5)
+        await start_rounds(settings, rounds=3, min_updates=settings.fl.min_updates, deadline_seconds=0.5)
         stalled = await events.wait("round.stalled", timeout=10)
         assert stalled[0].round_id == 1 and stalled[0].reason == "no_enclave" and stalled[0].detail["remaining"] == 2
 
@@ -252,9 +248,8 @@ async def test_rounds_carry_on_after_a_coordinator_restart(broker, settings, tmp
     from common.data import device_shard as shard
     from edge_agent.fleet import Fleet, Member
     from edge_agent.outbox import Outbox
-    from schemas.messages import RoundStart, RoundStarted
-    from schemas.names import Names
 
+    settings = settings.model_copy(update={"fl": settings.fl.model_copy(update={"min_updates": 1})})
     async with enclave_after_coordinator(settings) as enc_holder:
         events = await EventLog.bind(broker, "round.completed")
         async with coordinator(settings) as coord:
@@ -263,10 +258,7 @@ async def test_rounds_carry_on_after_a_coordinator_restart(broker, settings, tmp
             fleet = Fleet(broker, Outbox(tmp_path / "o.sqlite3"))
             fleet.add(Member(dev, *shard(0, 2)))
             await fleet.listen()
-            rpc = await broker.rpc()
-            await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY,
-                           RoundStart(rounds=3, min_updates=1, deadline_seconds=30, expected=["steady"]),
-                           RoundStarted, 5)
+            await start_rounds(settings, rounds=3, min_updates=1, deadline_seconds=30, expected=["steady"])
             await events.wait("round.completed", 1, timeout=30)
         # the coordinator is down between rounds; a new one resumes the plan
         async with coordinator(settings):
