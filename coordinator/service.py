@@ -478,7 +478,9 @@ class Coordinator:
         try:
             req, first = self._stored_plan()  # type: ignore[misc]
             spec = decode(current, RoundSpec)
-            check_round_start(req, self.settings, self.device_status)
+            # the bounds again; expected devices were checked at start (one revoked since only
+            # stops sending, which its round's deadline bounds)
+            check_round_start(req, self.settings, lambda _device: "active")
             if spec.deadline - time.time() > self.settings.operator.max_deadline_seconds:
                 raise QflareError(Reason.INVALID_FIELD, "the open round's deadline is past operator.max_deadline_seconds")
         except (QflareError, KeyError, TypeError, ValueError) as exc:

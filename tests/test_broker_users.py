@@ -95,6 +95,7 @@ async def test_a_device_user_cannot_publish_for_another_device_or_to_control(set
         assert await refused(publish(names.control_exchange, Names.ENCLAVE_CONTROL_KEY))
         assert await refused(publish(names.events_exchange, "round.completed"))
         assert await refused(publish(names.dlx, "x"))
+        assert await refused(publish(names.operator_exchange, Names.OPERATOR_KEY))  # no operator requests
 
         async def consume(queue: str) -> None:
             ch = await conn.channel()
@@ -102,7 +103,7 @@ async def test_a_device_user_cannot_publish_for_another_device_or_to_control(set
             await q.consume(ignore)
 
         for queue in (names.updates_queue, names.coordinator_queue, names.enclave_control_queue,
-                      names.dead_letter_queue):
+                      names.dead_letter_queue, names.operator_queue):
             assert await refused(consume(queue)), queue
     finally:
         await conn.close()
