@@ -141,6 +141,9 @@ class Coordinator:
         await self._event(f"{kind}.rejected.{err.reason.value}", device_id=device_id, reason=err.reason.value,
                           detail_text=err.detail[:200])
         self.registry.audit("coordinator", f"{kind}.rejected", device_id=device_id, reason=err.reason.value)
+        log.log(logging.DEBUG if err.reason == Reason.RATE_LIMITED else logging.WARNING,  # no log flood
+                "%s refused%s: %s %s", kind, f" for {device_id}" if device_id else "", err.reason.value,
+                err.detail[:200])
         return err
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -162,8 +165,10 @@ class Coordinator:
         if not self.operator_desk.pinned:
             log.warning("no operator key is pinned (operator.pinned_fingerprints): every operator request "
                         "will be refused; make one with `qflare operator init`")
-        log.info("coordinator ready: signature key %s, %d pinned operator key(s)", self.identity.sig_fp,
-                 len(self.operator_desk.pinned))
+        log.info("coordinator started: namespace %s, signature key %s, KEM key %s (%s), %d pinned operator key(s), "
+                 "registry %s, metrics port %s", b.names.namespace, self.identity.sig_fp, self.identity.kem_fp,
+                 self.identity.kem_alg, len(self.operator_desk.pinned), self.settings.registry_file,
+                 self.settings.metrics_port or "off")
 
     async def _on_round_event(self, message) -> None:
         try:
@@ -172,6 +177,8 @@ class Coordinator:
             return
         if ev.round_id is not None:
             self._record_round_end(ev)
+            log.info("round %d %s%s", ev.round_id, ev.type.removeprefix("round."),
+                     "".join(f", {k} {v}" for k, v in ev.detail.items()))
         await self._round_done.put(ev)
 
     def _record_round_end(self, ev: Event) -> None:
@@ -509,6 +516,9 @@ class Coordinator:
             await self.broker.publisher.publish(self.broker.names.control_exchange, "enclave",
                                                 self._sign(RoundOpen(spec=spec, issued_at=time.time())))
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
+            log.info("round %d opened (plan %d..%d): deadline in %.0f s, min_updates %d, %s", round_id, first,
+                     first + req.rounds - 1, spec.deadline - time.time(), spec.min_updates,
+                     f"{len(spec.expected)} expected device(s)" if spec.expected else "any device")
             wait = max(0.0, spec.deadline - time.time()) + ROUND_GRACE_SECONDS
             if not await self._wait_round(round_id, wait):
                 # No enclave closed the round: say so and stop, rather than wait forever.

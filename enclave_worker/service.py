@@ -145,7 +145,9 @@ class Enclave:
         await consume(b.channel, b.publisher, b.names.updates_queue, self._on_update, expected=Update,
                       max_bytes=mb)
         log.warning(SIMULATED_WARNING, self.platform_dir)
-        log.info("enclave ready: measurement %s, KEM key %s", self.code[:16], self.identity.kem_fp[:16])
+        log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
+                 "metrics port %s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
+                 self.identity.sig_fp, self.version, self.settings.metrics_port or "off")
 
     async def _attest(self, timeout: float) -> None:
         """Register the attestation report with the coordinator, retrying until it answers."""
@@ -220,6 +222,7 @@ class Enclave:
         await self._resume(spec)
         await self.broker.publisher.event("round.opened", round_id=spec.round_id, deadline=spec.deadline,
                                           min_updates=spec.min_updates, expected=len(spec.expected))
+        log.info("round %d opened on model version %d", spec.round_id, self.version)
 
     async def _abort_round(self, abort: RoundAbort) -> None:
         """Close a round as ``cancelled`` at the coordinator's signed word (an operator

@@ -98,7 +98,8 @@ async def _plaintext(broker: BrokerClient, bodies: list[bytes]) -> float:
 
 
 async def _one(base: Settings, d: int, k: int) -> dict:
-    state = Path(tempfile.mkdtemp(prefix="qflare-bench-round-"))
+    root = Path(tempfile.mkdtemp(prefix="qflare-bench-round-"))
+    state = root / "state"  # its simulated platform key goes beside it, in root, and goes with it
     settings = _settings(base, state)
     rng = np.random.default_rng(0)
     coord = Coordinator(settings)
@@ -191,7 +192,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
             await delete_topology(ch, devices_broker.names)
             await devices_broker.close()
         await coord.stop()
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 async def run_bench(base: Settings, quick: bool = False) -> dict:

@@ -55,11 +55,15 @@ _state: dict[str, Any] = {"config": None}
 
 @app.callback()
 def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML settings file (or QFLARE_CONFIG)."),
-         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do.")) -> None:
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do."),
+         log_format: str = typer.Option("text", "--log-format", help="text, or json: one object per line.")) -> None:
+    from ops.logformat import configure
+
+    if log_format not in ("text", "json"):
+        raise fail(f"--log-format is text or json, not {log_format!r}", 2)
     _state["config"] = config
     tune_allocator()
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure(logging.INFO if verbose else logging.WARNING, log_format)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -204,7 +208,9 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
 def coordinator_run() -> None:
     """Serve enrollment, sessions, attestation and rounds until interrupted."""
     from coordinator.service import run as serve
+    from ops.logformat import services_say_what_they_do
 
+    services_say_what_they_do()
     run(serve(settings()))
 
 
@@ -222,7 +228,9 @@ def coordinator_rotate_keys() -> None:
 def enclave_run() -> None:
     """Attest to the coordinator, then verify, filter and aggregate updates until interrupted."""
     from enclave_worker.service import run as serve
+    from ops.logformat import services_say_what_they_do
 
+    services_say_what_they_do()
     run(serve(settings()))
 
 
@@ -498,13 +506,22 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          deadline: float | None = typer.Option(None, help="Seconds a round waits (default fl.deadline_seconds)."),
          aggregator: str | None = typer.Option(None, help="fedavg | median | trimmed_mean | multi_krum."),
          partition: str | None = typer.Option(None, help="iid | dirichlet (non-IID, fl.dirichlet_alpha)."),
+         namespace: str | None = typer.Option(None, help="Broker namespace to run in (default: a new demo-<hex>)."),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
+    from common.settings import BrokerSettings
     from common.training import ATTACKS
-    from ops.demo import run_demo
+    from ops.demo import new_namespace, run_demo
 
     if attack not in ATTACKS:
         raise fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}", 2)
+    try:
+        ns = BrokerSettings(namespace=namespace or new_namespace()).namespace
+    except ValidationError:
+        raise fail(f"--namespace {namespace!r}: 1-41 characters of a-z 0-9 _ -, starting with a letter or digit",
+                   2) from None
+    err_console.print(f"demo namespace: {ns} (follow it: QFLARE_BROKER__NAMESPACE={ns} qflare events)",
+                      highlight=False, markup=False, soft_wrap=True)
     s = settings()
     overrides = {k: v for k, v in (("aggregator", aggregator), ("partition", partition)) if v is not None}
     if overrides:
@@ -515,7 +532,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
             raise fail(f"--{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})", 2) from None
     if json_out:
         report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
-                              deadline=deadline))
+                              deadline=deadline, namespace=ns))
         print_json(report.as_json())
         return
     with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -529,7 +546,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
             bar.update(tasks[stage], completed=done, total=total)
 
         report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
-                              deadline=deadline, progress=progress))
+                              deadline=deadline, progress=progress, namespace=ns))
     console.print(f"{report.devices} devices enrolled through the real protocol in {report.enroll_seconds:.2f}s"
                   + (f"; malicious ({report.attack}): {', '.join(report.malicious)}" if report.malicious else ""))
     t = Table("round", "status", "accuracy", "accepted", "rejected (reason: count)", "seconds",

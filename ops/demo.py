@@ -48,9 +48,11 @@ class DemoReport:
     attack: str | None
     rounds: list[RoundRow] = field(default_factory=list)
     enroll_seconds: float = 0.0
+    namespace: str = ""
 
     def as_json(self) -> dict:
-        return {"devices": self.devices, "malicious": self.malicious, "attack": self.attack,
+        return {"namespace": self.namespace, "devices": self.devices, "malicious": self.malicious,
+                "attack": self.attack,
                 "enroll_seconds": round(self.enroll_seconds, 3),
                 "rounds": [{"round": r.round, "status": r.status, "accuracy": r.accuracy, "accepted": r.accepted,
                             "rejected": r.rejected, "seconds": round(r.seconds, 3)} for r in self.rounds]}
@@ -63,6 +65,10 @@ def parse_rejected(text: str | None) -> dict[str, int]:
             k, v = part.split("=", 1)
             out[k] = int(v)
     return out
+
+
+def new_namespace() -> str:
+    return f"demo-{uuid.uuid4().hex[:8]}"
 
 
 def demo_operator(settings: Settings, devices: int, rounds: int, deadline: float | None = None) -> Settings:
@@ -85,10 +91,13 @@ def malicious_ids(device_ids: list[str], fraction: float) -> list[str]:
 
 async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, malicious: float = 0.0,
                    attack: str = "sign-flip", deadline: float | None = None,
-                   progress: Callable[[str, int, int], None] | None = None, keep_state: bool = False) -> DemoReport:
-    """Run the demo in a fresh namespace and state directory; clean both up afterwards."""
-    state = Path(tempfile.mkdtemp(prefix="qflare-demo-"))
-    ns = f"demo-{uuid.uuid4().hex[:8]}"
+                   progress: Callable[[str, int, int], None] | None = None, keep_state: bool = False,
+                   namespace: str | None = None) -> DemoReport:
+    """Run the demo in a fresh state directory and namespace (``namespace``, else a new
+    ``demo-<hex>``); clean both up afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="qflare-demo-"))
+    state = root / "state"  # the simulated platform key goes beside it (state-platform), under root
+    ns = namespace or new_namespace()
     settings = settings.model_copy(update={
         "state_dir": state, "registry_path": None,
         "broker": settings.broker.model_copy(update={"namespace": ns}),
@@ -98,7 +107,7 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
     say = progress or (lambda *_: None)
     ids = [f"device-{i:04d}" for i in range(devices)]
     bad = malicious_ids(ids, malicious)
-    report = DemoReport(devices, bad, attack if bad else None)
+    report = DemoReport(devices, bad, attack if bad else None, namespace=ns)
     fl = settings.fl
     coordinator = Coordinator(settings)
     enclave = Enclave(settings)
@@ -180,4 +189,4 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
             await delete_topology(ch, fleet_broker.names)
             await fleet_broker.close()
         if not keep_state:
-            shutil.rmtree(state, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)

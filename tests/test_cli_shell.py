@@ -149,8 +149,9 @@ def test_bad_input_gives_one_clear_line(sh, tmp_path):
 
 
 def test_demo_json_shows_rounds_and_rejected_attackers(sh):
-    out = json.loads(sh.run("demo", "--devices", "10", "--rounds", "2", "--malicious", "0.2", "--attack", "scale",
-                            "--json").stdout)
+    res = sh.run("demo", "--devices", "10", "--rounds", "2", "--malicious", "0.2", "--attack", "scale", "--json")
+    out = json.loads(res.stdout)
+    assert out["namespace"].startswith("demo-") and f"demo namespace: {out['namespace']}" in res.stderr
     assert [set(r) >= {"round", "accuracy", "accepted", "rejected", "seconds"} for r in out["rounds"]] == [True] * 2
     assert all(r["accepted"] == 8 and sum(r["rejected"].values()) == 2 for r in out["rounds"])
 
@@ -325,3 +326,22 @@ def test_an_operator_key_not_pinned_by_the_coordinator_is_refused(sh, tmp_path):
     sh.run("operator", "init", env=other)
     refused = sh.run("round", "list", ok=False, env=other)
     assert refused.returncode != 0 and "not_operator" in refused.stderr
+
+
+def test_services_log_their_start_rounds_and_faults_as_json_lines(sh):
+    coord = sh.start("--log-format", "json", "coordinator", "run")
+    sh.wait_for_coordinator()
+    bad = sh.run("agent", "enroll", "--device-id", "cam-j", "--token", "nope", "--coordinator-fingerprint",
+                 sh.json("coordinator", "fingerprint")["coordinator_fingerprint"], ok=False)
+    assert "token_unknown" in bad.stderr
+    sh.json("round", "start", "--rounds", "1", "--deadline", "600")
+    sh.run("round", "cancel")
+    sh.stop(coord)
+    lines = [json.loads(line) for line in coord.stderr.read().splitlines() if line.startswith("{")]
+    messages = [(r["logger"], r["level"], r["message"]) for r in lines]
+    start = next(m for lg, _, m in messages if m.startswith("coordinator started"))
+    assert sh.env["QFLARE_BROKER__NAMESPACE"] in start and "1 pinned operator key" in start
+    assert any(lvl == "warning" and "enrollment refused for cam-j: token_unknown" in m for _, lvl, m in messages)
+    assert any(m.startswith("round 1 opened") for _, _, m in messages)
+    assert any("round plan cancelled at round 1" in m for _, _, m in messages)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in lines)
