@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from broker.connection import connect
 from broker.messaging import Publisher, RpcClient
+from broker.principals import url_user
 from broker.topology import declare_topology
 from common.settings import Settings
 from schemas.names import Names
@@ -23,6 +25,7 @@ class BrokerClient:
     names: Names
     client_id: str = "qflare"
     _rpc: RpcClient | None = field(default=None, repr=False)
+    _rpc_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @classmethod
     async def open(cls, settings: Settings, name: str = "qflare", *, declare: bool = True,
@@ -37,16 +40,19 @@ class BrokerClient:
         await channel.set_qos(prefetch_count=settings.broker.prefetch)
         names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
         events = await conn.channel(publisher_confirms=False)
-        return cls(settings, conn, channel, Publisher(channel, names, events), names,
-                   client_id or f"{name}-{secrets.token_hex(4)}")
+        publisher = Publisher(channel, names, events, dead_letter_body_bytes=settings.broker.dead_letter_body_bytes,
+                              user_id=url_user(settings.amqp_url))
+        return cls(settings, conn, channel, publisher, names, client_id or f"{name}-{secrets.token_hex(4)}")
 
     def private_queue(self, purpose: str) -> str:
         return self.names.private_queue(self.client_id, purpose, secrets.token_hex(6))
 
     async def rpc(self) -> RpcClient:
-        if self._rpc is None:
-            self._rpc = await RpcClient(self.channel, self.publisher,
-                                        self.settings.broker.max_message_bytes).start(self.private_queue("rpc"))
+        """The client's one RPC client (a channel has one direct reply-to consumer)."""
+        async with self._rpc_lock:
+            if self._rpc is None:
+                self._rpc = await RpcClient(self.channel, self.publisher,
+                                            self.settings.broker.max_message_bytes).start()
         return self._rpc
 
     async def close(self) -> None:

@@ -11,6 +11,7 @@ import ssl
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from broker.principals import refuse_remote_guest
 from common.settings import Settings
 
 
@@ -38,7 +39,13 @@ def redact(url: str) -> str:
 
 
 async def connect(settings: Settings, *, name: str = "qflare", timeout: float = 5.0) -> AbstractRobustConnection:
-    """Open a robust connection, or raise :class:`BrokerUnavailable` with a clear reason."""
+    """Open a robust connection, or raise :class:`BrokerUnavailable` with a clear reason.
+
+    ``guest`` is refused for a broker on another host (one line saying how to provision users).
+    """
+    refusal = refuse_remote_guest(settings.amqp_url)
+    if refusal is not None:
+        raise BrokerUnavailable(refusal)
     try:
         return await aio_pika.connect_robust(
             settings.amqp_url, ssl_context=tls_context(settings), timeout=timeout,

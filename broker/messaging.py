@@ -21,8 +21,8 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from common.metrics import DEAD_LETTERED, HANDLED
 from pqc.errors import QflareCryptoError
 from schemas.codec import CodecError, decode, encode
-from schemas.messages import ErrorReply, Event, Message, Scalar
-from schemas.names import DETAIL_HEADER, REASON_HEADER, Names
+from schemas.messages import ERROR_DETAIL_MAX, ErrorReply, Event, Message, Scalar
+from schemas.names import BODY_BYTES_HEADER, DETAIL_HEADER, DIRECT_REPLY_TO, REASON_HEADER, Names
 from schemas.reasons import QflareError, Reason, as_qflare_error
 
 log = logging.getLogger("qflare.broker")
@@ -36,17 +36,21 @@ TRANSIENT = (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidSt
 DEFERRED = object()
 
 Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[object]]
-RpcHandler = Callable[[Message], Awaitable[Message]]
+#: Handles a request; the second argument is the sender's broker-verified user (``user_id``).
+RpcHandler = Callable[[Message, str], Awaitable[Message]]
 
 
 class Publisher:
     """Publishes encoded messages and waits for the broker's confirm of each one."""
 
     def __init__(self, channel: AbstractChannel, names: Names,
-                 events_channel: AbstractChannel | None = None) -> None:
+                 events_channel: AbstractChannel | None = None, *, dead_letter_body_bytes: int = 4096,
+                 user_id: str | None = None) -> None:
+        self.user_id = user_id  # the connection's user: RabbitMQ refuses any other
         self.channel = channel
         self.names = names
         self.events_channel = events_channel
+        self.dead_letter_body_bytes = dead_letter_body_bytes
         self._exchanges: dict[str, AbstractExchange] = {}
         self._events_exchange: AbstractExchange | None = None
 
@@ -67,7 +71,7 @@ class Publisher:
         body = msg if isinstance(msg, bytes) else encode(msg)
         message = aio_pika.Message(
             body, headers=headers or {}, message_id=message_id, correlation_id=correlation_id,
-            reply_to=reply_to, content_type="application/msgpack",
+            reply_to=reply_to, content_type="application/msgpack", user_id=self.user_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         ex = await self.exchange(exchange)
@@ -76,6 +80,7 @@ class Publisher:
     async def event(self, type_: str, *, device_id: str | None = None, round_id: int | None = None,
                     reason: str | None = None, **detail: Scalar) -> None:
         """Emit an event on the events topic exchange (routing key = event type)."""
+        detail = {k: v[:ERROR_DETAIL_MAX] if isinstance(v, str) else v for k, v in detail.items()}
         ev = Event(type=type_, at=time.time(), device_id=device_id, round_id=round_id,
                    reason=reason, detail=detail)
         if self.events_channel is None:
@@ -86,14 +91,21 @@ class Publisher:
         if self._events_exchange is None:
             self._events_exchange = await self.events_channel.get_exchange(self.names.events_exchange, ensure=False)
         await self._events_exchange.publish(
-            aio_pika.Message(encode(ev), content_type="application/msgpack"), type_, mandatory=False)
+            aio_pika.Message(encode(ev), content_type="application/msgpack", user_id=self.user_id), type_,
+            mandatory=False)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str,
                           detail: str) -> None:
-        """Copy ``message`` to the dead-letter exchange with its reason, then ack it."""
+        """Copy ``message`` to the dead-letter exchange with its reason, then ack it.
+
+        The body is cut to ``dead_letter_body_bytes`` (its full size is a header): a sender of
+        junk cannot fill the broker's disk through the dead-letter queue.
+        """
+        body = bytes(message.body)
         headers = dict(message.headers or {})
-        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:512], "x-qflare-queue": queue})
-        await self.publish(self.names.dlx, queue, bytes(message.body), headers=headers,
+        headers.update({REASON_HEADER: reason, DETAIL_HEADER: detail[:512], "x-qflare-queue": queue,
+                        BODY_BYTES_HEADER: len(body)})
+        await self.publish(self.names.dlx, queue, body[:self.dead_letter_body_bytes], headers=headers,
                            message_id=message.message_id)
         DEAD_LETTERED.labels(queue, reason).inc()
         log.warning("dead-lettered a message from %s: %s %s", queue, reason, detail)
@@ -149,45 +161,68 @@ async def consume(
     return queue
 
 
+def reply_address(message: AbstractIncomingMessage) -> str | None:
+    """Where a request may be answered: only a direct reply-to address, which the broker
+    made for the requesting channel. Anything else (the models stream, another namespace's
+    queue) would let a requester make a service write into a queue of its choosing."""
+    to = message.reply_to or ""
+    return to if to.startswith(DIRECT_REPLY_TO + ".") else None
+
+
 async def serve_rpc(
     channel: AbstractChannel, publisher: Publisher, queue_name: str, handler: RpcHandler, *,
     expected: tuple[type[Message], ...], max_bytes: int,
 ) -> AbstractQueue:
-    """Answer requests on ``queue_name``: a reply message, or a typed :class:`ErrorReply`."""
+    """Answer requests on ``queue_name``: a reply message, or a typed :class:`ErrorReply`.
+
+    A request without a direct reply-to address, or without the ``user_id`` property (set by
+    every :class:`Publisher`, verified by RabbitMQ), is dead-lettered unhandled; the handler
+    gets that user as the sender (:mod:`broker.principals` checks its role).
+    """
 
     async def reply(message: AbstractIncomingMessage, answer: Message) -> None:
-        if message.reply_to:
-            await publisher.publish("", message.reply_to, answer, correlation_id=message.correlation_id,
-                                    persistent=False)
+        to = reply_address(message)
+        if to is not None:
+            await publisher.publish("", to, answer, correlation_id=message.correlation_id, persistent=False)
 
     async def on_request(msg: Message, message: AbstractIncomingMessage) -> None:
+        if reply_address(message) is None:
+            raise QflareError(Reason.INVALID_FIELD, f"reply_to must be {DIRECT_REPLY_TO}, got {message.reply_to!r:.80}")
+        if not message.user_id:
+            raise QflareError(Reason.FORBIDDEN, "request without a user_id (the broker verifies it)")
         try:
-            answer = await handler(msg)
+            answer = await handler(msg, message.user_id)
         except (QflareError, QflareCryptoError) as exc:
             err = as_qflare_error(exc)
-            answer = ErrorReply(reason=err.reason, detail=err.detail)
+            answer = ErrorReply(reason=err.reason, detail=err.detail[:ERROR_DETAIL_MAX])
         await reply(message, answer)
 
     async def on_reject(message: AbstractIncomingMessage, err: QflareError) -> None:
-        await reply(message, ErrorReply(reason=err.reason, detail=err.detail))
+        await reply(message, ErrorReply(reason=err.reason, detail=err.detail[:ERROR_DETAIL_MAX]))
 
     return await consume(channel, publisher, queue_name, on_request, expected=expected,
                          max_bytes=max_bytes, on_reject=on_reject)
 
 
 class RpcClient:
-    """Request/reply over an exclusive reply queue, with correlation ids and timeouts."""
+    """Request/reply over RabbitMQ direct reply-to, with correlation ids and timeouts.
+
+    Replies come to the ``amq.rabbitmq.reply-to`` pseudo-queue of the publishing channel:
+    no reply queue to declare (a confined user needs no permission for it) and none a
+    service could be pointed at instead.
+    """
 
     def __init__(self, channel: AbstractChannel, publisher: Publisher, max_bytes: int) -> None:
+        assert publisher.channel is channel, "direct reply-to answers the channel that published"
         self.channel = channel
         self.publisher = publisher
         self.max_bytes = max_bytes
         self._pending: dict[str, asyncio.Future[bytes]] = {}
         self._queue: AbstractQueue | None = None
 
-    async def start(self, queue_name: str = "") -> RpcClient:
-        """Declare the exclusive reply queue (server-named unless ``queue_name`` is given)."""
-        self._queue = await self.channel.declare_queue(queue_name, exclusive=True, auto_delete=True)
+    async def start(self) -> RpcClient:
+        """Consume the channel's direct reply-to pseudo-queue (no-ack, as the broker requires)."""
+        self._queue = await self.channel.declare_queue(DIRECT_REPLY_TO, passive=True)
         await self._queue.consume(self._on_reply, no_ack=True)
         return self
 
@@ -205,7 +240,7 @@ class RpcClient:
         self._pending[cid] = fut
         try:
             await self.publisher.publish(exchange, routing_key, request, correlation_id=cid,
-                                         reply_to=self._queue.name, persistent=False)
+                                         reply_to=DIRECT_REPLY_TO, persistent=False)
             body = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise QflareError(Reason.TIMEOUT, f"no reply to {request.TYPE} within {timeout:g}s") from None
@@ -222,4 +257,4 @@ class RpcClient:
         return answer
 
 
-__all__ = ["TRANSIENT", "CodecError", "Publisher", "RpcClient", "consume", "serve_rpc"]
+__all__ = ["TRANSIENT", "CodecError", "Publisher", "RpcClient", "consume", "reply_address", "serve_rpc"]

@@ -20,6 +20,17 @@ def _dead_lettered(names: Names) -> dict[str, object]:
     return {"x-dead-letter-exchange": names.dlx}
 
 
+def dead_letter_arguments(settings: Settings) -> dict[str, object]:
+    """The dead-letter queue is bounded in bytes (oldest dropped) and in age.
+
+    Quorum queue arguments cannot change: a broker holding the queue with other arguments
+    refuses the declaration (PRECONDITION_FAILED; docs/operations.md says how to upgrade).
+    """
+    b = settings.broker
+    return {"x-queue-type": "quorum", "x-max-length-bytes": b.dead_letter_max_bytes, "x-overflow": "drop-head",
+            "x-message-ttl": int(b.dead_letter_ttl_seconds * 1000)}
+
+
 async def declare_topology(channel: AbstractChannel, settings: Settings) -> Names:
     """Declare exchanges, queues and bindings; safe to call from every process at start."""
     names = Names(settings.broker.namespace)
@@ -37,7 +48,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
         ex[name] = await channel.declare_exchange(name, kind, durable=True)
 
     dlq = await channel.declare_queue(names.dead_letter_queue, durable=True,
-                                      arguments={"x-queue-type": "quorum"})
+                                      arguments=dead_letter_arguments(settings))
     await dlq.bind(ex[names.dlx])
 
     quorum = {"x-queue-type": "quorum", "x-delivery-limit": limit, **_dead_lettered(names)}

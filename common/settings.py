@@ -40,15 +40,48 @@ def _canonical(name: str, kind: type[KemId | SigId]) -> str:
     return canon
 
 
+MIB = 1024 * 1024
+
+
+class BrokerRoles(BaseModel):
+    """Which broker users play which role (docs/security.md, Broker identities).
+
+    Empty: the namespace's own user for the role (``Names.service_user``), or ``guest`` when
+    the AMQP URL itself is guest on loopback (the demo and the tests).
+    """
+
+    coordinator: list[str] = []
+    enclave: list[str] = []
+    operator: list[str] = []
+
+
 class BrokerSettings(BaseModel):
     namespace: str = Field("qflare", pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
+    #: RabbitMQ management API; default: the AMQP host, port 15672, https when amqps.
+    #: Credentials may be given in the URL; else the AMQP URL's are used.
+    management_url: str | None = Field(None, pattern=r"^https?://")
+    roles: BrokerRoles = BrokerRoles()
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     prefetch: int = Field(32, ge=1, le=10_000)
     rpc_timeout: float = Field(15.0, gt=0)
     delivery_limit: int = Field(5, ge=1, le=1000)
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=4096, le=128 * 1024 * 1024)
+    max_message_bytes: int = Field(16 * MIB, ge=4096, le=128 * MIB)
+    #: The dead-letter queue keeps at most this many bytes (oldest dropped first) ...
+    dead_letter_max_bytes: int = Field(64 * MIB, ge=MIB)
+    #: ... for at most this long.
+    dead_letter_ttl_seconds: float = Field(7 * 86400.0, gt=0)
+    #: A dead-lettered body is cut to this many bytes (headers and reason are kept whole).
+    dead_letter_body_bytes: int = Field(4096, ge=0, le=MIB)
+    #: Policy on every client queue of the namespace (``<ns>.client.*``): bytes held, ...
+    client_queue_max_bytes: int = Field(64 * MIB, ge=MIB)
+    #: ... and how long an unused one lives.
+    client_queue_expires_seconds: float = Field(3600.0, gt=0)
+    #: ``qflare broker setup`` caps the vhost's queues (a vhost of the deployment's own; null: no cap).
+    vhost_max_queues: int | None = Field(None, ge=16)
+    #: Connections one device's broker user may hold at once.
+    device_max_connections: int = Field(4, ge=1, le=1000)
 
 
 class CryptoSettings(BaseModel):

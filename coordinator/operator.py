@@ -1,7 +1,8 @@
 """The operator plane: signed operator requests in, coordinator-signed replies out.
 
 Requests arrive as ``Signed(<request>)`` on the operator queue (``Names.operator_queue``),
-which only operator broker users can write. Checks run cheapest first, and nothing acts
+which only operator broker users can write, and are refused unless their broker-verified
+``user_id`` is one of ``broker.roles.operator``. Checks run cheapest first, and nothing acts
 before all of them passed: the signer's key is pinned (``operator.pinned_fingerprints``),
 the signature verifies, ``issued_at`` is inside the freshness window, the nonce was never
 seen (the registry remembers it), and every field is within the settings' bounds. Each
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pqc
+from broker.principals import require_role
 from common import handshake
 from common.settings import Settings
 from coordinator.registry import Device, RoundRecord
@@ -124,9 +126,13 @@ class OperatorDesk:
         self.coord = coord
         self.pinned = set(coord.settings.operator.pinned_fingerprints)
 
-    async def handle(self, signed: Signed) -> Signed:
-        """Authenticate, check, act; the reply is signed by the coordinator."""
+    async def handle(self, signed: Signed, caller: str | None = None) -> Signed:
+        """Authenticate, check, act; the reply is signed by the coordinator.
+
+        First of all, the broker-verified sender must be an operator broker user (broker.roles).
+        """
         try:
+            require_role(self.coord.settings, "operator", caller)
             req = authenticate(signed, self.pinned, self.coord.settings.crypto.freshness_seconds, time.time())
             if not self.coord.registry.remember_nonce(
                     req.nonce, window_seconds=self.coord.settings.crypto.freshness_seconds * 2):

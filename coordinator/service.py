@@ -20,6 +20,7 @@ import msgpack
 import pqc
 from broker.client import BrokerClient
 from broker.messaging import serve_rpc
+from broker.principals import limit_key, require_device, require_role
 from common import handshake, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
@@ -79,6 +80,9 @@ META_PLAN = "round_plan"  # the running RoundStart and its first round id, until
 META_CURRENT = "round_current"  # the spec of the round last opened
 #: Events that end a round (the enclave's; the coordinator records them and moves on).
 ROUND_END_EVENTS = ("round.completed", "round.failed", "round.cancelled")
+#: Requests only a broker user playing this role may send (broker.roles; docs/security.md);
+#: every operator request, on its own queue, is checked by coordinator/operator.py.
+ROLE_OF: dict[type[Message], tuple[str, str]] = {AttestRequest: ("enclave", "attestation")}
 #: How long past a round's deadline the coordinator waits for the enclave to close it.
 ROUND_GRACE_SECONDS = 60.0
 
@@ -114,6 +118,7 @@ class Coordinator:
         self.session_limits = RateLimiter(rl.session_per_device_per_s, rl.session_per_device_burst,
                                           rl.global_per_s, rl.global_burst)
         self.broker: BrokerClient | None = None
+        self.broker_names = Names(settings.broker.namespace)
         #: Live sessions' keys, in memory only: after a restart devices open new sessions.
         self.sessions: dict[str, LiveSession] = {}
         self._rounds_task: asyncio.Task | None = None
@@ -199,11 +204,25 @@ class Coordinator:
 
     # --- dispatch ------------------------------------------------------------------------
 
-    async def handle(self, msg: Message) -> Message:
-        """Route a request to its handler (``REQUESTS`` lists what the queue accepts)."""
+    async def handle(self, msg: Message, caller: str | None = None) -> Message:
+        """Route a request to its handler (``REQUESTS`` lists what the queue accepts).
+
+        ``caller`` is the sender's broker-verified user: a role's requests come only from that
+        role's users, and rate limits are keyed by it.
+        """
+        if type(msg) in ROLE_OF:
+            role, kind = ROLE_OF[type(msg)]
+            try:
+                require_role(self.settings, role, caller)
+            except QflareError as err:
+                raise await self._refuse(kind, err, None) from None
+        if isinstance(msg, EnrollRequest):
+            return await self.enroll(msg, caller)
+        if isinstance(msg, Signed):
+            return await self.open_session(msg, caller)
         handlers = {
-            Ping: self.ping, KeysRequest: self.keys, EnrollRequest: self.enroll, Signed: self.open_session,
-            RotationRequest: self.rotate, AttestRequest: self.admit_enclave, SessionCall: self.session_call,
+            Ping: self.ping, KeysRequest: self.keys, RotationRequest: self.rotate, AttestRequest: self.admit_enclave,
+            SessionCall: self.session_call,
         }
         return await handlers[type(msg)](msg)
 
@@ -215,14 +234,15 @@ class Coordinator:
 
     # --- enrollment (docs/architecture.md step 2) ---------------------------------------------------
 
-    async def enroll(self, req: EnrollRequest) -> Signed:
+    async def enroll(self, req: EnrollRequest, caller: str | None = None) -> Signed:
         try:
-            return await self._enroll(req)
+            return await self._enroll(req, caller)
         except QflareError as err:
             raise await self._refuse("enrollment", err, req.device_id) from None
 
-    async def _enroll(self, req: EnrollRequest) -> Signed:
-        if not self.enroll_limits.allow(req.device_id, time.monotonic()):
+    async def _enroll(self, req: EnrollRequest, caller: str | None) -> Signed:
+        require_device(self.broker_names, caller, req.device_id)
+        if not self.enroll_limits.allow(limit_key(caller, req.device_id), time.monotonic()):
             raise QflareError(Reason.RATE_LIMITED, "too many enrollment requests")
         if req.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "sealed to a key this coordinator does not hold")
@@ -268,20 +288,21 @@ class Coordinator:
 
     # --- sessions (step 3) ---------------------------------------------------------------
 
-    async def open_session(self, signed: Signed) -> SessionAccept:
+    async def open_session(self, signed: Signed, caller: str | None = None) -> SessionAccept:
         device_id = None
         try:
             req = signing.unverified(signed, SessionRequest)
             device_id = req.device_id
-            return await self._open_session(signed, req)
+            return await self._open_session(signed, req, caller)
         except CodecError as err:
             raise await self._refuse("session", err, device_id) from None
         except QflareError as err:
             raise await self._refuse("session", err, device_id) from None
 
-    async def _open_session(self, signed: Signed, req: SessionRequest) -> SessionAccept:
+    async def _open_session(self, signed: Signed, req: SessionRequest, caller: str | None) -> SessionAccept:
         now = time.time()
-        if not self.session_limits.allow(req.device_id, time.monotonic()):
+        require_device(self.broker_names, caller, req.device_id)
+        if not self.session_limits.allow(limit_key(caller, req.device_id), time.monotonic()):
             raise QflareError(Reason.RATE_LIMITED, "too many session requests")
         device = self.registry.get_device(req.device_id)
         if device is None:
@@ -616,7 +637,7 @@ def _drop_broker_user(settings: Settings, device_id: str) -> None:
     from broker.users import BrokerAdminError, ManagementApi, delete_device_user
 
     try:
-        delete_device_user(ManagementApi.from_amqp_url(settings.amqp_url), device_id)
+        delete_device_user(ManagementApi.from_settings(settings), Names(settings.broker.namespace), device_id)
     except BrokerAdminError:
         pass  # no such user, or no management API: the registry and enclave still refuse it
 

@@ -59,7 +59,7 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int) -> d
                                   sealed=pqc.seal(keys.kem_alg, keys.kem_pk, body, handshake.enroll_aad(claim.device_id))))
     t0 = time.perf_counter()
     for r in reqs:
-        await coord.enroll(r)
+        await coord.enroll(r, "bench")  # a shared (non-device) broker user, as in the simulator
     enroll_s = n / (time.perf_counter() - t0)
     eph = pqc.get_kem(kem)
     sess = []
@@ -71,7 +71,7 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int) -> d
             sess.append(signing.sign(req, ident.sig_alg, ident.sig_sk, ident.sig_pk))
     t0 = time.perf_counter()
     for s in sess:
-        await coord.open_session(s)
+        await coord.open_session(s, "bench")
     return {"enroll_per_s": enroll_s, "session_per_s": len(sess) / (time.perf_counter() - t0)}
 
 

@@ -35,7 +35,7 @@ enclave_app = typer.Typer(help="The enclave worker (simulated TEE).", no_args_is
 agent_app = typer.Typer(help="The edge agent: enroll, open a session, train and send updates.",
                         no_args_is_help=True)
 round_app = typer.Typer(help="Federated rounds.", no_args_is_help=True)
-broker_app = typer.Typer(help="The broker: check it, watch queue depths.", no_args_is_help=True)
+broker_app = typer.Typer(help="The broker: provision it, check it, watch queue depths.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (figures go to docs/benchmarks.md).", no_args_is_help=True)
 for sub, name in ((token_app, "token"), (device_app, "device"), (coordinator_app, "coordinator"),
                   (enclave_app, "enclave"), (agent_app, "agent"), (round_app, "round"), (broker_app, "broker"),
@@ -173,32 +173,34 @@ def device_show(device_id: str, json_out: bool = typer.Option(False, "--json")) 
 
 @device_app.command("broker-user")
 def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--delete", help="Remove the user."),
+                       rotate: bool = typer.Option(False, "--rotate", help="Give an existing user a new password."),
+                       force: bool = typer.Option(False, "--force", help="Replace a same-named user's permissions."),
                        json_out: bool = typer.Option(False, "--json")) -> None:
-    """Create (or reset) a broker user confined to this device's routing key and queues."""
+    """Create a broker user confined to this device's routing key and queues (never silently replaced)."""
     import secrets as _secrets
-    from urllib.parse import urlsplit, urlunsplit
 
-    from broker.users import BrokerAdminError, ManagementApi, create_device_user, delete_device_user
+    from broker.users import BrokerAdminError, ManagementApi, amqp_url_for, create_device_user, delete_device_user, vhost_of
     from schemas.names import Names
 
     s = settings()
-    api = ManagementApi.from_amqp_url(s.amqp_url)
+    api, names = ManagementApi.from_settings(s), Names(s.broker.namespace)
+    user = names.device_user(device_id)
     try:
         if delete:
-            delete_device_user(api, device_id)
-            console.print(f"broker user of {device_id} deleted")
+            delete_device_user(api, names, device_id)
+            console.print(f"broker user {user} deleted")
             return
-        password = _secrets.token_urlsafe(24)
-        user = create_device_user(api, Names(s.broker.namespace), device_id, password)
+        password = create_device_user(api, names, device_id, _secrets.token_urlsafe(24), vhost_of(s.amqp_url),
+                                      rotate=rotate, force=force, max_connections=s.broker.device_max_connections)
     except BrokerAdminError as exc:
         raise fail(str(exc)) from None
-    u = urlsplit(s.amqp_url)
-    url = urlunsplit((u.scheme, f"{user}:{password}@{u.hostname}:{u.port or 5672}", u.path or "/", "", ""))
+    url = amqp_url_for(s.amqp_url, user, password) if password else None
     if json_out:
         print_json({"device_id": device_id, "user": user, "amqp_url": url})
+    elif url is None:
+        console.print(f"broker user {user} exists with these permissions; unchanged (--rotate for a new password)")
     else:
-        console.print(f"broker user {user} created; give the device (once, privately):\n"
-                      f"  QFLARE_AMQP_URL={url}")
+        console.print(f"broker user {user} ready; give the device (once, privately):\n  QFLARE_AMQP_URL={url}")
 
 
 # --- services ----------------------------------------------------------------------------
@@ -388,6 +390,41 @@ def broker_check(json_out: bool = typer.Option(False, "--json")) -> None:
                       f"{'answers in %s ms' % out['rpc_ms'] if out['coordinator'] else 'not running'}")
 
 
+@broker_app.command("setup")
+def broker_setup(rotate: bool = typer.Option(False, "--rotate", help="New passwords for existing users."),
+                 force: bool = typer.Option(False, "--force", help="Replace same-named users' permissions."),
+                 json_out: bool = typer.Option(False, "--json")) -> None:
+    """Provision the namespace (run with the broker's admin credentials): topology, the coordinator's,
+    enclave's and operator's users with least privilege, client queue policies, the vhost queue cap."""
+    import secrets as _secrets
+
+    from broker.client import BrokerClient
+    from broker.users import BrokerAdminError, ManagementApi, amqp_url_for, provision_services
+
+    s = settings()
+
+    async def declare():
+        async with await BrokerClient.open(s, name="qflare-setup"):
+            pass
+
+    run(declare())
+    try:
+        made = provision_services(ManagementApi.from_settings(s), s, lambda: _secrets.token_urlsafe(24),
+                                  rotate=rotate, force=force)
+    except BrokerAdminError as exc:
+        raise fail(str(exc)) from None
+    urls = {user: amqp_url_for(s.amqp_url, user, pw) if pw else None for user, pw in made.items()}
+    if json_out:
+        print_json({"namespace": s.broker.namespace, "users": urls})
+        return
+    console.print(f"namespace {s.broker.namespace}: topology declared, client queue policies set")
+    for user, url in urls.items():
+        console.print(f"  {user}: " + (f"QFLARE_AMQP_URL={url}" if url else "exists, unchanged (--rotate for a new password)"))
+    if any(urls.values()):
+        console.print("Give each URL (once, privately) to the process of that role; devices get theirs from "
+                      "`qflare device broker-user D`.")
+
+
 @broker_app.command("status")
 def broker_status(json_out: bool = typer.Option(False, "--json")) -> None:
     """Queue depths and consumers: what an operator watches."""
@@ -424,7 +461,7 @@ def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="H
     """Show dead-lettered messages with their queue and reason (left in place unless --purge)."""
     from broker.client import BrokerClient
     from schemas.codec import peek_type
-    from schemas.names import DETAIL_HEADER, REASON_HEADER
+    from schemas.names import BODY_BYTES_HEADER, DETAIL_HEADER, REASON_HEADER
 
     s = settings()
 
@@ -440,7 +477,8 @@ def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="H
                     break
                 h = m.headers or {}
                 rows.append({"queue": h.get("x-qflare-queue"), "reason": h.get(REASON_HEADER),
-                             "detail": h.get(DETAIL_HEADER), "type": peek_type(bytes(m.body)), "bytes": len(m.body)})
+                             "detail": h.get(DETAIL_HEADER), "type": peek_type(bytes(m.body)),
+                             "bytes": h.get(BODY_BYTES_HEADER, len(m.body))})
                 held.append(m)
             for m in held:
                 await (m.ack() if purge else m.nack(requeue=True))

@@ -18,7 +18,19 @@ Nonce = Annotated[bytes, Field(min_length=16, max_length=64)]
 Key = Annotated[bytes, Field(min_length=1, max_length=65_536)]
 Blob = Annotated[bytes, Field(max_length=256 * 1024 * 1024)]
 Fingerprint = Annotated[str, Field(min_length=8, max_length=128)]
+#: An encoded message carried inside another (a signed grant, report, claim): far above
+#: any real one (~10 KiB), far below the broker's message limit.
+Encoded = Annotated[bytes, Field(max_length=1024 * 1024)]
+Digest = Annotated[bytes, Field(max_length=64)]
+Label = Annotated[str, Field(max_length=64)]  # reason codes, statuses, service names
+#: Longest human-readable detail (error replies, event values); longer ones are cut.
+ERROR_DETAIL_MAX = 1024
+Detail = Annotated[str, Field(max_length=ERROR_DETAIL_MAX)]
+Measurement = Annotated[str, Field(min_length=16, max_length=128)]
+#: Most device ids one round may name.
+MAX_EXPECTED = 100_000
 Scalar = str | int | float | bool | None
+BoundedScalar = Detail | int | float | bool | None
 
 
 class Message(BaseModel):
@@ -42,20 +54,20 @@ class ErrorReply(Message):
     """Typed failure answer to any request: a reason code, never a traceback."""
 
     TYPE: ClassVar[str] = "error"
-    reason: str
-    detail: str = ""
+    reason: Label
+    detail: Detail = ""
 
 
 class Ping(Message):
     TYPE: ClassVar[str] = "ping"
-    nonce: bytes = b""
+    nonce: Digest = b""
 
 
 class Pong(Message):
     TYPE: ClassVar[str] = "pong"
-    nonce: bytes = b""
-    service: str
-    version: str
+    nonce: Digest = b""
+    service: Label
+    version: Label
 
 
 # --- enrollment (docs/architecture.md protocol step 2) -------------------------------------------
@@ -98,7 +110,7 @@ class EnrollAccept(Message):
     sig_fp: Fingerprint
     coordinator_sig_alg: AlgName
     coordinator_sig_pk: Key
-    enclave_report: bytes | None = None
+    enclave_report: Encoded | None = None
 
 
 # --- sessions (step 3) -----------------------------------------------------------------
@@ -131,8 +143,8 @@ class SessionGrant(Message):
     sig_fp: Fingerprint
     issued_at: float
     not_after: float
-    transcript: bytes
-    enclave_digest: bytes | None = None
+    transcript: Digest
+    enclave_digest: Digest | None = None
 
 
 class SessionAccept(Message):
@@ -146,8 +158,8 @@ class SessionAccept(Message):
     session_id: Annotated[str, Field(min_length=8, max_length=64)]
     ciphertext: Key
     nonce: Nonce
-    grant: bytes  # Signed(SessionGrant)
-    enclave_report: bytes | None = None
+    grant: Encoded  # Signed(SessionGrant)
+    enclave_report: Encoded | None = None
 
 
 class SessionCall(Message):
@@ -172,7 +184,7 @@ class StatusRequest(Message):
 class StatusReply(Message):
     TYPE: ClassVar[str] = "device.status"
     device_id: DeviceId
-    status: str
+    status: Label
     session_not_after: float
     last_round_id: int
     enclave_kem_fp: Fingerprint | None = None
@@ -193,8 +205,8 @@ class KeyRotation(Message):
 
 class RotationRequest(Message):
     TYPE: ClassVar[str] = "device.rotate.request"
-    claim: bytes  # Signed(KeyRotation) by the old key
-    new_key_proof: bytes  # Signed(KeyRotation) by the new key
+    claim: Encoded  # Signed(KeyRotation) by the old key
+    new_key_proof: Encoded  # Signed(KeyRotation) by the new key
 
 
 class RotationAccept(Message):
@@ -228,8 +240,8 @@ class KeyChain(Message):
     key can walk to the current one."""
 
     TYPE: ClassVar[str] = "coordinator.keychain"
-    current: bytes
-    rotations: list[bytes] = []
+    current: Encoded
+    rotations: Annotated[list[Encoded], Field(max_length=1000)] = []
 
 
 # --- attestation (step 6) --------------------------------------------------------------
@@ -239,7 +251,7 @@ class AttestationReport(Message):
     """Signed by the (simulated) platform key: which code holds which keys."""
 
     TYPE: ClassVar[str] = "attestation.report"
-    measurement: Annotated[str, Field(min_length=16, max_length=128)]
+    measurement: Measurement
     kem_alg: AlgName
     kem_pk: Key
     sig_alg: AlgName
@@ -250,14 +262,14 @@ class AttestationReport(Message):
 
 class AttestRequest(Message):
     TYPE: ClassVar[str] = "attest.request"
-    report: bytes  # Signed(AttestationReport)
+    report: Encoded  # Signed(AttestationReport)
     platform_pk: Key
     platform_alg: AlgName
 
 
 class AttestAccept(Message):
     TYPE: ClassVar[str] = "attest.accept"
-    measurement: str
+    measurement: Measurement
     coordinator_sig_alg: AlgName
     coordinator_sig_pk: Key
 
@@ -270,7 +282,7 @@ class RoundSpec(Message):
     round_id: Annotated[int, Field(ge=1)]
     deadline: float
     min_updates: Annotated[int, Field(ge=1)]
-    expected: list[DeviceId] = []
+    expected: Annotated[list[DeviceId], Field(max_length=MAX_EXPECTED)] = []
     epochs: Annotated[int, Field(ge=1, le=100)]
     lr: Annotated[float, Field(gt=0, le=10)]
     batch_size: Annotated[int, Field(ge=1, le=100_000)]
@@ -318,7 +330,7 @@ class RoundStart(OperatorRequest):
     rounds: Annotated[int, Field(ge=1, le=10_000)]
     min_updates: Annotated[int, Field(ge=1, le=100_000)]
     deadline_seconds: Annotated[float, Field(gt=0, le=7 * 86400)]
-    expected: Annotated[list[DeviceId], Field(max_length=100_000)] = []
+    expected: Annotated[list[DeviceId], Field(max_length=MAX_EXPECTED)] = []
     epochs: Annotated[int, Field(ge=1, le=100)] = 1
     lr: Annotated[float, Field(gt=0, le=10)] = 0.1
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 16
@@ -368,17 +380,17 @@ class RoundInfo(Message):
 
     TYPE: ClassVar[str] = "round.info"
     round_id: int
-    status: str  # open | completed | failed | cancelled | stalled
+    status: Label  # open | completed | failed | cancelled | stalled
     opened_at: float
     deadline: float
     min_updates: int
     expected: int
     closed_at: float | None = None
     accepted: int | None = None
-    rejected: dict[str, int] = {}
+    rejected: Annotated[dict[Label, int], Field(max_length=256)] = {}
     accuracy: float | None = None
     version: int | None = None
-    reason: str | None = None
+    reason: Detail | None = None  # a failure's reason code, or the operator's cancel reason
 
 
 class RoundPlan(Message):
@@ -394,7 +406,7 @@ class RoundTable(Message):
 
     TYPE: ClassVar[str] = "round.table"
     request_nonce: Nonce
-    rounds: list[RoundInfo] = []
+    rounds: Annotated[list[RoundInfo], Field(max_length=1000)] = []  # RoundListRequest.limit
     plan: RoundPlan | None = None
 
 
@@ -432,7 +444,7 @@ class DeviceInfo(Message):
 
     TYPE: ClassVar[str] = "device.info"
     device_id: DeviceId
-    status: str
+    status: Label
     sig_alg: AlgName
     sig_fp: Fingerprint
     kem_alg: AlgName
@@ -447,7 +459,7 @@ class DeviceTable(Message):
 
     TYPE: ClassVar[str] = "device.table"
     request_nonce: Nonce
-    devices: list[DeviceInfo] = []
+    devices: Annotated[list[DeviceInfo], Field(max_length=MAX_EXPECTED)] = []
 
 
 class DeviceRevoke(OperatorRequest):
@@ -480,7 +492,7 @@ class UpdateHeader(Message):
 
     TYPE: ClassVar[str] = "update.header"
     device_id: DeviceId
-    grant: bytes  # Signed(SessionGrant)
+    grant: Encoded  # Signed(SessionGrant)
     round_id: Annotated[int, Field(ge=1)]
     update_id: Annotated[str, Field(min_length=8, max_length=64)]
     base_version: Annotated[int, Field(ge=0)]
@@ -495,7 +507,7 @@ class Update(Message):
     """A sealed model delta, signed by the device over ``header`` ‖ ``sealed``."""
 
     TYPE: ClassVar[str] = "update"
-    header: bytes
+    header: Encoded
     sealed: Blob
     sig_alg: AlgName
     signature: Key
@@ -505,10 +517,10 @@ class RoundResult(Message):
     TYPE: ClassVar[str] = "round.result"
     round_id: int
     accepted: int
-    rejected: dict[str, int] = {}
+    rejected: Annotated[dict[Label, int], Field(max_length=256)] = {}
     accuracy: float | None = None
     seconds: float
-    status: str  # "completed" | "failed" | "cancelled"
+    status: Label  # "completed" | "failed" | "cancelled"
 
 
 class GlobalModel(Message):
@@ -529,10 +541,10 @@ class Event(Message):
     TYPE: ClassVar[str] = "event"
     type: Annotated[str, Field(min_length=1, max_length=128)]
     at: float
-    device_id: str | None = None
+    device_id: Annotated[str, Field(max_length=128)] | None = None
     round_id: int | None = None
-    reason: str | None = None
-    detail: dict[str, Scalar] = {}
+    reason: Label | None = None
+    detail: Annotated[dict[Label, BoundedScalar], Field(max_length=64)] = {}
 
 
 ALL_MESSAGES: tuple[type[Message], ...] = (

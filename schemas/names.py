@@ -6,12 +6,17 @@ tests) can share one broker without touching each other's topology.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 #: Header carrying the codec's reason when a message is dead-lettered.
 REASON_HEADER = "x-qflare-reason"
 #: Header carrying the human-readable detail of that reason.
 DETAIL_HEADER = "x-qflare-detail"
+#: Header carrying a dead-lettered body's size before it was cut.
+BODY_BYTES_HEADER = "x-qflare-body-bytes"
+#: RabbitMQ's direct reply-to pseudo-queue: the only address RPC replies go to.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,20 @@ class Names:
     def dead_letter_queue(self) -> str:
         return self._n("dead-letters")
 
+    @property
+    def topology_exchanges(self) -> tuple[str, ...]:
+        """Every exchange of the namespace (the operator's included)."""
+        return (self.rpc_exchange, self.updates_exchange, self.models_exchange, self.events_exchange, self.dlx,
+                self.control_exchange, self.operator_exchange)
+
+    @property
+    def topology_queues(self) -> tuple[str, ...]:
+        """Every durable queue of the namespace (the operator queue included)."""
+        return (self.coordinator_queue, self.operator_queue, self.updates_queue, self.enclave_control_queue,
+                self.models_stream, self.dead_letter_queue)
+
     def private_queue(self, client_id: str, purpose: str, suffix: str) -> str:
-        """An exclusive queue a client declares for itself (RPC replies, model feed).
+        """An exclusive queue a client declares for itself (its model feed, its events).
 
         Prefixed by the client id so a per-device broker user can be allowed exactly its own
         queues (see :func:`broker.users.device_permissions`).
@@ -96,7 +113,34 @@ class Names:
         return self.client_queues_prefix(client_id) + f"{purpose}.{suffix}"
 
     def client_queues_prefix(self, client_id: str) -> str:
-        return self._n(f"client.{client_id}.")
+        """``<ns>.client.<id>:``, ending in a character no device id contains, so device
+        ``D``'s prefix never covers device ``D.x``'s queues."""
+        return self._n(f"client.{client_id}:")
+
+    @property
+    def client_queues_pattern(self) -> str:
+        """Regex of every client queue of this namespace (the client queue policies')."""
+        return "^" + re.escape(self._n("client."))
+
+    @property
+    def client_queues_policy(self) -> str:
+        """Policy bounding classic and quorum client queues (bytes, idle expiry)."""
+        return self._n("client-queues")
+
+    @property
+    def client_streams_policy(self) -> str:
+        """Policy bounding any stream a client declares (streams ignore a policy with ``expires``)."""
+        return self._n("client-streams")
+
+    # broker users (docs/security.md, Broker identities)
+    def service_user(self, role: str) -> str:
+        """``qflare.<ns>.<role>`` for the coordinator, enclave and operator."""
+        return f"qflare.{self._n(role)}"
+
+    def device_user(self, device_id: str) -> str:
+        """``qflare.<ns>.device.<id>``: a namespace has no dot, a role is not ``device``,
+        so no device id names a service user or another namespace's user."""
+        return f"qflare.{self._n('device')}.{device_id}"
 
     # routing keys
     @staticmethod

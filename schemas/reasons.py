@@ -43,6 +43,7 @@ class Reason(StrEnum):
     NOT_OPERATOR = "not_operator"
     NO_ROUND = "no_round"
     TIMEOUT = "timeout"
+    FORBIDDEN = "forbidden"
     INTERNAL = "internal"
 
 
@@ -80,6 +81,7 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",
     Reason.NO_ROUND: "no such round, or no round plan is running",
     Reason.TIMEOUT: "no reply in time",
+    Reason.FORBIDDEN: "the broker-verified user that sent it may not: another role's request, or another device's id",
     Reason.INTERNAL: "a bug on the receiving side; the message was dead-lettered",
 }
 assert set(DESCRIPTIONS) == set(Reason), "every reason needs a description"

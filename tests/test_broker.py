@@ -93,7 +93,8 @@ async def test_handler_errors_dead_letter_and_do_not_stop_the_consumer(broker):
 
 
 async def test_rpc_round_trip_and_typed_errors(broker):
-    async def handler(msg):
+    async def handler(msg, caller):
+        assert caller == "guest"  # the broker-verified user_id of the request
         if msg.nonce == b"bad":
             raise QflareError(Reason.RATE_LIMITED, "slow down")
         return Pong(nonce=msg.nonce, service="test", version="1")

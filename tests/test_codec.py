@@ -102,3 +102,38 @@ def test_arbitrary_bytes_never_raise_anything_but_codec_error(raw):
 
 def test_every_message_type_is_registered_once():
     assert all(cls.TYPE == t for t, cls in BY_TYPE.items())
+
+
+def _unbounded(tp: object, meta: list[object], where: str) -> list[str]:
+    """Every str/bytes/list/dict reachable in ``tp`` that has no maximum length."""
+    import types
+    import typing
+
+    from annotated_types import MaxLen
+    from pydantic.fields import FieldInfo
+
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, *extra = typing.get_args(tp)
+        more = [m for x in extra for m in (x.metadata if isinstance(x, FieldInfo) else [x])]
+        return _unbounded(base, [*meta, *more], where)
+    if origin in (typing.Union, types.UnionType):
+        return [p for arg in typing.get_args(tp) for p in _unbounded(arg, list(meta), where)]
+    bounded = any(isinstance(m, MaxLen) for m in meta)
+    if tp in (str, bytes):
+        return [] if bounded else [where]
+    if origin in (list, tuple, set, frozenset, dict):
+        inner = [p for i, arg in enumerate(typing.get_args(tp)) for p in _unbounded(arg, [], f"{where}[{i}]")]
+        return inner + ([] if bounded else [where])
+    return []
+
+
+def test_every_variable_length_field_of_every_message_is_bounded():
+    """A peer cannot make a service hold, echo or store an unbounded field (a 1 MiB Ping.nonce)."""
+    missing = [p for cls in BY_TYPE.values() for name, f in cls.model_fields.items()
+               for p in _unbounded(f.annotation, list(f.metadata), f"{cls.__name__}.{name}")]
+    assert missing == [], f"fields without a max_length: {missing}"
+    assert _unbounded(str, [], "x") == ["x"]  # the walker itself finds an unbounded field
+    with pytest.raises(CodecError) as exc:
+        decode(msgpack.packb({"v": WIRE_VERSION, "t": "ping", "b": {"nonce": b"\0" * (1024 * 1024)}}))
+    assert exc.value.reason == Reason.INVALID_FIELD
