@@ -179,7 +179,14 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
     """Create a broker user confined to this device's routing key and queues (never silently replaced)."""
     import secrets as _secrets
 
-    from broker.users import BrokerAdminError, ManagementApi, amqp_url_for, create_device_user, delete_device_user, vhost_of
+    from broker.users import (
+        BrokerAdminError,
+        ManagementApi,
+        amqp_url_for,
+        create_device_user,
+        delete_device_user,
+        vhost_of,
+    )
     from schemas.names import Names
 
     s = settings()

@@ -124,26 +124,31 @@ async def expect_reason(coro, reason: Reason) -> QflareError:
 # --- devices ---------------------------------------------------------------------------------
 
 
-async def test_a_device_user_enrolls_trains_and_sends_its_update(broker, settings, device_user):
-    name, dev_settings = device_user
-    async with coordinator(settings) as coord, enclave(settings) as enc:
-        events = await EventLog.bind(broker, "update.accepted")
-        async with device_broker(dev_settings, name) as dev_broker:
-            rpc = await dev_broker.rpc()
-            token = coord.registry.create_token(name, 600)
-            dev = await client.enroll(rpc, dev_broker.names, name, token, coord.identity.sig_fp,
-                                      sig_alg="ML-DSA-44", kem_alg="ML-KEM-768")
-            await client.open_session(rpc, dev_broker.names, dev)
-            from edge_agent.fleet import Fleet, latest_model_body
-            from edge_agent.outbox import Outbox
+async def enroll_and_send_an_update(broker, coord, enc, dev_broker: BrokerClient, device_id: str) -> None:
+    """As the device's own user: enroll, open a session, send an update the enclave accepts."""
+    events = await EventLog.bind(broker, "update.accepted")
+    rpc = await dev_broker.rpc()
+    token = coord.registry.create_token(device_id, 600)
+    dev = await client.enroll(rpc, dev_broker.names, device_id, token, coord.identity.sig_fp,
+                              sig_alg="ML-DSA-44", kem_alg="ML-KEM-768")
+    await client.open_session(rpc, dev_broker.names, dev)
+    await open_round(coord, broker, 1, [device_id])
+    _, key, body = honest_update(dev, enc, 1)
+    await dev_broker.publisher.publish(dev_broker.names.updates_exchange, key, body)
+    await events.wait("update.accepted")
 
-            await open_round(coord, broker, 1, [name])
-            _, key, body = honest_update(dev, enc, 1)
-            await dev_broker.publisher.publish(dev_broker.names.updates_exchange, key, body)
-            await events.wait("update.accepted")
-            assert await latest_model_body(dev_broker) is not None  # may read the models stream
-            fleet = Fleet(dev_broker, Outbox(settings.state_dir / "outbox.sqlite3"))
-            await fleet.listen()  # may declare its own model feed, bound to the models fanout
+
+async def test_a_device_user_enrolls_trains_and_sends_its_update(broker, settings, device_user):
+    from edge_agent.fleet import Fleet, latest_model_body
+    from edge_agent.outbox import Outbox
+
+    name, dev_settings = device_user
+    async with coordinator(settings) as coord, enclave(settings) as enc, \
+            device_broker(dev_settings, name) as dev_broker:
+        await enroll_and_send_an_update(broker, coord, enc, dev_broker, name)
+        assert await latest_model_body(dev_broker) is not None  # may read the models stream
+        fleet = Fleet(dev_broker, Outbox(settings.state_dir / "outbox.sqlite3"))
+        await fleet.listen()  # may declare its own model feed, bound to the models fanout
 
 
 async def test_a_device_user_cannot_publish_for_another_device_or_to_control(settings, device_user, broker):
@@ -303,18 +308,9 @@ async def test_services_run_as_their_own_least_privilege_broker_users(settings, 
         assert not await can_consume(coord_url, names.updates_queue)
         assert not await can_consume(op_url, names.updates_queue)
         assert not await can_consume(enc_url, names.coordinator_queue)
-        async with coordinator(as_role["coordinator"]) as coord, enclave(as_role["enclave"]) as enc:
-            events = await EventLog.bind(broker, "update.accepted")
-            async with device_broker(dev_settings, device) as dev_broker:
-                rpc = await dev_broker.rpc()
-                token = coord.registry.create_token(device, 600)
-                dev = await client.enroll(rpc, dev_broker.names, device, token, coord.identity.sig_fp,
-                                          sig_alg="ML-DSA-44", kem_alg="ML-KEM-768")
-                await client.open_session(rpc, dev_broker.names, dev)
-                await open_round(coord, broker, 1, [device])
-                _, key, body = honest_update(dev, enc, 1)
-                await dev_broker.publisher.publish(dev_broker.names.updates_exchange, key, body)
-                await events.wait("update.accepted")
+        async with coordinator(as_role["coordinator"]) as coord, enclave(as_role["enclave"]) as enc, \
+                device_broker(dev_settings, device) as dev_broker:
+            await enroll_and_send_an_update(broker, coord, enc, dev_broker, device)
     finally:
         delete_device_user(api, names, device)
         for user in users:
