@@ -397,3 +397,46 @@ def test_the_management_api_is_a_setting_derived_from_the_amqp_url_and_never_sho
     with pytest.raises(BrokerAdminError) as exc:
         api.request("GET", "/api/overview")
     assert "pw2" not in str(exc.value) and "127.0.0.1:1" in str(exc.value)
+
+
+async def test_a_device_user_holds_a_bounded_number_of_connections_and_a_vhost_a_bounded_number_of_queues(
+        settings, api):
+    """RabbitMQ 3.10's limits: max-connections per user, max-queues per vhost (on a vhost of the test's own)."""
+    from urllib.parse import quote
+
+    vhost = "v" + settings.broker.namespace
+    api.request("PUT", f"/api/vhosts/{vhost}", {})
+    try:
+        api.request("PUT", f"/api/permissions/{vhost}/guest", {"configure": ".*", "write": ".*", "read": ".*"})
+        url = settings.amqp_url.rstrip("/") + "/" + quote(vhost, safe="")
+        s = settings.model_copy(update={"amqp_url": url, "broker": settings.broker.model_copy(
+            update={"vhost_max_queues": 16})})
+        names = Names(s.broker.namespace)
+        assert apply_policies(api, names, s, vhost)[-1] == "max-queues=16"
+        conn = await aio_pika.connect(url)
+        try:
+            ch = await conn.channel()
+            for i in range(16):
+                await ch.declare_queue(f"{names.namespace}.q{i}", exclusive=True)
+            assert await refused_by_limit(ch.declare_queue(f"{names.namespace}.q16", exclusive=True))
+        finally:
+            await conn.close()
+        password = create_device_user(api, names, "D", "pw", vhost, max_connections=1)
+        dev_url = amqp_url_for(url, names.device_user("D"), password)
+        first = await aio_pika.connect(dev_url)
+        try:
+            with pytest.raises(aiormq.exceptions.AMQPError):  # the broker closes it at open
+                await aio_pika.connect(dev_url)
+        finally:
+            await first.close()
+            delete_device_user(api, names, "D")
+    finally:
+        api.request("DELETE", f"/api/vhosts/{vhost}")
+
+
+async def refused_by_limit(coro) -> bool:
+    try:
+        await coro
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        return True
+    return False

@@ -345,3 +345,28 @@ def test_services_log_their_start_rounds_and_faults_as_json_lines(sh):
     assert any(m.startswith("round 1 opened") for _, _, m in messages)
     assert any("round plan cancelled at round 1" in m for _, _, m in messages)
     assert all({"time", "level", "logger", "message"} <= set(r) for r in lines)
+
+
+def test_broker_setup_makes_the_service_users_once_and_never_silently_resets_them(sh):
+    from broker.users import ManagementApi, remove_policies
+    from common.settings import load_settings
+    from schemas.names import Names
+
+    ns = sh.env["QFLARE_BROKER__NAMESPACE"]
+    first = sh.json("broker", "setup")
+    users = first["users"]
+    try:
+        assert set(users) == {f"qflare.{ns}.coordinator", f"qflare.{ns}.enclave", f"qflare.{ns}.operator"}
+        assert all(url and url.startswith("amqp://qflare.") for url in users.values())
+        again = sh.json("broker", "setup")  # unchanged: no password is reset behind a running service
+        assert set(again["users"].values()) == {None}
+        rotated = sh.json("broker", "setup", "--rotate")
+        assert all(url and url != users[u] for u, url in rotated["users"].items())
+        # the operator's own user runs an operator read command
+        sh.run("broker", "status", env={"QFLARE_AMQP_URL": rotated["users"][f"qflare.{ns}.operator"]})
+    finally:
+        s = load_settings(amqp_url=sh.env["QFLARE_AMQP_URL"])
+        api = ManagementApi.from_settings(s)
+        for user in users:
+            api.request("DELETE", f"/api/users/{user}")
+        remove_policies(api, Names(ns))
