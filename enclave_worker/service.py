@@ -17,6 +17,7 @@ import numpy as np
 import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
+from broker.principals import require_role
 from common import metrics
 from common import model as model_lib
 from common.attestation import SIMULATED_WARNING, platform_dir
@@ -191,6 +192,7 @@ class Enclave:
         return signing.verify(signed, expected, *key)
 
     async def _on_control(self, signed: Signed, raw) -> None:
+        require_role(self.settings, "coordinator", raw.user_id)  # broker-verified sender, before any crypto
         inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys))
         msg = self._verify_coordinator(signed, type(inner_type))
         if isinstance(msg, RoundAbort):

@@ -132,7 +132,7 @@ async def enroll_and_send_an_update(broker, coord, enc, dev_broker: BrokerClient
     dev = await client.enroll(rpc, dev_broker.names, device_id, token, coord.identity.sig_fp,
                               sig_alg="ML-DSA-44", kem_alg="ML-KEM-768")
     await client.open_session(rpc, dev_broker.names, dev)
-    await open_round(coord, broker, 1, [device_id])
+    await open_round(coord, coord.broker, 1, [device_id])  # as the coordinator's own user
     _, key, body = honest_update(dev, enc, 1)
     await dev_broker.publisher.publish(dev_broker.names.updates_exchange, key, body)
     await events.wait("update.accepted")
@@ -272,6 +272,21 @@ async def test_operator_requests_only_from_operator_broker_users(settings, broke
         assert coord.registry.list_rounds(1) == []
     async with coordinator(settings):  # guest on loopback plays every role by default
         assert isinstance(await operator_call(settings, RoundListRequest, RoundTable), RoundTable)
+
+
+async def test_the_enclave_takes_control_messages_only_from_coordinator_broker_users(settings, broker):
+    """A round.open signed by the coordinator's key but sent by another broker user is dead-lettered."""
+    from schemas.names import REASON_HEADER
+    from tests.test_broker_attacks import next_dead_letter
+
+    strict = settings.model_copy(update={"broker": settings.broker.model_copy(
+        update={"roles": settings.broker.roles.model_copy(update={"coordinator": ["qflare.x.coordinator"]})})})
+    async with coordinator(settings) as coord, enclave(strict) as enc:
+        events = await EventLog.bind(broker, "round.opened")
+        await open_round(coord, broker, 1, ["d"])  # sent as guest, which strict says is no coordinator
+        refused = await next_dead_letter(broker)
+        assert refused.headers[REASON_HEADER] == Reason.FORBIDDEN
+        assert events.types() == [] and enc.round is None
 
 
 def test_role_users_default_to_guest_on_loopback_else_to_the_namespaces_users(tmp_path):
