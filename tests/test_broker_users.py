@@ -85,11 +85,11 @@ async def ignore(message) -> None:
     pass
 
 
-async def refused(coro) -> bool:
-    """True when the broker refused the operation with ACCESS_REFUSED."""
+async def refused(coro, error: type[Exception] = aiormq.exceptions.ChannelAccessRefused) -> bool:
+    """True when the broker refused the operation (ACCESS_REFUSED unless told otherwise)."""
     try:
         await coro
-    except aiormq.exceptions.ChannelAccessRefused:
+    except error:
         return True
     return False
 
@@ -433,7 +433,8 @@ async def test_a_device_user_holds_a_bounded_number_of_connections_and_a_vhost_a
             ch = await conn.channel()
             for i in range(16):
                 await ch.declare_queue(f"{names.namespace}.q{i}", exclusive=True)
-            assert await refused_by_limit(ch.declare_queue(f"{names.namespace}.q16", exclusive=True))
+            assert await refused(ch.declare_queue(f"{names.namespace}.q16", exclusive=True),
+                                 aiormq.exceptions.ChannelPreconditionFailed)
         finally:
             await conn.close()
         password = create_device_user(api, names, "D", "pw", vhost, max_connections=1)
@@ -448,10 +449,3 @@ async def test_a_device_user_holds_a_bounded_number_of_connections_and_a_vhost_a
     finally:
         api.request("DELETE", f"/api/vhosts/{vhost}")
 
-
-async def refused_by_limit(coro) -> bool:
-    try:
-        await coro
-    except aiormq.exceptions.ChannelPreconditionFailed:
-        return True
-    return False
