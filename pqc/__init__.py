@@ -16,6 +16,7 @@ from pqc.policy import Policy
 from pqc.registry import get_kem, get_signature, kem_backends, sig_backends
 from pqc.seal import hkdf_sha256, open_sealed, seal
 from pqc.sig import Signature
+from pqc.stream import StreamOpener, StreamSealer, stream_opener, stream_sealer
 
 __all__ = [
     "ALIASES",
@@ -38,4 +39,8 @@ __all__ = [
     "save_private_key",
     "seal",
     "sig_backends",
+    "stream_opener",
+    "stream_sealer",
+    "StreamOpener",
+    "StreamSealer",
 ]
