@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +19,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from common.chunks import MESSAGE_OVERHEAD
 from pqc.ids import ALIASES, DEFAULT_KEM, DEFAULT_SIG, KemId, SigId
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -135,6 +136,21 @@ class FLSettings(BaseModel):
     dirichlet_alpha: float = Field(0.5, gt=0)
     seed: int = 0
     evaluate: bool = True
+    #: How devices encode updates: float32, int8 (a scale per chunk) or top-k, the last two
+    #: with error feedback (what was dropped is added to the device's next update).
+    compression: Literal["none", "int8", "topk"] = "none"
+    topk_fraction: float = Field(0.1, gt=0, le=1)
+
+
+class ChunkingSettings(BaseModel):
+    #: Updates and global models larger than this travel as chunks of at most this size
+    #: (well under RabbitMQ 4.x's 16 MiB message limit).
+    chunk_bytes: int = Field(4 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
+    #: Chunked updates the enclave reassembles at once (each holds one model-sized buffer);
+    #: the first chunk of one more is refused as ``busy``.
+    max_in_progress: int = Field(4, ge=1, le=256)
+    #: A chunked update whose next chunk takes longer than this is refused as ``incomplete``.
+    assembly_timeout_seconds: float = Field(60.0, gt=0)
 
 
 class RateLimitSettings(BaseModel):
@@ -193,9 +209,18 @@ class Settings(BaseSettings):
     broker: BrokerSettings = BrokerSettings()
     crypto: CryptoSettings = CryptoSettings()
     fl: FLSettings = FLSettings()
+    chunking: ChunkingSettings = ChunkingSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
     enclave: EnclaveSettings = EnclaveSettings()
     operator: OperatorSettings = OperatorSettings()
+
+    @model_validator(mode="after")
+    def _chunks_fit_messages(self) -> Settings:
+        if self.chunking.chunk_bytes > self.broker.max_message_bytes - MESSAGE_OVERHEAD:
+            raise ValueError(f"chunking.chunk_bytes ({self.chunking.chunk_bytes}) must leave "
+                             f"{MESSAGE_OVERHEAD // 1024} KiB under "
+                             f"broker.max_message_bytes ({self.broker.max_message_bytes})")
+        return self
 
     @property
     def registry_file(self) -> Path:

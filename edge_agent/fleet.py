@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker.client import BrokerClient
 from broker.messaging import TRANSIENT
 from common.training import train_local, warm_up
+from common import compression
 from edge_agent import updates
 from edge_agent.client import Device
 from edge_agent.outbox import Outbox
@@ -38,6 +39,8 @@ class Member:
     attack: str | None = None
     last_round: int = 0
     model_version: int = -1
+    #: What compression left out of earlier updates (error feedback), added to the next one.
+    residual: np.ndarray | None = None
 
 
 def verify_model(body: bytes, device: Device) -> GlobalModel:
@@ -113,28 +116,38 @@ class Fleet:
         seed = zlib.crc32(f"{m.device.device_id}/{spec.round_id}".encode())
         delta, n = await asyncio.to_thread(train_local, base, m.x, m.y, epochs=spec.epochs, lr=spec.lr,
                                            batch_size=spec.batch_size, seed=seed, attack=m.attack)
-        update_id, key, body = updates.build(m.device, spec.round_id, model.version, model.layout_id, delta, n)
-        limit = self.broker.settings.broker.max_message_bytes
-        if len(body) > limit:
+        s = self.broker.settings
+        encoded, m.residual = compression.encode_with_feedback(
+            delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,
+            s.fl.topk_fraction)
+        update_id, key, bodies = updates.build_parts(m.device, spec.round_id, model.version, model.layout_id,
+                                                     encoded, n)
+        limit = s.broker.max_message_bytes
+        if max(len(b) for b in bodies) > limit:
             # The enclave would dead-letter it as oversize; say so here, where it can be fixed.
-            log.error("update of %s is %d bytes, over broker.max_message_bytes (%d): not sent; raise the "
-                      "limit (RabbitMQ 3.x accepts up to 128 MiB) or use a smaller model", m.device.device_id,
-                      len(body), limit)
+            log.error("a message of %s's update is %d bytes, over broker.max_message_bytes (%d): not sent; "
+                      "lower chunking.chunk_bytes", m.device.device_id, max(len(b) for b in bodies), limit)
             if self.on_reject:
                 self.on_reject(m.device.device_id, "oversize")
             return
+        body = bodies[0] if len(bodies) == 1 else bodies
         self.outbox.put(update_id, m.device.device_id, key, body, spec.round_id)
         await self.send(update_id, key, body)
         if self.on_sent:
             self.on_sent(m.device.device_id, spec.round_id)
 
-    async def send(self, update_id: str, routing_key: str, body: bytes) -> bool:
-        """Publish with confirm; the outbox keeps the update until the broker confirmed it."""
+    async def send(self, update_id: str, routing_key: str, body: bytes | list[bytes]) -> bool:
+        """Publish with confirm; the outbox keeps the update until the broker confirmed it.
+
+        A chunked update's messages go in order on this one channel, so they reach the
+        updates queue in order; resending sends them all again (the enclave starts over).
+        """
         self.outbox.attempt(update_id)
         try:
             # mandatory: an update no queue takes comes back as an error, never vanishes
-            await self.broker.publisher.publish(self.broker.names.updates_exchange, routing_key, body,
-                                                message_id=update_id, mandatory=True)
+            for part in body if isinstance(body, list) else [body]:
+                await self.broker.publisher.publish(self.broker.names.updates_exchange, routing_key, part,
+                                                    message_id=update_id, mandatory=True)
         except TRANSIENT as exc:
             log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
             return False

@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
+
 
 class Outbox:
     def __init__(self, path: Path | str) -> None:
@@ -21,12 +23,19 @@ class Outbox:
         self.db.execute("CREATE TABLE IF NOT EXISTS outbox (update_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, "
                         "routing_key TEXT NOT NULL, body BLOB NOT NULL, round_id INTEGER NOT NULL, "
                         "created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)")
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(outbox)")}
+        if "chunked" not in columns:  # outboxes from before chunked updates
+            self.db.execute("ALTER TABLE outbox ADD COLUMN chunked INTEGER NOT NULL DEFAULT 0")
         self.lock = threading.Lock()
 
-    def put(self, update_id: str, device_id: str, routing_key: str, body: bytes, round_id: int) -> None:
+    def put(self, update_id: str, device_id: str, routing_key: str, body: bytes | list[bytes], round_id: int) -> None:
+        """Keep an update until confirmed: one message, or a chunked update's messages in order."""
+        chunked = isinstance(body, list)
+        blob = msgpack.packb(body, use_bin_type=True) if chunked else body
         with self.lock:
-            self.db.execute("INSERT OR IGNORE INTO outbox VALUES (?,?,?,?,?,?,0)",
-                            (update_id, device_id, routing_key, body, round_id, time.time()))
+            self.db.execute("INSERT OR IGNORE INTO outbox (update_id, device_id, routing_key, body, round_id, "
+                            "created_at, attempts, chunked) VALUES (?,?,?,?,?,?,0,?)",
+                            (update_id, device_id, routing_key, blob, round_id, time.time(), int(chunked)))
 
     def attempt(self, update_id: str) -> None:
         with self.lock:
@@ -36,14 +45,15 @@ class Outbox:
         with self.lock:
             self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,))
 
-    def pending(self, device_id: str | None = None) -> list[tuple[str, str, str, bytes]]:
-        """(update_id, device_id, routing_key, body) of every unconfirmed update, oldest first."""
-        q = "SELECT update_id, device_id, routing_key, body FROM outbox"
+    def pending(self, device_id: str | None = None) -> list[tuple[str, str, str, bytes | list[bytes]]]:
+        """(update_id, device_id, routing_key, body or chunk bodies) of every unconfirmed update, oldest first."""
+        q = "SELECT update_id, device_id, routing_key, body, chunked FROM outbox"
         args: tuple = ()
         if device_id is not None:
             q += " WHERE device_id=?"
             args = (device_id,)
-        return self.db.execute(q + " ORDER BY created_at", args).fetchall()
+        rows = self.db.execute(q + " ORDER BY created_at", args).fetchall()
+        return [(u, d, k, msgpack.unpackb(b) if chunked else b) for u, d, k, b, chunked in rows]
 
     def close(self) -> None:
         self.db.close()

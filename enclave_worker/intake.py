@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import pqc
+from common import compression
 from common.updates import signed_parts, update_aad
 from schemas import signing
 from schemas.codec import CodecError, decode
@@ -61,9 +62,8 @@ def read_header(update: Update) -> UpdateHeader:
         raise QflareError(Reason.MALFORMED, err.detail) from None
 
 
-def check_and_open(update: Update, header: UpdateHeader, routed_device: str | None, ctx: IntakeContext,
-                   seen: bool) -> Opened:
-    """Verify everything about ``update`` and return its delta, or raise with a reason."""
+def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, seen: bool) -> SessionGrant:
+    """Every check the header alone allows, cheapest first; the verified grant, or raise."""
     if routed_device is not None and routed_device != header.device_id:
         raise QflareError(Reason.DEVICE_MISMATCH, "routing key names another device")
     if ctx.open_round is None or header.round_id != ctx.open_round:
@@ -84,23 +84,54 @@ def check_and_open(update: Update, header: UpdateHeader, routed_device: str | No
         raise QflareError(Reason.BAD_GRANT, "grant issued to another device")
     if ctx.now > grant.not_after:
         raise QflareError(Reason.GRANT_EXPIRED, "session grant expired")
-    if update.sig_alg != grant.sig_alg or pqc.fingerprint(grant.sig_pk, grant.sig_alg) != grant.sig_fp:
-        raise QflareError(Reason.BAD_SIGNATURE, "signature algorithm or key differs from the grant")
-    sig = pqc.get_signature(grant.sig_alg)
-    if not sig.verify(grant.sig_pk, signed_parts(update.header, update.sealed), update.signature,
-                      context=signing.context_for(Update.TYPE)):
-        raise QflareError(Reason.BAD_SIGNATURE, "device signature does not verify")
     if header.enclave_kem_fp != ctx.kem_fp or header.kem_alg != ctx.kem_alg:
         raise QflareError(Reason.DECRYPTION_FAILED, "sealed to a key this enclave does not hold")
     if header.layout_id != ctx.layout_id:
         raise QflareError(Reason.LAYOUT_MISMATCH, f"layout {header.layout_id} is not {ctx.layout_id}")
+    return grant
+
+
+def check_device_signature(grant: SessionGrant, sig_alg: str | None, parts: list[bytes], signature: bytes | None,
+                           context: bytes) -> None:
+    """The device's signature over ``parts``, by the key its grant names, or raise."""
+    if sig_alg != grant.sig_alg or pqc.fingerprint(grant.sig_pk, grant.sig_alg) != grant.sig_fp:
+        raise QflareError(Reason.BAD_SIGNATURE, "signature algorithm or key differs from the grant")
+    if signature is None or not pqc.get_signature(grant.sig_alg).verify(grant.sig_pk, parts, signature,
+                                                                         context=context):
+        raise QflareError(Reason.BAD_SIGNATURE, "device signature does not verify")
+
+
+def decode_payload(out: np.ndarray, header: UpdateHeader, index: int, data: bytes | memoryview) -> None:
+    """Decode chunk ``index`` of the update's encoded delta into ``out`` (the enclave's buffer)."""
+    try:
+        compression.decode_chunk_into(out, header.encoding, header.chunk_elems, index, header.chunks, data)
+    except ValueError as err:
+        raise QflareError(Reason.LAYOUT_MISMATCH, str(err)) from None
+
+
+def opened(header: UpdateHeader, delta: np.ndarray) -> Opened:
+    """The decoded delta, refused if it holds NaN or infinity; its norm computed here."""
+    if not np.isfinite(delta).all():
+        raise QflareError(Reason.NON_FINITE, "delta has NaN or infinity")
+    return Opened(header, delta, float(np.linalg.norm(delta)))
+
+
+def check_and_open(update: Update, header: UpdateHeader, routed_device: str | None, ctx: IntakeContext,
+                   seen: bool) -> Opened:
+    """Verify everything about a one-message ``update`` and return its delta, or raise with a reason."""
+    grant = admit(header, routed_device, ctx, seen)
+    check_device_signature(grant, update.sig_alg, signed_parts(update.header, update.sealed), update.signature,
+                           signing.context_for(Update.TYPE))
+    if header.chunks != 1:
+        raise QflareError(Reason.CHUNK_SEQUENCE, f"a one-message update declares {header.chunks} chunks")
     try:
         payload = pqc.open_sealed(ctx.kem_sk, update.sealed, update_aad(update.header), policy=ctx.policy)
     except pqc.errors.QflareCryptoError as exc:
         raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
-    if len(payload) != 4 * ctx.n_params:
-        raise QflareError(Reason.LAYOUT_MISMATCH, f"{len(payload)} bytes for {ctx.n_params} parameters")
-    delta = np.frombuffer(payload, dtype="<f4")
-    if not np.isfinite(delta).all():
-        raise QflareError(Reason.NON_FINITE, "delta has NaN or infinity")
-    return Opened(header, delta, float(np.linalg.norm(delta)))
+    if header.encoding == "f32":  # the common case: the plaintext is the vector, no copy
+        if len(payload) != 4 * ctx.n_params:
+            raise QflareError(Reason.LAYOUT_MISMATCH, f"{len(payload)} bytes for {ctx.n_params} parameters")
+        return opened(header, np.frombuffer(payload, dtype="<f4"))
+    delta = np.zeros(ctx.n_params, dtype=np.float32)
+    decode_payload(delta, header, 0, payload)
+    return opened(header, delta)

@@ -21,11 +21,13 @@ from broker.principals import require_role
 from common import metrics
 from common import model as model_lib
 from common.attestation import SIMULATED_WARNING, platform_dir
+from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from common.state import private_dir
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
+from enclave_worker.reassembly import ChunkIntake
 from enclave_worker.store import EnclaveStore
 from schemas import signing
 from schemas.codec import decode, encode
@@ -40,6 +42,7 @@ from schemas.messages import (
     RoundSpec,
     Signed,
     Update,
+    UpdateChunk,
 )
 from schemas.names import Names
 from schemas.reasons import QflareError, Reason
@@ -131,6 +134,12 @@ class Enclave:
         self._flusher: asyncio.Task | None = None
         self._deadline: asyncio.Task | None = None
         self._test_data = None
+        ch = settings.chunking
+        self.max_chunks = max_update_chunks(int(self.params.shape[0]), ch.chunk_bytes)
+        self.chunks = ChunkIntake(max_in_progress=ch.max_in_progress, timeout=ch.assembly_timeout_seconds,
+                                  max_chunks=self.max_chunks, context=self._context, seen=self.store.has_update,
+                                  accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet)
+        self._expiry: asyncio.Task | None = None
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -143,8 +152,14 @@ class Enclave:
         mb = self.settings.broker.max_message_bytes
         await consume(b.channel, b.publisher, b.names.enclave_control_queue, self._on_control, expected=Signed,
                       max_bytes=mb)
-        await consume(b.channel, b.publisher, b.names.updates_queue, self._on_update, expected=Update,
-                      max_bytes=mb)
+        # Chunks of an update stay unacked until it is whole and durable: the window must hold
+        # every update being reassembled, plus the usual prefetch for one-message updates.
+        updates_channel = await b.connection.channel()
+        await updates_channel.set_qos(
+            prefetch_count=self.settings.broker.prefetch + self.settings.chunking.max_in_progress * self.max_chunks)
+        await consume(updates_channel, b.publisher, b.names.updates_queue, self._on_update_message,
+                      expected=(Update, UpdateChunk), max_bytes=mb)
+        self._expiry = asyncio.create_task(self.chunks.run_expiry())
         log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
                  "metrics port %s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
@@ -174,6 +189,8 @@ class Enclave:
     async def stop(self) -> None:
         if self._deadline:
             self._deadline.cancel()
+        if self._expiry:
+            self._expiry.cancel()
         if self._flusher:
             self._flusher.cancel()
         if self.broker and not self.broker.connection.is_closed:
@@ -283,6 +300,16 @@ class Enclave:
             n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
             now=time.time())
 
+    async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
+        if isinstance(msg, UpdateChunk):
+            await self.chunks.handle(msg, raw, self._routed(raw))
+            return DEFERRED
+        return await self._on_update(msg, raw)
+
+    @staticmethod
+    def _routed(raw) -> str | None:
+        return raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
+
     async def _on_update(self, update: Update, raw) -> object:
         """Check one update; its outcome is written in the open batch and acked at the flush.
 
@@ -290,7 +317,7 @@ class Enclave:
         several updates are opened at once on the second core); the state checks are then
         made again under the lock, since the round may have moved on meanwhile.
         """
-        routed = raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
+        routed = self._routed(raw)
         header = None
         try:
             header = intake.read_header(update)
@@ -303,7 +330,29 @@ class Enclave:
         except QflareError as err:
             async with self.lock:
                 return await self._reject(raw, header, routed, err)
+        return await self._store_opened([raw], header, routed, opened)
+
+    async def _accept_chunked(self, held: list, header, routed: str | None, opened: intake.Opened) -> object:
+        return await self._store_opened(held, header, routed, opened)
+
+    async def _reject_chunked(self, held: list, header, routed: str | None, err: QflareError) -> object:
         async with self.lock:
+            self._pending.extend((r, None) for r in held[1:])
+            return await self._reject(held[0], header, routed, err)
+
+    async def _quiet(self, held: list) -> object:
+        """Ack ``held`` with the next batch, with no event (chunks of an update already settled)."""
+        if not held:
+            return DEFERRED
+        async with self.lock:
+            self._pending.extend((r, None) for r in held)
+            return await self._schedule_flush()
+
+    async def _store_opened(self, held: list, header, routed: str | None, opened: intake.Opened) -> object:
+        """Store an opened update and ack its messages with the batch, unless the round moved on."""
+        raw, rest = held[0], held[1:]
+        async with self.lock:
+            self._pending.extend((r, None) for r in rest)
             try:
                 if self.round is None or header.round_id != self.round.round_id:
                     raise QflareError(Reason.WRONG_ROUND, f"round {header.round_id} closed while it was checked")

@@ -31,6 +31,15 @@ Measurement = Annotated[str, Field(min_length=16, max_length=128)]
 MAX_EXPECTED = 100_000
 Scalar = str | int | float | bool | None
 BoundedScalar = Detail | int | float | bool | None
+UpdateId = Annotated[str, Field(min_length=8, max_length=64)]
+#: Most chunks one update or model may travel in (65,536 × 4 MiB = 256 GiB).
+MAX_CHUNKS = 65_536
+ChunkIndex = Annotated[int, Field(ge=0, lt=MAX_CHUNKS)]
+ChunkCount = Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
+#: How an update's delta is encoded (common/compression.py): raw float32, int8 with a scale
+#: per chunk, or top-k (index, value) pairs.
+Encoding = Literal["f32", "int8", "topk"]
+Sha256 = Annotated[bytes, Field(min_length=32, max_length=32)]
 
 
 class Message(BaseModel):
@@ -494,13 +503,18 @@ class UpdateHeader(Message):
     device_id: DeviceId
     grant: Encoded  # Signed(SessionGrant)
     round_id: Annotated[int, Field(ge=1)]
-    update_id: Annotated[str, Field(min_length=8, max_length=64)]
+    update_id: UpdateId
     base_version: Annotated[int, Field(ge=0)]
     num_samples: Annotated[int, Field(ge=1, le=10**9)]
     timestamp: float
     layout_id: Annotated[str, Field(min_length=1, max_length=64)]
     kem_alg: AlgName
     enclave_kem_fp: Fingerprint
+    encoding: Encoding = "f32"
+    #: 1: one ``Update`` message; more: that many ``UpdateChunk`` messages.
+    chunks: ChunkCount = 1
+    #: Elements of the delta each chunk covers (f32 and int8; the last chunk covers the rest).
+    chunk_elems: Annotated[int, Field(ge=0, le=2**31)] = 0
 
 
 class Update(Message):
@@ -511,6 +525,24 @@ class Update(Message):
     sealed: Blob
     sig_alg: AlgName
     signature: Key
+
+
+class UpdateChunk(Message):
+    """One of ``count`` chunks of an update too large for one message, in index order.
+
+    Chunk 0 carries the header and the KEM encapsulation, the last chunk the device's
+    signature over header ‖ a running digest of every chunk (docs/protocol.md, chunked updates).
+    """
+
+    TYPE: ClassVar[str] = "update.chunk"
+    update_id: UpdateId
+    index: ChunkIndex
+    count: Annotated[int, Field(ge=2, le=MAX_CHUNKS)]
+    header: Encoded | None = None
+    enc: Key | None = None
+    sealed: Blob
+    sig_alg: AlgName | None = None
+    signature: Key | None = None
 
 
 class RoundResult(Message):
@@ -529,10 +561,22 @@ class GlobalModel(Message):
     TYPE: ClassVar[str] = "model.global"
     version: Annotated[int, Field(ge=0)]
     layout_id: Annotated[str, Field(min_length=1, max_length=64)]
-    params: Blob  # little-endian float32 vector
+    params: Blob  # little-endian float32 vector; empty when it follows in chunks
     created_at: float
     result: RoundResult | None = None
     next_round: RoundSpec | None = None
+    #: SHA-256 of each ``ModelChunk`` carrying ``params``, when it is too large for one message.
+    chunk_digests: Annotated[list[Sha256], Field(max_length=MAX_CHUNKS)] = []
+
+
+class ModelChunk(Message):
+    """A slice of a chunked global model's parameters; the signed model names its digest."""
+
+    TYPE: ClassVar[str] = "model.chunk"
+    version: Annotated[int, Field(ge=0)]
+    index: ChunkIndex
+    count: Annotated[int, Field(ge=2, le=MAX_CHUNKS)]
+    data: Blob
 
 
 class Event(Message):
@@ -557,7 +601,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked,
-    UpdateHeader, Update, RoundResult, GlobalModel, Event,
+    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, Event,
 )
 BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
 assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"

@@ -37,6 +37,9 @@ class Reason(StrEnum):
     NORM_BOUND = "norm_bound"
     LOW_COSINE = "low_cosine"
     NON_FINITE = "non_finite"
+    CHUNK_SEQUENCE = "chunk_sequence"
+    INCOMPLETE = "incomplete"
+    BUSY = "busy"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -76,6 +79,9 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NORM_BOUND: "update norm over the bound (scaled or boosted update)",
     Reason.LOW_COSINE: "update points away from the round's robust reference (e.g. sign-flipped)",
     Reason.NON_FINITE: "NaN or infinity in the update",
+    Reason.CHUNK_SEQUENCE: "a chunk out of order, repeated, of another update or stream, or with no update begun",
+    Reason.INCOMPLETE: "a chunked update's remaining chunks did not arrive in time (truncated)",
+    Reason.BUSY: "the enclave is reassembling as many chunked updates as it allows; the update was refused",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",
