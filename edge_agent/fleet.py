@@ -22,10 +22,11 @@ from common.training import train_local, warm_up
 from common import compression
 from edge_agent import updates
 from edge_agent.client import Device
+from edge_agent.models import ModelAssembly, latest_model_messages
 from edge_agent.outbox import Outbox
 from schemas import signing
-from schemas.codec import CodecError, decode
-from schemas.messages import GlobalModel, Signed
+from schemas.codec import CodecError, decode, peek_type
+from schemas.messages import GlobalModel, ModelChunk, Signed
 from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.agent")
@@ -62,6 +63,7 @@ class Fleet:
         self.on_reject = on_reject
         self._tasks: set[asyncio.Task] = set()
         self._queue = None
+        self._assembly: ModelAssembly | None = None
 
     def add(self, member: Member) -> None:
         self.members[member.device.device_id] = member
@@ -73,8 +75,7 @@ class Fleet:
         self._queue = await ch.declare_queue(self.broker.private_queue("models"), exclusive=True, auto_delete=True)
         await self._queue.bind(self.broker.names.models_exchange)
         await self._queue.consume(self._on_message)
-        body = await latest_model_body(self.broker)
-        if body is not None:
+        for body in await latest_model_messages(self.broker):
             await self.handle_model(body)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
@@ -82,7 +83,23 @@ class Fleet:
             await self.handle_model(bytes(message.body))
 
     async def handle_model(self, body: bytes) -> None:
-        """Verify once per enclave key, then let each device train if the round includes it."""
+        """Verify once per enclave key, then let each device train if the round includes it.
+
+        A chunked model is verified on its signed part and used once its chunks, each checked
+        against the signed digests, are all in.
+        """
+        if peek_type(body) == ModelChunk.TYPE:
+            if self._assembly is not None:
+                try:
+                    whole = self._assembly.add(decode(body, ModelChunk))
+                except CodecError as err:
+                    log.warning("model chunk refused: %s", err)
+                    return
+                if whole is not None:
+                    verdicts = {k: (whole if v is not None else None) for k, v in self._assembly.context.items()}
+                    self._assembly = None
+                    self._dispatch(verdicts)
+            return
         verdicts: dict[bytes, GlobalModel | None] = {}
         for m in list(self.members.values()):
             key = m.device.enclave.sig_pk if m.device.enclave else b""
@@ -94,7 +111,15 @@ class Fleet:
                     if self.on_reject:
                         self.on_reject(m.device.device_id, err.reason.value)
                     verdicts[key] = None
-            model = verdicts[key]
+        signed = next((v for v in verdicts.values() if v is not None), None)
+        if signed is not None and signed.chunk_digests:
+            self._assembly = ModelAssembly(signed, verdicts)  # a newer model replaces one in progress
+            return
+        self._dispatch(verdicts)
+
+    def _dispatch(self, verdicts: dict[bytes, GlobalModel | None]) -> None:
+        for m in list(self.members.values()):
+            model = verdicts.get(m.device.enclave.sig_pk if m.device.enclave else b"")
             if model is None or model.version < m.model_version:
                 continue  # unsigned, forged or older than what this device has
             m.model_version = model.version
@@ -165,39 +190,3 @@ class Fleet:
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-
-async def latest_model_body(broker: BrokerClient, settle: float = 0.3) -> bytes | None:
-    """The highest-version model in the models stream (``x-stream-offset: last``).
-
-    ``last`` starts at the last chunk, which may hold several messages: keep the highest.
-    """
-    ch = await broker.connection.channel()
-    try:
-        await ch.set_qos(prefetch_count=16)
-        q = await ch.declare_queue(broker.names.models_stream, passive=True)
-        got: asyncio.Queue[bytes] = asyncio.Queue()
-
-        async def on(msg: AbstractIncomingMessage) -> None:
-            await got.put(bytes(msg.body))
-            await msg.ack()
-
-        tag = await q.consume(on, arguments={"x-stream-offset": "last"})
-        best: tuple[int, bytes] | None = None
-        while True:
-            try:
-                body = await asyncio.wait_for(got.get(), settle)
-            except TimeoutError:
-                break
-            try:
-                version = signing.unverified(decode(body, Signed), GlobalModel).version
-            except (CodecError, QflareError):
-                continue
-            if best is None or version > best[0]:
-                best = (version, body)
-        await q.cancel(tag)
-        return best[1] if best else None
-    finally:
-        await ch.close()
-
-

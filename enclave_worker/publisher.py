@@ -11,10 +11,11 @@ import time
 import numpy as np
 
 from broker.messaging import Publisher
+from common.chunks import chunk_sha256, split
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import encode
-from schemas.messages import GlobalModel, RoundResult, RoundSpec
+from schemas.messages import GlobalModel, ModelChunk, RoundResult, RoundSpec
 
 
 def build_global_model(identity: Identity, version: int, layout_id: str, params: np.ndarray,
@@ -26,7 +27,24 @@ def build_global_model(identity: Identity, version: int, layout_id: str, params:
     return encode(signing.sign(model, identity.sig_alg, identity.sig_sk, identity.sig_pk))
 
 
-async def publish_model(publisher: Publisher, signed_model: bytes, version: int) -> None:
-    """Publish on the fanout and wait for the broker's confirm."""
-    await publisher.publish(publisher.names.models_exchange, "", signed_model,
-                            message_id=f"model-{version}", headers={"x-qflare-version": version})
+def build_model_messages(identity: Identity, version: int, layout_id: str, params: np.ndarray, chunk_bytes: int,
+                         result: RoundResult | None = None, next_round: RoundSpec | None = None) -> list[bytes]:
+    """The messages that carry ``params``: one ``Signed(GlobalModel)`` when they fit one chunk,
+    else a signed model naming each chunk's SHA-256, then the ``ModelChunk`` messages."""
+    data = np.ascontiguousarray(params, dtype="<f4")
+    if data.nbytes <= chunk_bytes:
+        return [build_global_model(identity, version, layout_id, data, result, next_round)]
+    parts = split(memoryview(data).cast("B"), chunk_bytes)
+    model = GlobalModel(version=version, layout_id=layout_id, params=b"", created_at=time.time(), result=result,
+                        next_round=next_round, chunk_digests=[chunk_sha256(p) for p in parts])
+    signed = encode(signing.sign(model, identity.sig_alg, identity.sig_sk, identity.sig_pk))
+    return [signed, *(encode(ModelChunk(version=version, index=i, count=len(parts), data=bytes(p)))
+                      for i, p in enumerate(parts))]
+
+
+async def publish_model(publisher: Publisher, messages: bytes | list[bytes], version: int) -> None:
+    """Publish on the fanout, in order, each message confirmed by the broker."""
+    for i, body in enumerate([messages] if isinstance(messages, bytes) else messages):
+        await publisher.publish(publisher.names.models_exchange, "", body,
+                                message_id=f"model-{version}" + (f"-{i}" if i else ""),
+                                headers={"x-qflare-version": version})

@@ -266,9 +266,9 @@ class Enclave:
     async def _resume(self, spec: RoundSpec) -> None:
         """Announce ``spec`` on the current model and arm its deadline."""
         self.round = spec
-        signed = publisher.build_global_model(self.identity, self.version, self.layout_id, self.params,
-                                              next_round=spec)
-        await publisher.publish_model(self.broker.publisher, signed, self.version)
+        messages = publisher.build_model_messages(self.identity, self.version, self.layout_id, self.params,
+                                                  self.settings.chunking.chunk_bytes, next_round=spec)
+        await publisher.publish_model(self.broker.publisher, messages, self.version)
         if self._deadline:
             self._deadline.cancel()
         self._deadline = asyncio.create_task(self._deadline_timer(spec))
@@ -473,9 +473,10 @@ class Enclave:
         result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected, accuracy=accuracy,
                              seconds=round(time.time() - t0, 4), status="completed")
         version = self.version + 1
-        signed = publisher.build_global_model(self.identity, version, self.layout_id, new_params, result=result)
-        await publisher.publish_model(self.broker.publisher, signed, version)  # confirmed by the broker
-        self.store.save_model(version, spec.round_id, new_params, signed)
+        messages = publisher.build_model_messages(self.identity, version, self.layout_id, new_params,
+                                                  self.settings.chunking.chunk_bytes, result=result)
+        await publisher.publish_model(self.broker.publisher, messages, version)  # confirmed by the broker
+        self.store.save_model(version, spec.round_id, new_params, messages[0])
         self.store.close_round(spec.round_id, "completed", result.model_dump())
         self.version, self.params = version, new_params
         metrics.ROUNDS.labels("completed").inc()

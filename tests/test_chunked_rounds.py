@@ -128,6 +128,7 @@ async def test_enclave_crash_mid_chunked_update_reassembles_it_after_restart(bro
             await publish(broker, ka, x)
         await wait_for(lambda: uid in enc.chunks.active and enc.chunks.active[uid].next_index == 3)
         await enc.broker.connection.close()  # crash: its three chunks were never acked
+        enc._expiry.cancel()  # a crashed process runs no timers either
         enc.store.close()
         for x in ca[3:]:
             await publish(broker, ka, x)
@@ -139,3 +140,29 @@ async def test_enclave_crash_mid_chunked_update_reassembles_it_after_restart(bro
             assert [u.update_id for u in restarted.store.round_updates(1)] == [uid]
         finally:
             await restarted.stop()
+
+
+# --- chunked global models ----------------------------------------------------------------
+
+
+async def test_returning_device_reads_a_complete_chunked_model_from_the_stream(broker, settings):
+    from edge_agent.fleet import verify_model
+    from edge_agent.models import ModelAssembly, latest_model_messages
+    from schemas.codec import decode
+    from schemas.messages import ModelChunk
+
+    s = chunked(settings)
+    async with coordinator(s) as coord, enclave(s) as enc:
+        events = await EventLog.bind(broker, "round.*")
+        dev = await enrolled(broker, coord, "late")
+        await open_round(coord, broker, 1, ["late", "absent"])  # announces model 0 in 5 chunks
+        await events.wait("round.opened")
+        await open_round(coord, broker, 2, ["late", "absent"])  # and again: the latest is the second
+        await wait_for(lambda: events.types().count("round.opened") == 2)
+        messages = await latest_model_messages(broker)
+        assert len(messages) == 6
+        signed = verify_model(messages[0], dev)
+        assert signed.next_round.round_id == 2 and len(signed.chunk_digests) == 5 and signed.params == b""
+        assembly = ModelAssembly(signed)
+        whole = [assembly.add(decode(m, ModelChunk)) for m in messages[1:]][-1]
+        np.testing.assert_array_equal(np.frombuffer(whole.params, dtype="<f4"), enc.params)

@@ -224,3 +224,27 @@ def test_topk_indices_outside_the_model_are_refused():
     bad = np.array([3, 12], "<u4").tobytes() + np.ones(2, "<f4").tobytes()
     with pytest.raises(ValueError, match="outside"):
         compression.decode_chunk_into(out, "topk", 0, 0, 1, bad)
+
+
+# --- chunked global models ----------------------------------------------------------------
+
+
+def test_model_chunk_not_matching_its_signed_digest_is_ignored(world):
+    from edge_agent.fleet import verify_model
+    from edge_agent.models import ModelAssembly
+    from enclave_worker.publisher import build_model_messages
+    from schemas.messages import ModelChunk
+
+    params = delta(5)
+    messages = build_model_messages(world.enclave, 3, "L1", params, CHUNK)
+    assert len(messages) == 6
+    assembly = ModelAssembly(verify_model(messages[0], world.device))
+    chunks = [decode(m, ModelChunk) for m in messages[1:]]
+    forged = chunks[1].model_copy(update={"data": bytes(len(chunks[1].data))})
+    assert assembly.add(chunks[0]) is None
+    assert assembly.add(forged) is None  # ignored: the genuine chunk 1 is still due
+    assert assembly.add(chunks[2]) is None  # out of place: ignored
+    for c in chunks[1:-1]:
+        assert assembly.add(c) is None
+    whole = assembly.add(chunks[-1])
+    np.testing.assert_array_equal(np.frombuffer(whole.params, dtype="<f4"), params)
