@@ -64,6 +64,8 @@ class Fleet:
         self._tasks: set[asyncio.Task] = set()
         self._queue = None
         self._assembly: ModelAssembly | None = None
+        #: Updates built, their encoded deltas' bytes and their messages' bytes (benchmarks, demo).
+        self.built = {"updates": 0, "payload_bytes": 0, "message_bytes": 0}
 
     def add(self, member: Member) -> None:
         self.members[member.device.device_id] = member
@@ -155,6 +157,9 @@ class Fleet:
             if self.on_reject:
                 self.on_reject(m.device.device_id, "oversize")
             return
+        self.built["updates"] += 1
+        self.built["payload_bytes"] += encoded.nbytes
+        self.built["message_bytes"] += sum(len(b) for b in bodies)
         body = bodies[0] if len(bodies) == 1 else bodies
         self.outbox.put(update_id, m.device.device_id, key, body, spec.round_id)
         await self.send(update_id, key, body)

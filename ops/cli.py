@@ -650,6 +650,24 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
         print_json(result)
 
 
+@bench_app.command("compression")
+def bench_compression(devices: int = typer.Option(5, min=2, help="Devices in the demo."),
+                      rounds: int = typer.Option(5, min=1, help="Rounds per encoding."),
+                      write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md."),
+                      json_out: bool = typer.Option(False, "--json")) -> None:
+    """Bytes per update and accuracy of int8 and top-k against float32 (the demo, per encoding)."""
+    from ops.bench_compression import run_bench
+
+    result = run(run_bench(settings(), devices=devices, rounds=rounds, write_docs=write_docs))
+    if json_out:
+        print_json(result)
+        return
+    for r in result["cases"]:
+        console.print(f"{r['compression']:>5}: {r['payload_bytes']:>7,} B payload ({r['payload_ratio']}x), "
+                      f"{r['message_bytes']:>7,} B message ({r['message_ratio']}x), accuracy "
+                      f"{r['final_accuracy']:.3f} ({r['accuracy_change_points']:+.2f} points)")
+
+
 from ops.operator_cmd import register as _register_operator_commands
 
 _register_operator_commands(app, token_app, device_app, round_app, coordinator_app, sys.modules[__name__])

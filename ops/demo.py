@@ -49,11 +49,15 @@ class DemoReport:
     rounds: list[RoundRow] = field(default_factory=list)
     enroll_seconds: float = 0.0
     namespace: str = ""
+    #: Mean bytes of an update's encoded delta, and of the messages that carried it.
+    payload_bytes: float = 0.0
+    message_bytes: float = 0.0
 
     def as_json(self) -> dict:
         return {"namespace": self.namespace, "devices": self.devices, "malicious": self.malicious,
                 "attack": self.attack,
-                "enroll_seconds": round(self.enroll_seconds, 3),
+                "enroll_seconds": round(self.enroll_seconds, 3), "payload_bytes": round(self.payload_bytes),
+                "message_bytes": round(self.message_bytes),
                 "rounds": [{"round": r.round, "status": r.status, "accuracy": r.accuracy, "accepted": r.accepted,
                             "rejected": r.rejected, "seconds": round(r.seconds, 3)} for r in self.rounds]}
 
@@ -180,6 +184,9 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
                                               {"too_few_updates": 1}, secs))
             say("rounds", len(report.rounds), rounds)
         await fleet.drain()
+        if fleet.built["updates"]:
+            report.payload_bytes = fleet.built["payload_bytes"] / fleet.built["updates"]
+            report.message_bytes = fleet.built["message_bytes"] / fleet.built["updates"]
         return report
     finally:
         await enclave.stop()

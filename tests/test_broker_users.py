@@ -139,14 +139,15 @@ async def enroll_and_send_an_update(broker, coord, enc, dev_broker: BrokerClient
 
 
 async def test_a_device_user_enrolls_trains_and_sends_its_update(broker, settings, device_user):
-    from edge_agent.fleet import Fleet, latest_model_body
+    from edge_agent.fleet import Fleet
+    from edge_agent.models import latest_model_messages
     from edge_agent.outbox import Outbox
 
     name, dev_settings = device_user
     async with coordinator(settings) as coord, enclave(settings) as enc, \
             device_broker(dev_settings, name) as dev_broker:
         await enroll_and_send_an_update(broker, coord, enc, dev_broker, name)
-        assert await latest_model_body(dev_broker) is not None  # may read the models stream
+        assert await latest_model_messages(dev_broker) != []  # may read the models stream
         fleet = Fleet(dev_broker, Outbox(settings.state_dir / "outbox.sqlite3"))
         await fleet.listen()  # may declare its own model feed, bound to the models fanout
 
