@@ -1,4 +1,4 @@
-"""The federated model and its flat-vector form.
+"""A task's model in its flat-vector form: what updates and global models carry.
 
 Updates travel as one float32 vector, so both ends must agree on the order and shapes of
 the parameters that vector covers. ``layout_id`` names that agreement: a peer compares ids
@@ -8,6 +8,8 @@ and refuses a vector built for another model instead of silently mis-assigning w
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -15,29 +17,6 @@ from torch import nn
 
 #: Bump when the way parameters are flattened changes, so old peers' ids stop matching.
 LAYOUT_VERSION = 1
-
-N_FEATURES = 64  # 8x8 digits
-N_HIDDEN = 64
-N_CLASSES = 10
-
-
-def build_model(seed: int) -> nn.Module:
-    """A 64 → 64 → 10 ReLU MLP, initialised deterministically from ``seed``.
-
-    Small on purpose: many simulated devices share a 2-core machine, and the digits task
-    needs no more to reach ~95 % accuracy.
-    """
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = nn.Sequential(
-            nn.Linear(N_FEATURES, N_HIDDEN),
-            nn.ReLU(),
-            nn.Linear(N_HIDDEN, N_CLASSES),
-        )
-    finally:
-        torch.random.set_rng_state(gen_state)  # do not disturb the caller's RNG stream
-    return model
 
 
 def layout(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -88,3 +67,15 @@ def set_flat(model: nn.Module, vec: np.ndarray) -> None:
             n = p.numel()
             p.copy_(src[offset : offset + n].view_as(p))
             offset += n
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """``torch.manual_seed(seed)`` for building a model, restoring the caller's RNG afterwards:
+    deterministic initial weights without disturbing anyone else's random stream."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        yield
+    finally:
+        torch.random.set_rng_state(state)

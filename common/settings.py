@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from common.chunks import MESSAGE_OVERHEAD
+from common.task import DEFAULT_TASK, SPEC_PATTERN
 from pqc.ids import ALIASES, DEFAULT_KEM, DEFAULT_SIG, KemId, SigId
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -120,6 +121,8 @@ class CryptoSettings(BaseModel):
 
 
 class FLSettings(BaseModel):
+    #: The task federated: ``MODULE:OBJECT`` (common/task.py; docs/tasks.md).
+    task: str = Field(DEFAULT_TASK, pattern=SPEC_PATTERN)
     rounds: int = Field(3, ge=1)
     min_updates: int = Field(2, ge=1)
     deadline_seconds: float = Field(60.0, gt=0)

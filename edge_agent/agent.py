@@ -1,17 +1,21 @@
 """``qflare agent run``: one real device, online as long as it runs.
 
-At start it reads the latest model from the models stream (a device that was offline
-catches up), resends anything left in its outbox, then follows the models fanout.
+It trains the task ``fl.task`` names, on its own file (``--data``) or on the task's
+``load_data(shard, of)``. At start it reads the latest model from the models stream (a device
+that was offline catches up), resends anything left in its outbox, then follows the models fanout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from broker.client import BrokerClient
-from common.data import device_shard
+from common.data import Partition, load_file
 from common.settings import Settings
+from common.task import TaskError
+from common.training import Attack, runner_for
 from edge_agent import client
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
@@ -23,8 +27,19 @@ log = logging.getLogger("qflare.agent")
 ENCLAVE_RETRY_SECONDS = 2.0
 
 
-async def run_agent(settings: Settings, device_id: str, shard: int, of: int, attack: str | None = None,
-                    stop: asyncio.Event | None = None) -> None:
+async def run_agent(settings: Settings, device_id: str, shard: int, of: int, attack: Attack | None = None,
+                    stop: asyncio.Event | None = None, data: Path | None = None) -> None:
+    fl = settings.fl
+    task = runner_for(fl.task)  # a broken task or data file stops here, before any broker traffic
+    if data is not None:
+        try:
+            x, y = load_file(data)
+        except ValueError as exc:
+            raise TaskError(str(exc)) from None
+    else:
+        x, y = task.load_data(shard, of, Partition.of(fl))
+    log.info("task %s (layout %s, %d parameters), %d training samples", fl.task, task.layout_id, task.n_params,
+             len(y))
     device = load_device(settings.state_dir, device_id)
     # A device declares nothing but its own queues, so it can run as a confined broker user.
     broker = await BrokerClient.open(settings, name=f"qflare-agent-{device_id}", declare=False, client_id=device_id)
@@ -39,9 +54,7 @@ async def run_agent(settings: Settings, device_id: str, shard: int, of: int, att
             log.info("no attested enclave yet; asking again in %.0f s", ENCLAVE_RETRY_SECONDS)
             await asyncio.sleep(ENCLAVE_RETRY_SECONDS)
         save_device(settings.state_dir, device)
-        fl = settings.fl
-        x, y = device_shard(shard, of, fl.partition, fl.dirichlet_alpha, fl.seed)
-        fleet = Fleet(broker, outbox)
+        fleet = Fleet(broker, outbox, task=task)
         fleet.add(Member(device, x, y, attack=attack))
         resent = await fleet.flush()
         if resent:

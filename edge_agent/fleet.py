@@ -1,8 +1,8 @@
 """Running devices: each verifies the enclave-signed model, trains, and sends its update.
 
 One process can run one device (``qflare agent run``) or thousands (the simulator): all
-devices of a process share one connection and one subscription to the models fanout, and
-each keeps its own keys, data shard and outbox entries.
+devices of a process share one connection, one subscription to the models fanout and one
+task (common/task.py), and each keeps its own keys, data and outbox entries.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from broker.client import BrokerClient
 from broker.messaging import TRANSIENT
-from common.training import train_local, warm_up
 from common import compression
+from common.task import TaskError, TrainConfig
+from common.training import Attack, TaskRunner, runner_for
 from edge_agent import updates
 from edge_agent.client import Device
 from edge_agent.models import ModelAssembly, latest_model_messages
@@ -37,7 +38,7 @@ class Member:
     device: Device
     x: np.ndarray
     y: np.ndarray
-    attack: str | None = None
+    attack: Attack | None = None
     last_round: int = 0
     model_version: int = -1
     #: What compression left out of earlier updates (error feedback), added to the next one.
@@ -54,8 +55,10 @@ def verify_model(body: bytes, device: Device) -> GlobalModel:
 
 class Fleet:
     def __init__(self, broker: BrokerClient, outbox: Outbox, *, on_sent: Callable[[str, int], None] | None = None,
-                 on_reject: Callable[[str, str], None] | None = None) -> None:
+                 on_reject: Callable[[str, str], None] | None = None, task: TaskRunner | None = None) -> None:
         self.broker = broker
+        #: What the devices train: ``fl.task`` unless given.
+        self.task = task or runner_for(broker.settings.fl.task)
         self.outbox = outbox
         self.members: dict[str, Member] = {}
         self.latest: GlobalModel | None = None
@@ -72,7 +75,9 @@ class Fleet:
 
     async def listen(self) -> None:
         """Subscribe to the models fanout, after reading the latest model from the stream."""
-        await asyncio.to_thread(warm_up)
+        if self.members:
+            first = next(iter(self.members.values()))
+            await asyncio.to_thread(self.task.warm_up, first.x, first.y)
         ch = self.broker.channel
         self._queue = await ch.declare_queue(self.broker.private_queue("models"), exclusive=True, auto_delete=True)
         await self._queue.bind(self.broker.names.models_exchange)
@@ -132,17 +137,36 @@ class Fleet:
                 continue
             if spec.expected and m.device.device_id not in spec.expected:
                 continue
+            mismatch = self._layout_mismatch(model)
+            if mismatch:  # followed, but not trained: the device's task cannot load these weights
+                log.warning("round %d not joined by %s: %s", spec.round_id, m.device.device_id, mismatch)
+                if self.on_reject:
+                    self.on_reject(m.device.device_id, Reason.LAYOUT_MISMATCH.value)
+                continue
             m.last_round = spec.round_id
             task = asyncio.create_task(self._train_and_send(m, model))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _layout_mismatch(self, model: GlobalModel) -> str | None:
+        """Why this device's task cannot train ``model`` (another task, or another version of it), if so."""
+        if model.layout_id != self.task.layout_id or len(model.params) != 4 * self.task.n_params:
+            return (f"model layout {model.layout_id} is not {self.task.name}'s {self.task.layout_id}: "
+                    "device and enclave run different tasks")
+        return None
+
     async def _train_and_send(self, m: Member, model: GlobalModel) -> None:
         spec = model.next_round
         base = np.frombuffer(model.params, dtype="<f4").copy()
         seed = zlib.crc32(f"{m.device.device_id}/{spec.round_id}".encode())
-        delta, n = await asyncio.to_thread(train_local, base, m.x, m.y, epochs=spec.epochs, lr=spec.lr,
-                                           batch_size=spec.batch_size, seed=seed, attack=m.attack)
+        config = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=seed)
+        try:
+            delta, n = await asyncio.to_thread(self.task.train, base, m.x, m.y, config, m.attack)
+        except (TaskError, ValueError) as exc:
+            log.error("training of %s in round %d failed, nothing sent: %s", m.device.device_id, spec.round_id, exc)
+            if self.on_reject:
+                self.on_reject(m.device.device_id, Reason.TASK_FAILED.value)
+            return
         s = self.broker.settings
         encoded, m.residual = compression.encode_with_feedback(
             delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,

@@ -19,12 +19,13 @@ from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from broker.principals import require_role
 from common import metrics
-from common import model as model_lib
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from common.state import private_dir
+from common.task import TaskError
+from common.training import TaskRunner, runner_for
 from enclave_worker import aggregate as agg
 from enclave_worker import attestation, filters, intake, publisher
 from enclave_worker.reassembly import ChunkIntake
@@ -103,7 +104,7 @@ def close_round_streaming(load, n: int, weights: np.ndarray, fl, sample: int = R
 
 class Enclave:
     def __init__(self, settings: Settings, initial: tuple[np.ndarray, str] | None = None) -> None:
-        """``initial`` (parameters, layout id) replaces the digits MLP, e.g. for benchmarks."""
+        """``initial`` (parameters, layout id) replaces the task's model, e.g. for benchmarks."""
         require_live_kem(settings.crypto)
         self.settings = settings
         self.code = attestation.measurement()
@@ -113,14 +114,20 @@ class Enclave:
         self.identity = attestation.load_enclave_keys(settings, self.platform, self.code)
         self.store = EnclaveStore(settings.state_dir / "enclave")
         self.policy = live_policy(settings.crypto)
+        #: The task (common/task.py): the initial model and the evaluation; loaded only when needed.
+        self.task: TaskRunner | None = None
+        if initial is None or settings.fl.evaluate:
+            self.task = runner_for(settings.fl.task)
         if initial is None:
-            net = model_lib.build_model(settings.fl.seed)
-            initial = (model_lib.get_flat(net), model_lib.layout_id(net))
+            initial = (self.task.initial_params(), self.task.layout_id)
         self.layout_id = initial[1]
         latest = self.store.latest_model()
         if latest is None:
             latest = (0, initial[0])
             self.store.save_model(0, None, latest[1], None)
+        if latest[1].shape != initial[0].shape:
+            raise TaskError(f"the enclave's stored model has {latest[1].shape[0]} parameters, the task's "
+                            f"{initial[0].shape[0]}: another task's state is in {settings.state_dir}")
         self.version, self.params = latest
         #: Trusted coordinator signature keys by fingerprint: the admitted one, plus each key
         #: it rotated to (grants signed by the previous key stay valid until they expire).
@@ -133,7 +140,6 @@ class Enclave:
         self._pending: list[tuple[object, dict | None]] = []  # handled, not yet committed and acked
         self._flusher: asyncio.Task | None = None
         self._deadline: asyncio.Task | None = None
-        self._test_data = None
         ch = settings.chunking
         self.max_chunks = max_update_chunks(int(self.params.shape[0]), ch.chunk_bytes)
         self.chunks = ChunkIntake(max_in_progress=ch.max_in_progress, timeout=ch.assembly_timeout_seconds,
@@ -420,16 +426,18 @@ class Enclave:
 
     # --- closing -------------------------------------------------------------------------
 
-    def _evaluate(self, params: np.ndarray) -> float | None:
-        if not self.settings.fl.evaluate:
-            return None
-        from common.data import load_digits_split
-        from common.training import evaluate
-
-        if self._test_data is None:
-            _, _, xt, yt = load_digits_split(seed=self.settings.fl.seed)
-            self._test_data = (xt, yt)
-        return evaluate(params, *self._test_data)
+    def _evaluate(self, params: np.ndarray) -> dict[str, float]:
+        """The task's metrics of ``params`` on its held-out data (empty when there is nothing to
+        evaluate); a task that fails is logged and reported as no metrics, never a failed round."""
+        task = self.task
+        if not self.settings.fl.evaluate or task is None or task.layout_id != self.layout_id:
+            return {}
+        try:
+            held_out = task.test_data
+            return task.evaluate(params, *held_out) if held_out is not None else {}
+        except TaskError as exc:
+            log.error("evaluation skipped: %s", exc)
+            return {}
 
     def _screen_and_aggregate(self, stored: list, weights: np.ndarray) -> tuple[np.ndarray | None,
                                                                                 filters.ScreenResult]:
@@ -469,9 +477,10 @@ class Enclave:
                                                   round_id=spec.round_id, reason=reason, update_id=u.update_id)
         accepted = int(verdict.accepted.sum())
         new_params = self.params + combined if combined is not None else self.params
-        accuracy = await asyncio.to_thread(self._evaluate, new_params)
+        scores = await asyncio.to_thread(self._evaluate, new_params)
+        accuracy = scores.get("accuracy")
         result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected, accuracy=accuracy,
-                             seconds=round(time.time() - t0, 4), status="completed")
+                             metrics=scores, seconds=round(time.time() - t0, 4), status="completed")
         version = self.version + 1
         messages = publisher.build_model_messages(self.identity, version, self.layout_id, new_params,
                                                   self.settings.chunking.chunk_bytes, result=result)
@@ -485,8 +494,8 @@ class Enclave:
         if accuracy is not None:
             metrics.ACCURACY.set(accuracy)
         await self._round_event("completed", spec.round_id, result, version=version)
-        log.info("round %d completed: %d accepted, rejected %s, accuracy %s", spec.round_id, accepted, rejected,
-                 accuracy)
+        log.info("round %d completed: %d accepted, rejected %s, metrics %s", spec.round_id, accepted, rejected,
+                 scores)
 
 
     async def _round_event(self, status: str, round_id: int, result: RoundResult, *, version: int | None = None,
@@ -495,7 +504,8 @@ class Enclave:
         if status == "completed":
             await self.broker.publisher.event(
                 "round.completed", round_id=round_id, version=version, accepted=result.accepted,
-                accuracy=result.accuracy, rejected=",".join(f"{k}={v}" for k, v in sorted(result.rejected.items())))
+                accuracy=result.accuracy, rejected=",".join(f"{k}={v}" for k, v in sorted(result.rejected.items())),
+                metrics=",".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items())))
         elif status == "cancelled":
             await self.broker.publisher.event("round.cancelled", round_id=round_id, received=received,
                                               reason="cancelled")

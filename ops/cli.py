@@ -20,6 +20,7 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,9 +38,10 @@ agent_app = typer.Typer(help="The edge agent: enroll, open a session, train and 
 round_app = typer.Typer(help="Federated rounds.", no_args_is_help=True)
 broker_app = typer.Typer(help="The broker: provision it, check it, watch queue depths.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks (figures go to docs/benchmarks.md).", no_args_is_help=True)
+task_app = typer.Typer(help="Tasks: the model and data a deployment federates (docs/tasks.md).", no_args_is_help=True)
 for sub, name in ((token_app, "token"), (device_app, "device"), (coordinator_app, "coordinator"),
                   (enclave_app, "enclave"), (agent_app, "agent"), (round_app, "round"), (broker_app, "broker"),
-                  (bench_app, "bench")):
+                  (bench_app, "bench"), (task_app, "task")):
     app.add_typer(sub, name=name)
 try:
     from ops.crypto_cmd import crypto_app
@@ -67,7 +69,7 @@ def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML s
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {message}")
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # the message as written
     return typer.Exit(code)
 
 
@@ -78,14 +80,34 @@ def settings() -> Settings:
         raise fail(f"bad configuration: {exc}", 2) from None
 
 
+TASK_HELP = "The task, MODULE:OBJECT (default fl.task; docs/tasks.md)."
+
+
+def with_task(s: Settings, task: str | None) -> Settings:
+    """``s`` with ``--task`` applied, the task loaded once so a broken one stops here, in one line."""
+    from common.task import TaskError
+    from common.training import runner_for
+
+    if task is not None:
+        s = s.model_copy(update={"fl": s.fl.model_copy(update={"task": task})})
+    try:
+        runner_for(s.fl.task)
+    except TaskError as exc:
+        raise fail(str(exc), 2) from None
+    return s
+
+
 def run(coro: Coroutine) -> Any:
     """Run ``coro``; turn the expected failures into one line and a non-zero exit."""
     from broker.connection import BrokerUnavailable
+    from common.task import TaskError
     from schemas.reasons import QflareError
 
     try:
         return asyncio.run(coro)
     except BrokerUnavailable as exc:
+        raise fail(str(exc)) from None
+    except TaskError as exc:
         raise fail(str(exc)) from None
     except QflareError as exc:
         raise fail(f"{exc.reason.value}: {exc.detail}" if exc.detail else exc.reason.value) from None
@@ -234,13 +256,13 @@ def coordinator_rotate_keys() -> None:
 
 
 @enclave_app.command("run")
-def enclave_run() -> None:
+def enclave_run(task: str | None = typer.Option(None, "--task", help=TASK_HELP)) -> None:
     """Attest to the coordinator, then verify, filter and aggregate updates until interrupted."""
     from enclave_worker.service import run as serve
     from ops.logformat import services_say_what_they_do
 
     services_say_what_they_do()
-    run(serve(settings()))
+    run(serve(with_task(settings(), task)))
 
 
 @enclave_app.command("measurement")
@@ -352,16 +374,25 @@ def agent_rotate(device_id: str = typer.Option(..., "--device-id")) -> None:
 
 @agent_app.command("run")
 def agent_run(device_id: str = typer.Option(..., "--device-id"),
-              shard: int = typer.Option(0, help="Which part of the digits training set this device holds."),
-              of: int = typer.Option(1, help="Into how many parts the set is split."),
+              task: str | None = typer.Option(None, "--task", help=TASK_HELP),
+              data: Path | None = typer.Option(None, "--data", help="This device's data: .npz (x, y) or .csv "
+                                                                    "(header, a 'label' column); default: the "
+                                                                    "task's load_data(shard, of)."),
+              shard: int = typer.Option(0, help="Device index passed to the task's load_data."),
+              of: int = typer.Option(1, help="Number of devices passed to the task's load_data."),
               attack: str | None = typer.Option(None, help="Simulate a malicious device (tests, demos).")) -> None:
     """Train on every round this device is part of; resend unconfirmed updates after reconnects."""
+    from common.training import ATTACKS
     from edge_agent.agent import run_agent
 
-    s = settings()
+    if attack is not None and attack not in ATTACKS:
+        raise fail(f"unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}", 2)
+    if not 0 <= shard < of:
+        raise fail(f"--shard {shard} is not in [0, --of {of})", 2)
+    s = with_task(settings(), task)
     if not _exists(s, device_id):
         raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
-    run(run_agent(s, device_id, shard, of, attack))
+    run(run_agent(s, device_id, shard, of, attack, data=data))
 
 
 # --- broker ------------------------------------------------------------------------------
@@ -552,6 +583,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          aggregator: str | None = typer.Option(None, help="fedavg | median | trimmed_mean | multi_krum."),
          partition: str | None = typer.Option(None, help="iid | dirichlet (non-IID, fl.dirichlet_alpha)."),
          namespace: str | None = typer.Option(None, help="Broker namespace to run in (default: a new demo-<hex>)."),
+         task: str | None = typer.Option(None, "--task", help=TASK_HELP),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
     from common.settings import BrokerSettings
@@ -575,6 +607,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
         except ValidationError as exc:
             err = exc.errors()[0]
             raise fail(f"--{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})", 2) from None
+    s = with_task(s, task)
     if json_out:
         report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
                               deadline=deadline, namespace=ns))
@@ -594,13 +627,36 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
                               deadline=deadline, progress=progress, namespace=ns))
     console.print(f"{report.devices} devices enrolled through the real protocol in {report.enroll_seconds:.2f}s"
                   + (f"; malicious ({report.attack}): {', '.join(report.malicious)}" if report.malicious else ""))
-    t = Table("round", "status", "accuracy", "accepted", "rejected (reason: count)", "seconds",
-              title="QFLARE rounds")
+    t = Table("round", "status", "accuracy", "metrics", "accepted", "rejected (reason: count)", "seconds",
+              title=f"QFLARE rounds: {report.task}")
     for r in report.rounds:
         rej = ", ".join(f"{k}: {v}" for k, v in sorted(r.rejected.items())) or "-"
-        t.add_row(str(r.round), r.status, f"{r.accuracy:.3f}" if r.accuracy is not None else "-", str(r.accepted),
-                  rej, f"{r.seconds:.2f}")
+        other = ", ".join(f"{k} {v:.4g}" for k, v in sorted(r.metrics.items()) if k != "accuracy") or "-"
+        t.add_row(str(r.round), r.status, f"{r.accuracy:.3f}" if r.accuracy is not None else "-", other,
+                  str(r.accepted), rej, f"{r.seconds:.2f}")
     console.print(t)
+
+
+# --- tasks -------------------------------------------------------------------------------
+
+
+@task_app.command("check")
+def task_check(spec: str = typer.Argument(..., metavar="MODULE:OBJECT", help="The task to check."),
+               device: int = typer.Option(0, help="Device index for load_data."),
+               of: int = typer.Option(1, help="Number of devices for load_data."),
+               json_out: bool = typer.Option(False, "--json")) -> None:
+    """Build the task's model, train one batch, flatten and restore, evaluate: say what is wrong in one line."""
+    from common.task import TaskError
+    from ops.task_check import check_task
+
+    try:
+        report = check_task(spec, device, of)
+    except TaskError as exc:
+        raise fail(str(exc)) from None
+    if json_out:
+        print_json(report.as_json())
+    else:
+        console.print(report.line(), markup=False, highlight=False, soft_wrap=True)
 
 
 # --- benchmarks --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """``qflare demo``: the whole product on one machine, through the real protocol.
 
 Starts a coordinator, an enclave and N simulated devices in one process over RabbitMQ;
-creates a token per device and enrolls each one, opens sessions, runs R rounds and
-reports per round: accuracy, accepted updates, rejections by reason, seconds.
+creates a token per device and enrolls each one, opens sessions, runs R rounds of the task
+``fl.task`` names and reports per round: accuracy (and the task's other metrics), accepted
+updates, rejections by reason, seconds.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
-from common.data import device_shard
+from common.data import Partition
 from common.settings import Settings
+from common.training import runner_for
 from coordinator.service import Coordinator
 from edge_agent import client
 from edge_agent.fleet import Fleet, Member
@@ -39,6 +41,7 @@ class RoundRow:
     accepted: int
     rejected: dict[str, int]
     seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class DemoReport:
     devices: int
     malicious: list[str]
     attack: str | None
+    task: str = ""
     rounds: list[RoundRow] = field(default_factory=list)
     enroll_seconds: float = 0.0
     namespace: str = ""
@@ -54,20 +58,22 @@ class DemoReport:
     message_bytes: float = 0.0
 
     def as_json(self) -> dict:
-        return {"namespace": self.namespace, "devices": self.devices, "malicious": self.malicious,
+        return {"namespace": self.namespace, "task": self.task, "devices": self.devices, "malicious": self.malicious,
                 "attack": self.attack,
                 "enroll_seconds": round(self.enroll_seconds, 3), "payload_bytes": round(self.payload_bytes),
                 "message_bytes": round(self.message_bytes),
-                "rounds": [{"round": r.round, "status": r.status, "accuracy": r.accuracy, "accepted": r.accepted,
-                            "rejected": r.rejected, "seconds": round(r.seconds, 3)} for r in self.rounds]}
+                "rounds": [{"round": r.round, "status": r.status, "accuracy": r.accuracy, "metrics": r.metrics,
+                            "accepted": r.accepted, "rejected": r.rejected, "seconds": round(r.seconds, 3)}
+                           for r in self.rounds]}
 
 
-def parse_rejected(text: str | None) -> dict[str, int]:
-    out: dict[str, int] = {}
+def parse_pairs(text: str | None, kind: type = int) -> dict:
+    """``"a=1,b=2"`` (how round events carry rejections and metrics) → ``{"a": 1, "b": 2}``."""
+    out: dict = {}
     for part in (text or "").split(","):
         if "=" in part:
             k, v = part.split("=", 1)
-            out[k] = int(v)
+            out[k] = kind(v)
     return out
 
 
@@ -111,8 +117,10 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
     say = progress or (lambda *_: None)
     ids = [f"device-{i:04d}" for i in range(devices)]
     bad = malicious_ids(ids, malicious)
-    report = DemoReport(devices, bad, attack if bad else None, namespace=ns)
+    report = DemoReport(devices, bad, attack if bad else None, task=settings.fl.task, namespace=ns)
     fl = settings.fl
+    task = runner_for(fl.task)  # a broken task stops the demo here, before any service starts
+    shards = [task.load_data(i, devices, Partition.of(fl)) for i in range(devices)]
     coordinator = Coordinator(settings)
     enclave = Enclave(settings)
     fleet_broker: BrokerClient | None = None
@@ -136,7 +144,7 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
         say("broker", 1, 1)
 
         rpc = await fleet_broker.rpc()
-        fleet = Fleet(fleet_broker, Outbox(state / "fleet-outbox.sqlite3"))
+        fleet = Fleet(fleet_broker, Outbox(state / "fleet-outbox.sqlite3"), task=task)
         fp = coordinator.identity.sig_fp
         t0 = time.perf_counter()
         done = 0
@@ -147,7 +155,7 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
             dev = await client.enroll(rpc, fleet_broker.names, device_id, token, fp,
                                       sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
             await client.open_session(rpc, fleet_broker.names, dev)
-            x, y = device_shard(i, devices, fl.partition, fl.dirichlet_alpha, fl.seed)
+            x, y = shards[i]
             fleet.add(Member(dev, x, y, attack=attack if device_id in bad else None))
             done += 1
             say("enroll", done, devices)
@@ -178,7 +186,8 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
                 report.rounds.append(RoundRow(ev.round_id - first + 1, "completed",
                                               float(acc) if acc is not None else None,
                                               int(ev.detail.get("accepted") or 0),
-                                              parse_rejected(ev.detail.get("rejected")), secs))
+                                              parse_pairs(ev.detail.get("rejected"), int), secs,
+                                              parse_pairs(ev.detail.get("metrics"), float)))
             elif ev.type == "round.failed":
                 report.rounds.append(RoundRow(ev.round_id - first + 1, "failed", None, 0,
                                               {"too_few_updates": 1}, secs))

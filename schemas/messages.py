@@ -551,6 +551,8 @@ class RoundResult(Message):
     accepted: int
     rejected: Annotated[dict[Label, int], Field(max_length=256)] = {}
     accuracy: float | None = None
+    #: Everything the task's evaluation reported (e.g. accuracy, loss), by name.
+    metrics: Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)], float], Field(max_length=16)] = {}
     seconds: float
     status: Label  # "completed" | "failed" | "cancelled"
 

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     CHUNK_SEQUENCE = "chunk_sequence"
     INCOMPLETE = "incomplete"
     BUSY = "busy"
+    TASK_FAILED = "task_failed"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -82,6 +83,7 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.CHUNK_SEQUENCE: "a chunk out of order, repeated, of another update or stream, or with no update begun",
     Reason.INCOMPLETE: "a chunked update's remaining chunks did not arrive in time (truncated)",
     Reason.BUSY: "the enclave is reassembling as many chunked updates as it allows; the update was refused",
+    Reason.TASK_FAILED: "the task's own code (its data, training or evaluation) failed; nothing was sent",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",

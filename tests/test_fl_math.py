@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from common.data import load_digits_split, partition
-from common.model import build_model, get_flat
+from common.model import get_flat
 from common.training import DEFAULTS, train_local
 from enclave_worker.aggregate import (
     AGGREGATORS,
@@ -30,6 +30,7 @@ from enclave_worker.filters import (
     robust_reference,
     screen,
 )
+from tasks.digits import task as digits
 
 F32 = np.float32
 finite = st.floats(-100, 100, allow_nan=False, width=32)
@@ -236,7 +237,7 @@ def round0_deltas() -> dict[str, np.ndarray]:
     """8 honest deltas plus one of each attack, all from the same initial model."""
     x, y, _, _ = load_digits_split()
     parts = partition(y, N_HONEST + 4, "iid", seed=0)
-    g = get_flat(build_model(0))
+    g = get_flat(digits.build_model())
     hp = {"epochs": DEFAULTS["epochs"], "lr": DEFAULTS["lr"], "batch_size": DEFAULTS["batch_size"]}
     out: dict[str, np.ndarray] = {}
     out["honest"] = np.stack(

@@ -8,17 +8,13 @@ import torch
 from torch import nn
 
 from common.data import device_shard, load_digits_split, partition
-from common.model import (
-    LAYOUT_VERSION,
-    build_model,
-    get_flat,
-    layout,
-    layout_id,
-    set_flat,
-)
+from common.model import LAYOUT_VERSION, get_flat, layout, layout_id, set_flat
 from common.training import DEFAULTS, evaluate, train_centralised, train_local
 from enclave_worker.aggregate import RunningFedAvg, fedavg
 from enclave_worker.filters import screen
+from tasks.digits import task as digits_task
+
+build_model = digits_task.build_model  # the default task's model; its initial weights are fixed
 
 HP = {
     "epochs": int(DEFAULTS["epochs"]),
@@ -100,7 +96,7 @@ def test_device_shard_matches_partition(digits) -> None:
 
 
 def test_layout_and_layout_id_stable() -> None:
-    a, b = build_model(0), build_model(1)
+    a, b = build_model(), nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     assert LAYOUT_VERSION == 1
     assert layout(a) == [
         ("0.weight", (64, 64)),
@@ -113,21 +109,22 @@ def test_layout_and_layout_id_stable() -> None:
     assert layout_id(nn.Sequential(nn.Linear(64, 10))) != layout_id(a)
 
 
-def test_build_model_seeded_and_leaves_global_rng_alone() -> None:
+def test_build_model_is_deterministic_and_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
-    np.testing.assert_array_equal(get_flat(build_model(7)), get_flat(build_model(7)))
+    np.testing.assert_array_equal(get_flat(build_model()), get_flat(build_model()))
     assert torch.rand(1) == expected
-    assert not np.array_equal(get_flat(build_model(7)), get_flat(build_model(8)))
+    assert not np.array_equal(get_flat(build_model()), get_flat(nn.Sequential(nn.Linear(64, 64), nn.ReLU(),
+                                                                             nn.Linear(64, 10))))
 
 
 def test_flat_roundtrip_and_rejections() -> None:
-    m = build_model(0)
+    m = build_model()
     flat = get_flat(m)
     assert flat.dtype == np.float32 and flat.ndim == 1 and flat.flags.c_contiguous
     assert flat.shape == (64 * 64 + 64 + 10 * 64 + 10,)
-    other = build_model(1)
+    other = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
     set_flat(other, flat)
     np.testing.assert_array_equal(get_flat(other), flat)
     with pytest.raises(ValueError, match="length"):
@@ -144,7 +141,7 @@ def test_flat_roundtrip_and_rejections() -> None:
 
 def test_train_local_deterministic_and_attacks(digits) -> None:
     x, y = digits[0][:120], digits[1][:120]
-    g = get_flat(build_model(0))
+    g = get_flat(build_model())
     threads = torch.get_num_threads()
     d1, n = train_local(g, x, y, seed=5, **HP)
     assert torch.get_num_threads() == threads
@@ -179,7 +176,7 @@ def simulate(
     """Rounds of local training + (optionally screened) FedAvg, entirely in-process."""
     x_tr, y_tr, x_te, y_te = digits
     parts = partition(y_tr, n_devices, "iid", seed=seed)
-    g = get_flat(build_model(seed))
+    g = get_flat(build_model())
     for r in range(ROUNDS):
         results = [
             train_local(g, x_tr[p], y_tr[p], seed=1000 * r + i, attack=attackers.get(i), **HP)
@@ -203,7 +200,7 @@ def test_fedavg_five_devices_reaches_target_and_running_matches(digits) -> None:
 
 def test_running_fedavg_matches_batch_on_real_deltas(digits) -> None:
     x_tr, y_tr, _, _ = digits
-    g = get_flat(build_model(0))
+    g = get_flat(build_model())
     results = [
         train_local(g, x_tr[p], y_tr[p], seed=i, **HP)
         for i, p in enumerate(partition(y_tr, 4, "dirichlet", seed=0))
