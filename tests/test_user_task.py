@@ -63,6 +63,7 @@ def test_user_task_outside_the_repository_trains_through_agent_and_enclave_proce
     runner = runner_for("their_task:task")
     before = runner.evaluate(runner.initial_params(), *runner.test_data)["accuracy"]
     runner_for.cache_clear()
+    sh.env["QFLARE_FL__MIN_UPDATES"] = "1"  # a one-device fleet
     sh.start("coordinator", "run")
     sh.wait_for_coordinator()
     sh.start("enclave", "run", "--task", "their_task:task")
