@@ -57,7 +57,7 @@ def test_user_task_outside_the_repository_trains_through_agent_and_enclave_proce
     from their_task import blobs
 
     x, y = blobs(120, seed=42)
-    data = outside / "cam-9.csv"
+    data = outside / "their-cam.csv"
     data.write_text("f0,f1,f2,f3,label\n" + "".join(",".join(map(str, [*row, lab])) + "\n"
                                                   for row, lab in zip(x.tolist(), y.tolist(), strict=True)))
     runner = runner_for("their_task:task")
@@ -67,13 +67,13 @@ def test_user_task_outside_the_repository_trains_through_agent_and_enclave_proce
     sh.start("coordinator", "run")
     sh.wait_for_coordinator()
     sh.start("enclave", "run", "--task", "their_task:task")
-    tok = sh.json("token", "create", "--device-id", "cam-9")
-    sh.run("agent", "enroll", "--device-id", "cam-9", "--token", tok["token"],
+    tok = sh.json("token", "create", "--device-id", "their-cam")
+    sh.run("agent", "enroll", "--device-id", "their-cam", "--token", tok["token"],
            "--coordinator-fingerprint", tok["coordinator_fingerprint"])
-    agent = sh.start("agent", "run", "--device-id", "cam-9", "--task", "their_task:task", "--data", str(data))
+    agent = sh.start("agent", "run", "--device-id", "their-cam", "--task", "their_task:task", "--data", str(data))
     state = Path(sh.env["QFLARE_STATE_DIR"])
     _poll(lambda: _meta(state / "registry.sqlite3", META_ENCLAVE_REPORT), 30)
-    sh.run("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-9")
+    sh.run("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "their-cam")
     result = _poll(lambda: _round(state / "enclave" / "enclave.sqlite3", 1), 60)
     assert agent.poll() is None
     assert result["accepted"] == 1 and result["rejected"] == {}
