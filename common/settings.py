@@ -208,6 +208,9 @@ class Settings(BaseSettings):
     amqp_url: str = Field(DEFAULT_AMQP_URL, pattern=r"^amqps?://")
     state_dir: Path = Path(".qflare")
     registry_path: Path | None = None
+    #: The registry as a PostgreSQL URL (``postgresql://user@host:5432/db``), shared by several
+    #: coordinators (docs/scaling.md); unset: the embedded SQLite file ``registry_path``.
+    registry_url: str | None = Field(None, pattern=r"^postgres(ql)?://")
     metrics_port: int | None = Field(None, ge=1, le=65535)
     broker: BrokerSettings = BrokerSettings()
     crypto: CryptoSettings = CryptoSettings()

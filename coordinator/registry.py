@@ -1,9 +1,11 @@
 """The device registry: devices, token hashes, sessions, seen nonces and an audit log.
 
-SQLite by default (WAL, migrations in order); :class:`RegistryStore` is the interface a
-PostgreSQL store would implement for several coordinators. Tokens are stored only as
-SHA3-256 hashes, and burning one is a single conditional UPDATE, so two requests racing
-with one token cannot both win, even from two processes.
+SQLite by default (WAL, migrations in order); :class:`RegistryStore` is the interface the
+PostgreSQL store (:mod:`coordinator.registry_pg`, selected by ``registry_url``) implements
+for several coordinators. Tokens are stored only as SHA3-256 hashes, and burning one is a
+single conditional UPDATE, so two requests racing with one token cannot both win, even from
+two processes. The SQL here is the common dialect of SQLite and PostgreSQL (``?``
+placeholders, ``ON CONFLICT``): both stores run the same statements.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from common.state import private_file
+from common.state import private_dir, private_file
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 MIGRATIONS: list[str] = [
     """
@@ -48,6 +53,12 @@ MIGRATIONS: list[str] = [
       round_id INTEGER PRIMARY KEY, status TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL,
       min_updates INTEGER NOT NULL, expected INTEGER NOT NULL, closed_at REAL, accepted INTEGER,
       rejected TEXT NOT NULL DEFAULT '{}', accuracy REAL, version INTEGER, reason TEXT);
+    """,
+    # sessions usable by every coordinator sharing the registry: the session key, wrapped under
+    # the coordinator's identity (coordinator/session_keys.py), and the last accepted call
+    """
+    ALTER TABLE sessions ADD COLUMN wrapped_key BLOB;
+    ALTER TABLE sessions ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 
@@ -91,6 +102,8 @@ class SessionRecord:
     device_id: str
     opened_at: float
     not_after: float
+    wrapped_key: bytes | None = None
+    last_seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,7 +154,11 @@ class RegistryStore(Protocol):
     def revoke_device(self, device_id: str, reason: str, now: float | None = None) -> Device: ...
     def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
                            now: float | None = None) -> Device: ...
-    def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None) -> None: ...
+    def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None,
+                       wrapped_key: bytes | None = None) -> None: ...
+    def get_session(self, session_id: str) -> SessionRecord | None: ...
+    def advance_session(self, session_id: str, seq: int) -> bool: ...
+    def claim_identity(self, namespace: str, fingerprint: str) -> str: ...
     def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
     def audit(self, actor: str, action: str, device_id: str | None = None, **detail: object) -> None: ...
     def get_meta(self, key: str) -> bytes | None: ...
@@ -154,6 +171,7 @@ class Registry:
     def __init__(self, path: str) -> None:
         if path != ":memory:":
             private_file(Path(path))  # 0600 before SQLite opens it (its -wal/-shm follow the mode)
+        self.path = path
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self.lock = threading.RLock()
         if path != ":memory:":
@@ -291,7 +309,7 @@ class Registry:
                 raise KeyError(device_id)
             self.db.execute("UPDATE devices SET status='revoked', revoked_at=COALESCE(revoked_at, ?) "
                             "WHERE device_id=?", (now, device_id))
-            self.db.execute("UPDATE sessions SET not_after=MIN(not_after, ?) WHERE device_id=?", (now, device_id))
+            self.db.execute("UPDATE sessions SET not_after=? WHERE device_id=? AND not_after>?", (now, device_id, now))
         self.audit("operator", "device.revoked", device_id, reason=reason)
         return self.get_device(device_id)  # type: ignore[return-value]
 
@@ -313,10 +331,20 @@ class Registry:
 
     # --- sessions and nonces -------------------------------------------------------------
 
-    def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None) -> None:
+    def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None,
+                       wrapped_key: bytes | None = None) -> None:
         now = time.time() if now is None else now
         with self.lock:
-            self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?)", (session_id, device_id, now, not_after))
+            self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?,?,0)",
+                              (session_id, device_id, now, not_after, wrapped_key))
+
+    def advance_session(self, session_id: str, seq: int) -> bool:
+        """Accept call ``seq`` of a session once: one conditional UPDATE, so of two coordinators
+        handed the same call (a replay, a redelivery) exactly one answers it."""
+        with self.lock:
+            cur = self.fast.execute("UPDATE sessions SET last_seq=? WHERE session_id=? AND last_seq<?",
+                                    (seq, session_id, seq))
+            return cur.rowcount == 1
 
     def get_session(self, session_id: str) -> SessionRecord | None:
         row = self.db.execute("SELECT * FROM sessions WHERE session_id=?", (session_id,)).fetchone()
@@ -334,7 +362,8 @@ class Registry:
             try:
                 if secrets.randbelow(64) == 0:  # prune now and then, not on every handshake
                     self.fast.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - window_seconds,))
-                cur = self.fast.execute("INSERT OR IGNORE INTO seen_nonces VALUES (?,?)", (nonce.hex(), now))
+                cur = self.fast.execute("INSERT INTO seen_nonces VALUES (?,?) ON CONFLICT DO NOTHING",
+                                        (nonce.hex(), now))
                 self.fast.execute("COMMIT")
             except BaseException:
                 self.fast.execute("ROLLBACK")
@@ -348,8 +377,9 @@ class Registry:
         """A round the plan opened (again, after a restart: the record is kept as it was)."""
         now = time.time() if now is None else now
         with self.lock:
-            self.db.execute("INSERT OR IGNORE INTO rounds(round_id, status, opened_at, deadline, min_updates, expected)"
-                            " VALUES (?,?,?,?,?,?)", (round_id, "open", now, deadline, min_updates, expected))
+            self.db.execute("INSERT INTO rounds(round_id, status, opened_at, deadline, min_updates, expected)"
+                            " VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                            (round_id, "open", now, deadline, min_updates, expected))
 
     def record_round_closed(self, round_id: int, status: str, *, accepted: int | None = None,
                             rejected: dict[str, int] | None = None, accuracy: float | None = None,
@@ -390,7 +420,35 @@ class Registry:
 
     def get_meta(self, key: str) -> bytes | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return row[0] if row else None
+        return bytes(row[0]) if row else None
+
+    def claim_identity(self, namespace: str, fingerprint: str) -> str:
+        """Record ``fingerprint`` as the coordinator identity of ``namespace`` unless one is
+        recorded already; the one recorded (the first claimant's, in one statement)."""
+        key = identity_meta_key(namespace)
+        with self.lock:
+            self.db.execute("INSERT INTO meta VALUES (?,?) ON CONFLICT DO NOTHING", (key, fingerprint.encode()))
+        return (self.get_meta(key) or b"").decode()
+
+    def describe(self) -> str:
+        """Where the registry lives, for logs (never a password)."""
+        return self.path
+
+
+def identity_meta_key(namespace: str) -> str:
+    """The meta key holding the fingerprint of ``namespace``'s coordinator identity."""
+    return f"coordinator_identity:{namespace}"
+
+
+def open_registry(settings: Settings) -> Registry:
+    """The registry ``settings`` select: PostgreSQL for a ``registry_url``, else the SQLite file."""
+    if settings.registry_url:
+        from coordinator.registry_pg import PgRegistry
+
+        return PgRegistry(settings.registry_url)
+    if not settings.registry_file.parent.exists():
+        private_dir(settings.registry_file.parent)
+    return Registry(str(settings.registry_file))
 
 
 def _statements(sql: str) -> list[str]:

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
@@ -28,7 +27,8 @@ from common.settings import Settings
 from common.state import private_dir
 from coordinator.operator import OperatorDesk, check_round_start
 from coordinator.ratelimit import RateLimiter
-from coordinator.registry import Registry
+from coordinator import session_keys
+from coordinator.registry import Registry, SessionRecord, identity_meta_key, open_registry
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import CodecError, decode, encode
@@ -96,21 +96,13 @@ def load_identity(settings: Settings) -> Identity:
     return Identity.load_or_create(coordinator_dir(settings), settings.crypto.signature, settings.crypto.kem)
 
 
-@dataclass
-class LiveSession:
-    device_id: str
-    key: bytes
-    not_after: float
-    last_seq: int = 0
-
-
 class Coordinator:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         require_live_kem(settings.crypto)
         self.settings = settings
         private_dir(settings.state_dir)
         self.identity = load_identity(settings)
-        self.registry = registry or Registry(str(settings.registry_file))
+        self.registry = registry or open_registry(settings)
         self.policy = live_policy(settings.crypto)
         rl = settings.rate_limits
         self.enroll_limits = RateLimiter(rl.enroll_per_device_per_s, rl.enroll_per_device_burst,
@@ -119,8 +111,9 @@ class Coordinator:
                                           rl.global_per_s, rl.global_burst)
         self.broker: BrokerClient | None = None
         self.broker_names = Names(settings.broker.namespace)
-        #: Live sessions' keys, in memory only: after a restart devices open new sessions.
-        self.sessions: dict[str, LiveSession] = {}
+        #: Session keys live in the registry, wrapped under this key (coordinator/session_keys.py),
+        #: so every coordinator of the namespace serves every session, and a restart keeps them.
+        self.session_wrap = session_keys.wrapping_key(self.identity.kem_sk)
         self._rounds_task: asyncio.Task | None = None
         self._round_done: asyncio.Queue[Event] = asyncio.Queue()
         self.operator_desk = OperatorDesk(self)
@@ -153,7 +146,20 @@ class Coordinator:
 
     # --- lifecycle -----------------------------------------------------------------------
 
+    def claim_namespace(self) -> None:
+        """One coordinator identity per namespace: the registry records the first one's
+        fingerprint, and a coordinator holding other keys refuses to start (devices would see
+        its replies fail their pinned key, one in N, silently)."""
+        ns = self.broker_names.namespace
+        recorded = self.registry.claim_identity(ns, self.identity.sig_fp)
+        if recorded != self.identity.sig_fp:
+            raise QflareError(Reason.IDENTITY_CONFLICT, (
+                f"namespace {ns} is served by coordinator {recorded[:16]}… but this one holds key "
+                f"{self.identity.sig_fp[:16]}…: give every coordinator the same key directory "
+                f"({coordinator_dir(self.settings)}), see docs/scaling.md"))
+
     async def start(self) -> None:
+        self.claim_namespace()
         self.broker = await BrokerClient.open(self.settings, name="qflare-coordinator")
         b = self.broker
         await serve_rpc(b.channel, b.publisher, b.names.coordinator_queue, self.handle,
@@ -172,7 +178,7 @@ class Coordinator:
                         "will be refused; make one with `qflare operator init`")
         log.info("coordinator started: namespace %s, signature key %s, KEM key %s (%s), %d pinned operator key(s), "
                  "registry %s, metrics port %s", b.names.namespace, self.identity.sig_fp, self.identity.kem_fp,
-                 self.identity.kem_alg, len(self.operator_desk.pinned), self.settings.registry_file,
+                 self.identity.kem_alg, len(self.operator_desk.pinned), self.registry.describe(),
                  self.settings.metrics_port or "off")
 
     async def _on_round_event(self, message) -> None:
@@ -329,10 +335,9 @@ class Coordinator:
                                         sig_pk=device.sig_pk, sig_fp=device.sig_fp, issued_at=now,
                                         not_after=not_after, transcript=transcript,
                                         enclave_digest=handshake.enclave_digest(report)))
-        self.registry.record_session(session_id, device.device_id, not_after)
-        self._forget_expired(now)
-        self.sessions[session_id] = LiveSession(device.device_id, handshake.session_key(ss, req.nonce, nonce, transcript),
-                                                not_after)
+        key = handshake.session_key(ss, req.nonce, nonce, transcript)
+        self.registry.record_session(session_id, device.device_id, not_after, now,
+                                     wrapped_key=session_keys.wrap(self.session_wrap, session_id, key))
         metrics.SESSIONS.labels("ok").inc()
         await self._event("session.opened", device_id=device.device_id, session_id=session_id)
         return SessionAccept(device_id=device.device_id, session_id=session_id, ciphertext=ct, nonce=nonce,
@@ -340,34 +345,31 @@ class Coordinator:
 
     # --- control traffic under the session key ----------------------------------------
 
-    def _forget_expired(self, now: float) -> None:
-        if len(self.sessions) > 10_000:
-            for sid in [k for k, v in self.sessions.items() if v.not_after < now]:
-                del self.sessions[sid]
-
     async def session_call(self, call: SessionCall) -> SessionCall:
-        """Open a device's control request, answer it under the same key."""
-        live = self.sessions.get(call.session_id)
-        if live is None:
+        """Open a device's control request, answer it under the same key (any coordinator
+        sharing the registry can: the session, its key and its last sequence live there)."""
+        live = self.registry.get_session(call.session_id)
+        key = live and live.wrapped_key and session_keys.unwrap(self.session_wrap, call.session_id, live.wrapped_key)
+        if live is None or not key:  # none, from before the keys were kept, or under a rotated key
             raise QflareError(Reason.SESSION_UNKNOWN, "open a new session")
+        device = self.registry.get_device(live.device_id)
+        if device is None or device.status != "active":
+            raise QflareError(Reason.REVOKED, live.device_id)
         if time.time() > live.not_after:
             raise QflareError(Reason.SESSION_EXPIRED, "open a new session")
         if call.seq <= live.last_seq:
             raise QflareError(Reason.REPLAY, f"sequence {call.seq} already used")
-        payload = handshake.open_call(live.key, call.session_id, call.seq, handshake.TO_COORDINATOR, call.ciphertext)
+        payload = handshake.open_call(key, call.session_id, call.seq, handshake.TO_COORDINATOR, call.ciphertext)
         if payload is None:
             raise QflareError(Reason.BAD_SIGNATURE, "session call does not authenticate")
-        live.last_seq = call.seq
-        device = self.registry.get_device(live.device_id)
-        if device is None or device.status != "active":
-            self.sessions.pop(call.session_id, None)
-            raise QflareError(Reason.REVOKED, live.device_id)
+        if not self.registry.advance_session(call.session_id, call.seq):  # atomic across coordinators
+            raise QflareError(Reason.REPLAY, f"sequence {call.seq} already used")
         request = decode(payload, (StatusRequest,))
         reply = self._status(device, live, request)
         return SessionCall(session_id=call.session_id, seq=call.seq, ciphertext=handshake.seal_call(
-            live.key, call.session_id, call.seq, handshake.TO_DEVICE, encode(reply)))
+            key, call.session_id, call.seq, handshake.TO_DEVICE, encode(reply)))
 
-    def _status(self, device, live: LiveSession, request: StatusRequest) -> StatusReply:
+    def _status(self, device, live: SessionRecord, request: StatusRequest) -> StatusReply:
         report = self.registry.get_meta(META_ENCLAVE_REPORT)
         kem_fp = None
         if report:
@@ -592,7 +594,7 @@ async def rotate_coordinator_keys(settings: Settings) -> tuple[str, str]:
     statement = signing.sign(CoordinatorKeys(sig_alg=new.sig_alg, sig_pk=new.sig_pk, kem_alg=new.kem_alg,
                                              kem_pk=new.kem_pk, issued_at=time.time(), previous_sig_alg=old.sig_alg,
                                              previous_sig_pk=old.sig_pk), old.sig_alg, old.sig_sk, old.sig_pk)
-    registry = Registry(str(settings.registry_file))
+    registry = open_registry(settings)
     broker = await BrokerClient.open(settings, name="qflare-rotate")
     try:
         chain = rotations(registry) + [encode(statement)]
@@ -600,6 +602,7 @@ async def rotate_coordinator_keys(settings: Settings) -> tuple[str, str]:
         archive = coordinator_dir(settings) / "previous" / old.sig_fp[:16]
         old.save(archive)
         new.save(coordinator_dir(settings))
+        registry.set_meta(identity_meta_key(settings.broker.namespace), new.sig_fp.encode())
         registry.audit("operator", "coordinator.rotated", old_fp=old.sig_fp, new_fp=new.sig_fp)
         await broker.publisher.publish(broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY, statement)
         await broker.publisher.event("coordinator.rotated", old_fp=old.sig_fp, new_fp=new.sig_fp)
@@ -614,7 +617,7 @@ async def revoke_device(settings: Settings, device_id: str, reason: str = "opera
                         identity: Identity | None = None) -> None:
     """Revoke at once: registry, a signed notice the enclave consumes, an event."""
     own_registry = registry is None
-    registry = registry or Registry(str(settings.registry_file))
+    registry = registry or open_registry(settings)
     identity = identity or load_identity(settings)
     own_broker = broker is None
     try:

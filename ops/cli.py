@@ -137,11 +137,9 @@ def print_json(obj: Any) -> None:
 
 
 def _registry(s: Settings):
-    from common.state import private_dir
-    from coordinator.registry import Registry
+    from coordinator.registry import open_registry
 
-    private_dir(s.registry_file.parent)
-    return Registry(str(s.registry_file))
+    return open_registry(s)
 
 
 @token_app.command("list")

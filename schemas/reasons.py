@@ -46,6 +46,7 @@ class Reason(StrEnum):
     NO_ENCLAVE = "no_enclave"
     NOT_OPERATOR = "not_operator"
     NO_ROUND = "no_round"
+    IDENTITY_CONFLICT = "identity_conflict"
     TIMEOUT = "timeout"
     FORBIDDEN = "forbidden"
     INTERNAL = "internal"
@@ -88,6 +89,7 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",
     Reason.NO_ROUND: "no such round, or no round plan is running",
+    Reason.IDENTITY_CONFLICT: "a coordinator with another identity already serves this namespace (docs/scaling.md)",
     Reason.TIMEOUT: "no reply in time",
     Reason.FORBIDDEN: "the broker-verified user that sent it may not: another role's request, or another device's id",
     Reason.INTERNAL: "a bug on the receiving side; the message was dead-lettered",

@@ -2,7 +2,9 @@
 
 The broker is the one named by QFLARE_AMQP_URL, else the local default; only when neither
 answers is one started with testcontainers. With none to be had, broker tests fail with a
-message saying how to get one (they are never silently skipped).
+message saying how to get one (they are never silently skipped). PostgreSQL the same way:
+QFLARE_TEST_PG_URL, else 127.0.0.1:5432 (user postgres), else a testcontainers one; each test
+gets a database of its own, dropped afterwards.
 """
 
 from __future__ import annotations
@@ -52,6 +54,44 @@ def amqp_url() -> Iterator[str]:
         yield f"amqp://guest:guest@{host}:{port}/"
     finally:
         container.stop()
+
+
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A PostgreSQL server's maintenance database, where test databases are made."""
+    url = os.environ.get("QFLARE_TEST_PG_URL") or DEFAULT_PG_URL
+    if _answers(url.replace("postgresql://", "amqp://", 1).rsplit("/", 1)[0] + "/"):
+        yield url
+        return
+    try:
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:16", driver=None).start()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"no PostgreSQL at {url}, and testcontainers could not start one ({exc}); "
+                    "start one or set QFLARE_TEST_PG_URL")
+    try:
+        yield container.get_connection_url()
+    finally:
+        container.stop()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """The URL of a fresh database of this test's own (dropped, with its connections, after)."""
+    import psycopg
+
+    name = "qflare_t" + uuid.uuid4().hex[:12]
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield pg_admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

@@ -318,8 +318,19 @@ async def test_control_traffic_is_protected_by_the_session_key(broker, settings)
         await expect_reason(call(sess.seq + 5, b"\0" * 32), Reason.BAD_SIGNATURE)  # without the key
         await coord.revoke("ctl-1")
         await expect_reason(client.status(rpc, broker.names, dev), Reason.REVOKED)
-    async with coordinator(settings) as coord:  # keys are not kept across restarts
-        await expect_reason(client.status(rpc, broker.names, dev), Reason.SESSION_UNKNOWN)
+    async with coordinator(settings) as coord:  # the session outlives a restart, and so does the revocation
+        await expect_reason(client.status(rpc, broker.names, dev), Reason.REVOKED)
+
+
+async def test_a_session_outlives_a_coordinator_restart_and_a_replay_stays_refused(broker, settings):
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "ctl-2")
+        rpc = await broker.rpc()
+        assert (await client.status(rpc, broker.names, dev)).status == "active"
+    async with coordinator(settings):  # keys and sequence numbers are in the registry
+        assert (await client.status(rpc, broker.names, dev)).status == "active"
+        dev.session.seq -= 1  # the last call's sequence number again
+        await expect_reason(client.status(rpc, broker.names, dev), Reason.REPLAY)
 
 
 async def test_session_requests_are_rate_limited_per_device(broker, settings):

@@ -1,16 +1,41 @@
-"""The registry on its own: tokens, devices, nonces, audit, migrations (SQLite files)."""
+"""The registry on its own: tokens, devices, nonces, audit, migrations, sessions; every test
+runs against both stores, the SQLite file and PostgreSQL (a database of the test's own)."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Callable
 
+import psycopg
 import pytest
 
-from coordinator.registry import MIGRATIONS, Registry, RegistryError
+from coordinator.registry import MIGRATIONS, Registry, RegistryError, token_hash
+from coordinator.registry_pg import PG_MIGRATIONS, PgRegistry
 from pqc.identity import Identity
 
 IDENT = Identity.generate("ML-DSA-44", "ML-KEM-768")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path) -> Callable[[], Registry]:
+    """Opens a new connection to this test's registry (each call one more, as another
+    coordinator process would hold); closed at the end."""
+    if request.param == "sqlite":
+        target = str(tmp_path / "r.sqlite3")
+        make = lambda: Registry(target)  # noqa: E731
+    else:
+        url = request.getfixturevalue("pg_url")
+        make = lambda: PgRegistry(url)  # noqa: E731
+    opened: list[Registry] = []
+
+    def open_() -> Registry:
+        opened.append(make())
+        return opened[-1]
+
+    yield open_
+    for reg in opened:
+        reg.close()
 
 
 def enroll(reg: Registry, device_id: str):
@@ -27,8 +52,16 @@ def test_only_the_token_hash_is_stored(tmp_path):
         assert token.encode() not in wal.read_bytes()
 
 
-def test_every_token_outcome(tmp_path):
-    reg = Registry(str(tmp_path / "r.sqlite3"))
+def test_only_the_token_hash_is_stored_in_postgresql(pg_url):
+    reg = PgRegistry(pg_url)
+    token = reg.create_token("d1", 60)
+    dump = repr(reg.db.execute("SELECT * FROM tokens").fetchall()) + repr(reg.audit_log())
+    reg.close()
+    assert token not in dump and token_hash(token) in dump
+
+
+def test_every_token_outcome(open_store):
+    reg = open_store()
     t = reg.create_token("d1", 60, now=1000.0)
     assert reg.check_token("nope", "d1", now=1001.0) == "token_unknown"
     assert reg.check_token(t, "d2", now=1001.0) == "device_mismatch"
@@ -38,21 +71,20 @@ def test_every_token_outcome(tmp_path):
     revoked = reg.create_token("d3", 60)
     reg.revoke_token(revoked)
     assert reg.check_token(revoked, "d3") == "token_unknown"
+    assert [x.device_id for x in reg.list_tokens(include_used=True)] == ["d1", "d3"]
 
 
-def test_one_token_wins_exactly_once_across_connections(tmp_path):
-    path = str(tmp_path / "r.sqlite3")
-    token = Registry(path).create_token("d1", 60)
+def test_one_token_wins_exactly_once_across_connections(open_store):
+    token = open_store().create_token("d1", 60)
     outcomes: list[str] = []
     barrier = threading.Barrier(8)
+    stores = [open_store() for _ in range(8)]  # each its own connection, as separate coordinators
 
-    def race() -> None:
-        reg = Registry(path)  # each thread its own connection, as separate coordinators would
+    def race(reg: Registry) -> None:
         barrier.wait()
         outcomes.append(reg.consume_token(token, "d1"))
-        reg.close()
 
-    threads = [threading.Thread(target=race) for _ in range(8)]
+    threads = [threading.Thread(target=race, args=(reg,)) for reg in stores]
     for t in threads:
         t.start()
     for t in threads:
@@ -60,20 +92,20 @@ def test_one_token_wins_exactly_once_across_connections(tmp_path):
     assert sorted(outcomes) == ["ok"] + ["token_used"] * 7
 
 
-def test_state_survives_reopening_and_migrations_are_idempotent(tmp_path):
-    path = str(tmp_path / "r.sqlite3")
-    reg = Registry(path)
+def test_state_survives_reopening_and_migrations_are_idempotent(open_store):
+    reg = open_store()
     token = reg.create_token("d1", 60)
     enroll(reg, "d0")
     reg.close()
-    reg = Registry(path)
-    assert reg.schema_version == len(MIGRATIONS)
+    reg = open_store()
+    assert reg.schema_version == len(MIGRATIONS) == len(PG_MIGRATIONS)
     assert reg.get_device("d0").sig_fp == IDENT.sig_fp
+    assert reg.get_device("d0").sig_pk == IDENT.sig_pk
     assert reg.consume_token(token, "d1") == "ok"
 
 
-def test_revoked_device_cannot_enroll_and_its_sessions_end(tmp_path):
-    reg = Registry(str(tmp_path / "r.sqlite3"))
+def test_revoked_device_cannot_enroll_and_its_sessions_end(open_store):
+    reg = open_store()
     enroll(reg, "d1")
     reg.record_session("s" * 16, "d1", not_after=10**10)
     assert reg.session_active("s" * 16)
@@ -85,33 +117,58 @@ def test_revoked_device_cannot_enroll_and_its_sessions_end(tmp_path):
         reg.rotate_device_keys("d1", IDENT.sig_alg, IDENT.sig_pk, IDENT.kem_alg, IDENT.kem_pk)
     with pytest.raises(KeyError):
         reg.revoke_device("ghost", "x")
+    assert [d.device_id for d in reg.list_devices("revoked")] == ["d1"]
 
 
-def test_rotation_replaces_keys_and_records_when(tmp_path):
-    reg = Registry(str(tmp_path / "r.sqlite3"))
+def test_rotation_replaces_keys_and_records_when(open_store):
+    reg = open_store()
     enroll(reg, "d1")
     new = Identity.generate("ML-DSA-44", "ML-KEM-768")
     dev = reg.rotate_device_keys("d1", new.sig_alg, new.sig_pk, new.kem_alg, new.kem_pk, now=5.0)
     assert dev.sig_fp == new.sig_fp and dev.rotated_at == 5.0
 
 
-def test_nonces_are_remembered_within_the_window(tmp_path):
-    reg = Registry(str(tmp_path / "r.sqlite3"))
+def test_nonces_are_remembered_within_the_window(open_store):
+    reg, other = open_store(), open_store()
     assert reg.remember_nonce(b"n" * 32, now=100.0)
     assert not reg.remember_nonce(b"n" * 32, now=101.0)  # a replay
+    assert not other.remember_nonce(b"n" * 32, now=102.0)  # a replay to another coordinator
 
 
-def test_audit_log_is_append_only(tmp_path):
-    reg = Registry(str(tmp_path / "r.sqlite3"))
+def test_sessions_are_shared_and_each_call_is_accepted_once(open_store):
+    reg, other = open_store(), open_store()
+    reg.record_session("s1", "d1", not_after=10**10, wrapped_key=b"k" * 60)
+    seen = other.get_session("s1")
+    assert seen.wrapped_key == b"k" * 60 and seen.last_seq == 0 and seen.device_id == "d1"
+    assert other.advance_session("s1", 1)
+    assert not reg.advance_session("s1", 1)  # the same call through another coordinator: refused
+    assert not reg.advance_session("s1", 0)
+    assert reg.advance_session("s1", 5) and other.get_session("s1").last_seq == 5
+    assert not reg.advance_session("ghost", 1)
+
+
+def test_one_coordinator_identity_per_namespace(open_store):
+    reg, other = open_store(), open_store()
+    assert reg.claim_identity("ns1", "a" * 64) == "a" * 64
+    assert other.claim_identity("ns1", "b" * 64) == "a" * 64  # the first claim stays
+    assert other.claim_identity("ns2", "b" * 64) == "b" * 64
+
+
+def test_audit_log_is_append_only(open_store):
+    reg = open_store()
     reg.audit("operator", "something", "d1", why="test")
     assert reg.audit_log(1)[0].detail == {"why": "test"}
-    for sql in ("DELETE FROM audit", "UPDATE audit SET action='x'"):
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+    statements = ["DELETE FROM audit", "UPDATE audit SET action='x'"]
+    if isinstance(reg, PgRegistry):
+        statements.append("TRUNCATE audit")
+    for sql in statements:
+        with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
             reg.db.execute(sql)
+    assert [e.action for e in reg.audit_log()] == ["something"]
 
 
-def test_rounds_are_recorded_and_their_first_outcome_stays(tmp_path):
-    reg = Registry(str(tmp_path / "r.sqlite3"))
+def test_rounds_are_recorded_and_their_first_outcome_stays(open_store):
+    reg = open_store()
     reg.record_round_opened(1, deadline=100.0, min_updates=2, expected=3, now=10.0)
     reg.record_round_opened(1, deadline=999.0, min_updates=9, expected=9)  # reopened after a restart
     assert reg.record_round_closed(1, "completed", accepted=3, rejected={"norm_bound": 1}, accuracy=0.9, version=1)
@@ -120,3 +177,10 @@ def test_rounds_are_recorded_and_their_first_outcome_stays(tmp_path):
     assert (r.status, r.deadline, r.accepted, r.rejected, r.version) == ("completed", 100.0, 3, {"norm_bound": 1}, 1)
     reg.record_round_opened(2, deadline=200.0, min_updates=2, expected=0)
     assert [x.round_id for x in reg.list_rounds(5)] == [2, 1] and reg.get_round(3) is None
+
+
+def test_meta_round_trips_bytes(open_store):
+    reg = open_store()
+    reg.set_meta("k", b"\x00\xffv1")
+    reg.set_meta("k", b"v2")
+    assert reg.get_meta("k") == b"v2" and reg.get_meta("none") is None
