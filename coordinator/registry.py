@@ -10,12 +10,14 @@ placeholders, ``ON CONFLICT``): both stores run the same statements.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -59,6 +61,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sessions ADD COLUMN wrapped_key BLOB;
     ALTER TABLE sessions ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
     """,
 ]
 
@@ -159,6 +162,9 @@ class RegistryStore(Protocol):
     def get_session(self, session_id: str) -> SessionRecord | None: ...
     def advance_session(self, session_id: str, seq: int) -> bool: ...
     def claim_identity(self, namespace: str, fingerprint: str) -> str: ...
+    def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def claim_lease(self, name: str, holder: str, ttl_seconds: float, now: float | None = None) -> bool: ...
+    def release_lease(self, name: str, holder: str) -> None: ...
     def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
     def audit(self, actor: str, action: str, device_id: str | None = None, **detail: object) -> None: ...
     def get_meta(self, key: str) -> bytes | None: ...
@@ -167,6 +173,9 @@ class RegistryStore(Protocol):
 
 class Registry:
     """SQLite implementation of :class:`RegistryStore`."""
+
+    #: How :meth:`transaction` begins: take SQLite's write lock at once (no upgrade deadlock).
+    BEGIN = "BEGIN IMMEDIATE"
 
     def __init__(self, path: str) -> None:
         if path != ":memory:":
@@ -205,6 +214,19 @@ class Registry:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements on ``db`` inside commit together or not at all (e.g. a token's burn and
+        the enrolment it pays for: a coordinator killed between them leaves neither)."""
+        with self.lock:
+            self.db.execute(self.BEGIN)
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         if self.fast is not self.db:
@@ -429,6 +451,21 @@ class Registry:
         with self.lock:
             self.db.execute("INSERT INTO meta VALUES (?,?) ON CONFLICT DO NOTHING", (key, fingerprint.encode()))
         return (self.get_meta(key) or b"").decode()
+
+    def claim_lease(self, name: str, holder: str, ttl_seconds: float, now: float | None = None) -> bool:
+        """Take or renew the lease ``name`` for ``holder`` (one statement: of coordinators
+        claiming together, one gets it); False while another holds it unexpired."""
+        now = time.time() if now is None else now
+        with self.lock:
+            cur = self.db.execute(
+                "INSERT INTO leases VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET holder=excluded.holder, "
+                "expires_at=excluded.expires_at WHERE leases.holder=excluded.holder OR leases.expires_at<?",
+                (name, holder, now + ttl_seconds, now))
+            return cur.rowcount == 1
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM leases WHERE name=? AND holder=?", (name, holder))
 
     def describe(self) -> str:
         """Where the registry lives, for logs (never a password)."""

@@ -54,6 +54,7 @@ PG_MIGRATIONS: list[str] = [
     """
     ALTER TABLE sessions ADD COLUMN wrapped_key BYTEA;
     ALTER TABLE sessions ADD COLUMN last_seq BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL);
     """,
 ]
 #: pg_advisory_xact_lock key held while migrating (any constant of our own).
@@ -76,6 +77,8 @@ class _Connection:
 
 class PgRegistry(Registry):
     """PostgreSQL implementation of :class:`coordinator.registry.RegistryStore`."""
+
+    BEGIN = "BEGIN"  # READ COMMITTED: a racing burn waits on the row lock, then finds it used
 
     def __init__(self, url: str) -> None:  # noqa: D107 (the parent's __init__ opens SQLite)
         self.path = redact(url)

@@ -85,6 +85,10 @@ ROUND_END_EVENTS = ("round.completed", "round.failed", "round.cancelled")
 ROLE_OF: dict[type[Message], tuple[str, str]] = {AttestRequest: ("enclave", "attestation")}
 #: How long past a round's deadline the coordinator waits for the enclave to close it.
 ROUND_GRACE_SECONDS = 60.0
+#: The round driver's lease in the registry: of several coordinators one runs the stored plan,
+#: renewing every third of this; when it dies, another takes the plan over within this long.
+ROUND_LEASE = "round_driver"
+ROUND_LEASE_SECONDS = 15.0
 
 
 def coordinator_dir(settings: Settings) -> Path:
@@ -115,6 +119,9 @@ class Coordinator:
         #: so every coordinator of the namespace serves every session, and a restart keeps them.
         self.session_wrap = session_keys.wrapping_key(self.identity.kem_sk)
         self._rounds_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
+        #: This process among the coordinators sharing the registry (holder of leases).
+        self.instance = f"{VERSION}-{secrets.token_hex(8)}"
         self._round_done: asyncio.Queue[Event] = asyncio.Queue()
         self.operator_desk = OperatorDesk(self)
         self.keys_message = signing.sign(self._keys(), self.identity.sig_alg, self.identity.sig_sk,
@@ -158,9 +165,35 @@ class Coordinator:
                 f"{self.identity.sig_fp[:16]}…: give every coordinator the same key directory "
                 f"({coordinator_dir(self.settings)}), see docs/scaling.md"))
 
+    async def _check_peers(self) -> None:
+        """Coordinators already serving the namespace must hold this identity too, even when
+        they keep another registry (a second state directory): ask one for its key."""
+        assert self.broker is not None
+        ch = await self.broker.connection.channel()
+        try:
+            q = await ch.declare_queue(self.broker.names.coordinator_queue, passive=True)
+        finally:
+            await ch.close()
+        if not q.declaration_result.consumer_count:
+            return
+        rpc = await self.broker.rpc()
+        try:
+            chain = await rpc.call(self.broker.names.rpc_exchange, Names.COORDINATOR_KEY, KeysRequest(), KeyChain,
+                                   self.settings.broker.rpc_timeout)
+        except QflareError:
+            return  # none answered in time (a peer just stopped): nothing to compare with
+        keys = signing.unverified(decode(chain.current, Signed), CoordinatorKeys)
+        peer_fp = pqc.fingerprint(keys.sig_pk, keys.sig_alg)
+        if peer_fp != self.identity.sig_fp:
+            raise QflareError(Reason.IDENTITY_CONFLICT, (
+                f"namespace {self.broker.names.namespace} is served by coordinator {peer_fp[:16]}… but this one "
+                f"holds key {self.identity.sig_fp[:16]}…: give every coordinator the same key directory and "
+                "registry, see docs/scaling.md"))
+
     async def start(self) -> None:
         self.claim_namespace()
         self.broker = await BrokerClient.open(self.settings, name="qflare-coordinator")
+        await self._check_peers()
         b = self.broker
         await serve_rpc(b.channel, b.publisher, b.names.coordinator_queue, self.handle,
                         expected=REQUESTS, max_bytes=self.settings.broker.max_message_bytes)
@@ -171,7 +204,11 @@ class Coordinator:
         for key in ROUND_END_EVENTS:
             await q.bind(b.names.events_exchange, key)
         await q.consume(self._on_round_event, no_ack=True)
-        await self._resume_plan()
+        if self._stored_plan() is not None and self._claim_rounds():
+            await self._resume_plan()
+            if not self._driving():
+                self.registry.release_lease(ROUND_LEASE, self.instance)
+        self._watch_task = asyncio.create_task(self._watch_plan())
         log.warning(SIMULATED_WARNING, platform_dir(self.settings))
         if not self.operator_desk.pinned:
             log.warning("no operator key is pinned (operator.pinned_fingerprints): every operator request "
@@ -202,8 +239,10 @@ class Coordinator:
             version=version if isinstance(version, int) else None, reason=ev.reason)
 
     async def stop(self) -> None:
-        if self._rounds_task:
-            self._rounds_task.cancel()
+        for task in (self._watch_task, self._rounds_task):
+            if task:
+                task.cancel()
+        self.registry.release_lease(ROUND_LEASE, self.instance)  # another coordinator carries on at once
         if self.broker:
             await self.broker.close()
         self.registry.close()
@@ -271,7 +310,11 @@ class Coordinator:
         if existing is not None and existing.status == "revoked":
             raise QflareError(Reason.REVOKED, f"device {claim.device_id} is revoked")
         outcome = self.registry.check_token(claim.token, claim.device_id)
-        if outcome != "ok":
+        # The same claim again, already served (a coordinator died before its reply or ack, and
+        # the broker redelivered the request to another): answer it again, change nothing.
+        repeat = (outcome == "token_used" and existing is not None and existing.sig_pk == claim.sig_pk
+                  and existing.kem_pk == claim.kem_pk)
+        if outcome != "ok" and not repeat:
             raise QflareError(Reason(outcome), "token refused")
         try:
             signing.verify(signed, EnrollClaim, claim.sig_alg, claim.sig_pk)
@@ -279,14 +322,22 @@ class Coordinator:
             raise
         except pqc.errors.QflareCryptoError as exc:
             raise QflareError(Reason.BAD_SIGNATURE, str(exc)) from None
+        if repeat:
+            self.registry.audit("coordinator", "enrollment.repeated", device_id=existing.device_id)
+            return self._enroll_accept(existing, claim)
         if not self.registry.remember_nonce(claim.nonce, window_seconds=self.settings.crypto.freshness_seconds * 2):
             raise QflareError(Reason.REPLAY, "enrollment nonce seen before")
-        outcome = self.registry.consume_token(claim.token, claim.device_id)  # atomic burn: the final word
-        if outcome != "ok":
-            raise QflareError(Reason(outcome), "token refused")
-        device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg, claim.kem_pk)
+        with self.registry.transaction():  # the burn and the enrolment it pays for, together
+            outcome = self.registry.consume_token(claim.token, claim.device_id)  # atomic burn: the final word
+            if outcome != "ok":
+                raise QflareError(Reason(outcome), "token refused")
+            device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
+                                                 claim.kem_pk)
         metrics.ENROLLMENTS.labels("ok").inc()
         await self._event("device.enrolled", device_id=device.device_id, sig_fp=device.sig_fp)
+        return self._enroll_accept(device, claim)
+
+    def _enroll_accept(self, device, claim: EnrollClaim) -> Signed:
         return self._sign(EnrollAccept(
             device_id=device.device_id, request_nonce=claim.nonce, sig_fp=device.sig_fp,
             coordinator_sig_alg=self.identity.sig_alg, coordinator_sig_pk=self.identity.sig_pk,
@@ -442,12 +493,36 @@ class Coordinator:
         device = self.registry.get_device(device_id)
         return device.status if device else None
 
+    def _driving(self) -> bool:
+        return self._rounds_task is not None and not self._rounds_task.done()
+
+    def _claim_rounds(self) -> bool:
+        return self.registry.claim_lease(ROUND_LEASE, self.instance, ROUND_LEASE_SECONDS)
+
     def running_plan(self) -> tuple[int, int] | None:
-        """(first, last) round id of the plan being run, if one runs."""
-        if self._rounds_task is None or self._rounds_task.done():
-            return None
-        plan = self._stored_plan()
+        """(first, last) round id of the plan being run, here or by another coordinator."""
+        plan = self._stored_plan()  # a stored plan runs: its driver, or the next to take it over
         return (plan[1], plan[1] + plan[0].rounds - 1) if plan else None
+
+    async def _watch_plan(self) -> None:
+        """Keep the round driver's lease while driving; stop when the plan was cancelled
+        through another coordinator (or the lease lost); take over a plan whose driver died."""
+        while True:
+            await asyncio.sleep(ROUND_LEASE_SECONDS / 3)
+            try:
+                if self._driving():
+                    if self._stored_plan() is None or not self._claim_rounds():
+                        log.info("round plan ended or taken over elsewhere; this coordinator stops driving it")
+                        self._rounds_task.cancel()  # type: ignore[union-attr]
+                elif self._stored_plan() is not None and self._claim_rounds():
+                    log.info("taking over the stored round plan (its driver stopped renewing its lease)")
+                    await self._resume_plan()
+                    if not self._driving():
+                        self.registry.release_lease(ROUND_LEASE, self.instance)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a registry hiccup must not end the watch
+                log.exception("round plan watch failed; retrying")
 
     def _stored_plan(self) -> tuple[RoundStart, int] | None:
         raw = self.registry.get_meta(META_PLAN)
@@ -458,7 +533,7 @@ class Coordinator:
 
     async def start_rounds(self, req: RoundStart) -> int:
         """Run an authenticated, bounds-checked plan (coordinator/operator.py); its first round id."""
-        if self._rounds_task is not None and not self._rounds_task.done():
+        if self._driving() or self._stored_plan() is not None or not self._claim_rounds():
             raise QflareError(Reason.INVALID_FIELD, "rounds are already running; cancel them first")
         first = int(self.registry.get_meta(META_ROUND) or b"0") + 1
         self.registry.set_meta(META_PLAN, msgpack.packb({"req": encode(req), "first": first}))
@@ -469,14 +544,17 @@ class Coordinator:
         """Stop the running plan and tell the enclave, signed, to close the open round as
         cancelled. Returns (the round stopped, how many rounds of the plan never ran)."""
         plan = self._stored_plan()
-        if self._rounds_task is None or self._rounds_task.done() or plan is None:
+        if plan is None:
             raise QflareError(Reason.NO_ROUND, "no round plan is running")
-        self._rounds_task.cancel()
-        try:
-            await self._rounds_task
-        except asyncio.CancelledError:
-            pass
+        if self._driving():
+            self._rounds_task.cancel()  # type: ignore[union-attr]
+            try:
+                await self._rounds_task  # type: ignore[misc]
+            except asyncio.CancelledError:
+                pass
+        # driven by another coordinator: it sees the plan gone within a lease period and stops
         self.registry.set_meta(META_PLAN, b"")
+        self.registry.release_lease(ROUND_LEASE, self.instance)
         req, first = plan
         current = int(self.registry.get_meta(META_ROUND) or b"0")
         round_id = current if current >= first else None  # None: its first round never opened
@@ -503,15 +581,17 @@ class Coordinator:
         dropped, and its open round cancelled, instead of wedging the round driver again.
         """
         raw, current = self.registry.get_meta(META_PLAN), self.registry.get_meta(META_CURRENT)
-        if not raw or not current:
+        if not raw:
             return
         try:
             req, first = self._stored_plan()  # type: ignore[misc]
-            spec = decode(current, RoundSpec)
+            spec = decode(current, RoundSpec) if current else None
+            if spec is not None and spec.round_id < first:
+                spec = None  # its driver stopped before the plan's first round opened
             # the bounds again; expected devices were checked at start (one revoked since only
             # stops sending, which its round's deadline bounds)
             check_round_start(req, self.settings, lambda _device: "active")
-            if spec.deadline - time.time() > self.settings.operator.max_deadline_seconds:
+            if spec is not None and spec.deadline - time.time() > self.settings.operator.max_deadline_seconds:
                 raise QflareError(Reason.INVALID_FIELD, "the open round's deadline is past operator.max_deadline_seconds")
         except (QflareError, KeyError, TypeError, ValueError) as exc:
             detail = exc.detail if isinstance(exc, QflareError) else type(exc).__name__
@@ -522,14 +602,21 @@ class Coordinator:
                 await self._abort_round(round_id, "plan outside the bounds")
             log.error("dropped the stored round plan instead of resuming it: %s", detail)
             return
-        if spec.round_id < first + req.rounds:
+        if spec is None:
+            log.info("starting the stored round plan at %d", first)
+            self._rounds_task = asyncio.create_task(self._run_rounds(req, first))
+        elif spec.round_id < first + req.rounds:
             log.info("resuming rounds at %d", spec.round_id)
             self._rounds_task = asyncio.create_task(self._run_rounds(req, first, resume=spec))
+        else:
+            self.registry.set_meta(META_PLAN, b"")  # it had run to its end
 
     async def _run_rounds(self, req: RoundStart, first: int, resume: RoundSpec | None = None) -> None:
         assert self.broker is not None
         start = resume.round_id if resume else first
         for round_id in range(start, first + req.rounds):
+            if round_id != start and not self.registry.get_meta(META_PLAN):
+                return  # cancelled through another coordinator while the last round closed
             spec = resume if resume and round_id == resume.round_id else RoundSpec(
                 round_id=round_id, deadline=time.time() + req.deadline_seconds, min_updates=req.min_updates,
                 expected=req.expected, epochs=req.epochs, lr=req.lr, batch_size=req.batch_size)
@@ -552,6 +639,7 @@ class Coordinator:
                 log.error("round %d was not closed by any enclave; remaining rounds cancelled", round_id)
                 break
         self.registry.set_meta(META_PLAN, b"")
+        self.registry.release_lease(ROUND_LEASE, self.instance)
 
     async def _wait_round(self, round_id: int, timeout: float) -> bool:
         """True when the enclave reported ``round_id`` completed or failed within ``timeout``."""

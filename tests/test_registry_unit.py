@@ -184,3 +184,16 @@ def test_meta_round_trips_bytes(open_store):
     reg.set_meta("k", b"\x00\xffv1")
     reg.set_meta("k", b"v2")
     assert reg.get_meta("k") == b"v2" and reg.get_meta("none") is None
+
+
+def test_a_lease_has_one_holder_until_it_expires(open_store):
+    reg, other = open_store(), open_store()
+    assert reg.claim_lease("rounds", "a", 10, now=100.0)
+    assert not other.claim_lease("rounds", "b", 10, now=105.0)
+    assert reg.claim_lease("rounds", "a", 10, now=108.0)  # renewed until 118
+    assert not other.claim_lease("rounds", "b", 10, now=115.0)
+    assert other.claim_lease("rounds", "b", 10, now=119.0)  # a stopped renewing: b takes over
+    reg.release_lease("rounds", "a")  # not a's any more: no effect
+    assert not reg.claim_lease("rounds", "a", 10, now=120.0)
+    other.release_lease("rounds", "b")
+    assert reg.claim_lease("rounds", "a", 10, now=121.0)
