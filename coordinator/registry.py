@@ -197,6 +197,8 @@ class Registry:
         else:
             self.fast = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self.fast.execute("PRAGMA synchronous=NORMAL")
+        for conn in {self.db, self.fast}:
+            conn.execute("PRAGMA secure_delete=ON")  # an erased session key leaves no page behind
 
     def _migrate(self) -> None:
         with self.lock:
@@ -359,6 +361,16 @@ class Registry:
         with self.lock:
             self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?,?,0)",
                               (session_id, device_id, now, not_after, wrapped_key))
+            if secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
+                self.forget_expired_session_keys(now)
+
+    def forget_expired_session_keys(self, now: float | None = None) -> int:
+        """Erase the wrapped keys of expired (and revoked) sessions: forward secrecy for them
+        even against a later theft of the coordinator's keys and the registry together."""
+        now = time.time() if now is None else now
+        with self.lock:
+            return self.fast.execute("UPDATE sessions SET wrapped_key=NULL WHERE not_after<? AND wrapped_key IS NOT NULL",
+                                     (now,)).rowcount
 
     def advance_session(self, session_id: str, seq: int) -> bool:
         """Accept call ``seq`` of a session once: one conditional UPDATE, so of two coordinators
