@@ -204,7 +204,7 @@ class Coordinator:
         for key in ROUND_END_EVENTS:
             await q.bind(b.names.events_exchange, key)
         await q.consume(self._on_round_event, no_ack=True)
-        if self._stored_plan() is not None and self._claim_rounds():
+        if self._has_plan() and self._claim_rounds():
             await self._resume_plan()
             if not self._driving():
                 self.registry.release_lease(ROUND_LEASE, self.instance)
@@ -496,6 +496,10 @@ class Coordinator:
     def _driving(self) -> bool:
         return self._rounds_task is not None and not self._rounds_task.done()
 
+    def _has_plan(self) -> bool:
+        """A plan is stored (not decoded: one an older version stored may not decode)."""
+        return bool(self.registry.get_meta(META_PLAN))
+
     def _claim_rounds(self) -> bool:
         return self.registry.claim_lease(ROUND_LEASE, self.instance, ROUND_LEASE_SECONDS)
 
@@ -511,10 +515,10 @@ class Coordinator:
             await asyncio.sleep(ROUND_LEASE_SECONDS / 3)
             try:
                 if self._driving():
-                    if self._stored_plan() is None or not self._claim_rounds():
+                    if not self._has_plan() or not self._claim_rounds():
                         log.info("round plan ended or taken over elsewhere; this coordinator stops driving it")
                         self._rounds_task.cancel()  # type: ignore[union-attr]
-                elif self._stored_plan() is not None and self._claim_rounds():
+                elif self._has_plan() and self._claim_rounds():
                     log.info("taking over the stored round plan (its driver stopped renewing its lease)")
                     await self._resume_plan()
                     if not self._driving():
@@ -528,12 +532,15 @@ class Coordinator:
         raw = self.registry.get_meta(META_PLAN)
         if not raw:
             return None
-        plan = msgpack.unpackb(raw)
-        return decode(plan["req"], RoundStart), plan["first"]
+        try:
+            plan = msgpack.unpackb(raw)
+            return decode(plan["req"], RoundStart), plan["first"]
+        except (CodecError, KeyError, TypeError, ValueError):
+            return None  # stored by an older version; _resume_plan drops it
 
     async def start_rounds(self, req: RoundStart) -> int:
         """Run an authenticated, bounds-checked plan (coordinator/operator.py); its first round id."""
-        if self._driving() or self._stored_plan() is not None or not self._claim_rounds():
+        if self._driving() or self._has_plan() or not self._claim_rounds():
             raise QflareError(Reason.INVALID_FIELD, "rounds are already running; cancel them first")
         first = int(self.registry.get_meta(META_ROUND) or b"0") + 1
         self.registry.set_meta(META_PLAN, msgpack.packb({"req": encode(req), "first": first}))
