@@ -635,6 +635,50 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
     console.print(t)
 
 
+@app.command()
+def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated devices."),
+         connections: int = typer.Option(4, min=1, max=64, help="Broker connections the devices share."),
+         concurrency: int = typer.Option(64, min=1, max=10_000, help="Enrolments and sessions in flight at once."),
+         deadline: float | None = typer.Option(None, help="Seconds the round waits (default max(fl.deadline_seconds, 120))."),
+         out: Path = typer.Option(Path("qflare-load"), help="Directory for load.json and load.png."),
+         namespace: str | None = typer.Option(None, help="Broker namespace (default: a new load-<hex>)."),
+         task: str | None = typer.Option(None, "--task", help=TASK_HELP),
+         json_out: bool = typer.Option(False, "--json", help="Print only the JSON report.")) -> None:
+    """Load test: N devices enrol, open sessions and send one round's update through the real
+    protocol, multiplexed over a few connections; rates and p50/p95/p99 per step."""
+    from ops.load import run_load
+
+    s = with_task(settings(), task)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = {"connections": connections, "concurrency": concurrency, "deadline": deadline, "namespace": namespace,
+          "plot_path": out / "load.png"}
+    if json_out:
+        report = run(run_load(s, devices, **kw))
+    else:
+        with Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console) as bar:
+            tasks: dict[str, int] = {}
+            labels = {"enroll": "enrol + session", "update": "updates sent"}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(labels[stage], total=total)
+                bar.update(tasks[stage], completed=done, total=total)
+
+            report = run(run_load(s, devices, progress=progress, **kw))
+    (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    if json_out:
+        print_json(report)
+        return
+    t = Table("step", "count", "per s", "p50 ms", "p95 ms", "p99 ms", title=(
+        f"qflare load: {report['devices_completed']}/{report['devices']} devices through the round "
+        f"({report['round_status']}) in {report['total_seconds']} s"))
+    for name, st in report["steps"].items():
+        t.add_row(name, str(st["count"]), str(st["rate_per_s"]), *(str(st[k]) for k in ("p50_ms", "p95_ms", "p99_ms")))
+    console.print(t)
+    console.print(f"report: {out / 'load.json'}, plot: {out / 'load.png'}")
+
+
 # --- tasks -------------------------------------------------------------------------------
 
 

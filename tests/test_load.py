@@ -1,0 +1,43 @@
+"""``qflare load``: devices through enrolment, a session and one round, measured per step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.load import run_load
+
+pytestmark = pytest.mark.broker
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def test_load_drives_every_device_through_the_round_and_reports_each_step(settings, tmp_path):
+    png = tmp_path / "load.png"
+    report = await run_load(settings, 12, connections=3, concurrency=8, namespace=settings.broker.namespace,
+                            plot_path=png)
+    assert report["devices"] == 12 and report["round_status"] == "completed"
+    assert report["devices_completed"] == 12 and report["accepted"] + sum(report["rejected"].values()) == 12
+    assert report["total_seconds"] >= report["enroll_and_session_seconds"] + report["round_seconds"]
+    for name in ("enroll", "session", "update"):
+        step = report["steps"][name]
+        assert step["count"] == 12 and step["rate_per_s"] > 0
+        assert 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"] <= step["max_ms"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qflare_load_prints_only_json_and_writes_the_report(settings, tmp_path):
+    env = {**os.environ, "QFLARE_AMQP_URL": settings.amqp_url, "QFLARE_STATE_DIR": str(tmp_path / "state")}
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "ops.cli", "load", "--devices", "4", "--connections", "2",
+                           "--out", str(out), "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report == json.loads((out / "load.json").read_text())
+    assert (report["devices"], report["devices_completed"]) == (4, 4) and report["total_seconds"] > 0
+    assert (out / "load.png").stat().st_size > 0
