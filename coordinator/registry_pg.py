@@ -80,7 +80,7 @@ class PgRegistry(Registry):
 
     BEGIN = "BEGIN"  # READ COMMITTED: a racing burn waits on the row lock, then finds it used
 
-    def __init__(self, url: str) -> None:  # noqa: D107 (the parent's __init__ opens SQLite)
+    def __init__(self, url: str) -> None:
         self.path = redact(url)
         self.db = _Connection(url)
         self.fast = self.db  # one durable connection: PostgreSQL's commit is already cheap enough

@@ -25,9 +25,9 @@ from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
 from common.state import private_dir
+from coordinator import session_keys
 from coordinator.operator import OperatorDesk, check_round_start
 from coordinator.ratelimit import RateLimiter
-from coordinator import session_keys
 from coordinator.registry import Registry, SessionRecord, identity_meta_key, open_registry
 from pqc.identity import Identity
 from schemas import signing
@@ -525,7 +525,7 @@ class Coordinator:
                         self.registry.release_lease(ROUND_LEASE, self.instance)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a registry hiccup must not end the watch
+            except Exception:
                 log.exception("round plan watch failed; retrying")
 
     def _stored_plan(self) -> tuple[RoundStart, int] | None:

@@ -93,6 +93,22 @@ def demo_operator(settings: Settings, devices: int, rounds: int, deadline: float
         "fl": fl.model_copy(update={"min_updates": min(fl.min_updates, devices)})})
 
 
+async def round_events(broker: BrokerClient) -> asyncio.Queue[Event]:
+    """A queue that receives every ``round.*`` event of the namespace from now on."""
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    q = await broker.channel.declare_queue(exclusive=True, auto_delete=True)
+    await q.bind(broker.names.events_exchange, "round.*")
+
+    async def on_event(message) -> None:
+        try:
+            await events.put(decode(message.body, Event))
+        except CodecError:
+            pass
+
+    await q.consume(on_event, no_ack=True)
+    return events
+
+
 def malicious_ids(device_ids: list[str], fraction: float) -> list[str]:
     """The last ``round(fraction * n)`` devices misbehave (deterministic, easy to read)."""
     k = int(round(fraction * len(device_ids)))
@@ -129,18 +145,7 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
         await coordinator.start()
         await enclave.start()
         fleet_broker = await BrokerClient.open(settings, name="qflare-fleet")
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        q = await fleet_broker.channel.declare_queue(exclusive=True, auto_delete=True)
-        for key in ("round.*",):
-            await q.bind(fleet_broker.names.events_exchange, key)
-
-        async def on_event(message) -> None:
-            try:
-                await events.put(decode(message.body, Event))
-            except CodecError:
-                pass
-
-        await q.consume(on_event, no_ack=True)
+        events = await round_events(fleet_broker)
         say("broker", 1, 1)
 
         rpc = await fleet_broker.rpc()

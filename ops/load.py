@@ -30,10 +30,9 @@ from edge_agent import client
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from enclave_worker.service import Enclave
-from ops.demo import demo_operator, new_namespace, parse_pairs
+from ops.demo import demo_operator, new_namespace, parse_pairs, round_events
 from ops.operator_client import OperatorClient
-from schemas.codec import CodecError, decode
-from schemas.messages import Event, RoundStart, RoundStarted
+from schemas.messages import RoundStart, RoundStarted
 
 STEPS = ("enroll", "session", "update")
 
@@ -125,17 +124,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
 
         fleets = [Fleet(b, Outbox(state / f"outbox-{k}.sqlite3"), task=task, on_sent=sent)
                   for k, b in enumerate(brokers)]
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        q = await brokers[0].channel.declare_queue(exclusive=True, auto_delete=True)
-        await q.bind(brokers[0].names.events_exchange, "round.*")
-
-        async def on_event(message) -> None:
-            try:
-                await events.put(decode(message.body, Event))
-            except CodecError:
-                pass
-
-        await q.consume(on_event, no_ack=True)
+        events = await round_events(brokers[0])
         fp = coordinator.identity.sig_fp
         gate = asyncio.Semaphore(concurrency)
         origin = time.perf_counter()

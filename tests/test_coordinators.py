@@ -146,8 +146,8 @@ async def test_a_coordinator_with_another_identity_and_registry_refuses_to_start
     fleet.start()
     await consumers(broker, 1)
     env = {k: v for k, v in fleet.env(tmp_path / "other-state").items() if k != "QFLARE_REGISTRY_URL"}
-    rogue = subprocess.run([sys.executable, "-m", "ops.cli", "coordinator", "run"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    rogue = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "ops.cli", "coordinator", "run"],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert rogue.returncode != 0
     errors = [line for line in rogue.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "identity_conflict" in errors[0], rogue.stderr

@@ -23,10 +23,10 @@ def open_store(request, tmp_path) -> Callable[[], Registry]:
     coordinator process would hold); closed at the end."""
     if request.param == "sqlite":
         target = str(tmp_path / "r.sqlite3")
-        make = lambda: Registry(target)  # noqa: E731
+        make = lambda: Registry(target)
     else:
         url = request.getfixturevalue("pg_url")
-        make = lambda: PgRegistry(url)  # noqa: E731
+        make = lambda: PgRegistry(url)
     opened: list[Registry] = []
 
     def open_() -> Registry:
