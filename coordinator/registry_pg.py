@@ -66,9 +66,16 @@ class _Connection:
     SQLite store runs: each statement commits, explicit BEGIN/COMMIT where one is needed)."""
 
     def __init__(self, url: str) -> None:
+        self.url = url
         self.conn = psycopg.connect(url, autocommit=True)
 
     def execute(self, sql: str, args: tuple | list = ()) -> psycopg.Cursor:
+        if self.conn.broken:
+            # The server restarted or dropped us: the statement that saw it failed (its request
+            # was refused, never half-applied twice); connect again for this one. Never inside
+            # an explicit transaction: it died with the connection, so BEGIN must come first.
+            if sql not in ("COMMIT", "ROLLBACK"):
+                self.conn = psycopg.connect(self.url, autocommit=True)
         return self.conn.execute(sql.replace("?", "%s"), tuple(args))  # type: ignore[arg-type]
 
     def close(self) -> None:

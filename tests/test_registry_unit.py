@@ -205,3 +205,15 @@ def test_expired_sessions_forget_their_keys(open_store):
     reg.record_session("new", "d1", not_after=10**10, wrapped_key=b"n" * 60)
     assert reg.forget_expired_session_keys(now=200.0) == 1
     assert reg.get_session("old").wrapped_key is None and reg.get_session("new").wrapped_key == b"n" * 60
+
+
+def test_the_postgresql_store_connects_again_after_losing_its_connection(pg_url, pg_admin_url):
+    reg = PgRegistry(pg_url)
+    token = reg.create_token("d1", 60)
+    with psycopg.connect(pg_admin_url, autocommit=True) as admin:  # as a server restart would
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname=%s AND pid<>pg_backend_pid()",
+                      (pg_url.rsplit("/", 1)[1],))
+    with pytest.raises(psycopg.OperationalError):
+        reg.check_token(token, "d1")  # the statement that finds the connection gone fails ...
+    assert reg.consume_token(token, "d1") == "ok"  # ... the next one runs on a new connection
+    reg.close()
