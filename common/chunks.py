@@ -7,8 +7,9 @@ messages sealed with :mod:`pqc.stream` (one KEM encapsulation per update). What 
   and every chunk's AEAD associated data is :func:`chunk_aad` (header digest, update id,
   index, count), so a chunk opens only in its own place of its own update;
 - the device signs header ‖ :class:`ChunkDigest` (a running SHA-256 over the encapsulation
-  and every chunk ciphertext, length-prefixed): one signature per update, verified once the
-  last chunk is in, without the enclave keeping any ciphertext.
+  and each chunk's length and AEAD tag): one signature per update, verified once the last
+  chunk is in, without the enclave keeping (or hashing) any ciphertext. Only the device and
+  the enclave hold the chunk keys, so a chunk's tag binds its bytes (pqc.seal.binding).
 
 A global model too large for one message is a signed ``GlobalModel`` listing the SHA-256 of
 each ``ModelChunk`` that follows it; the one signature covers every chunk through those digests.
@@ -21,6 +22,7 @@ import math
 import struct
 
 from common.updates import update_aad
+from pqc.seal import TAG_SIZE
 
 CHUNK_AAD_LABEL = b"qflare/v1/update-chunk\0"
 DIGEST_LABEL = b"qflare/v1/update-chunks-digest\0"
@@ -45,7 +47,7 @@ def chunk_aad(header_sha: bytes, update_id: str, index: int, count: int) -> byte
 
 
 class ChunkDigest:
-    """Running SHA-256 over the encapsulation and each chunk ciphertext, in order."""
+    """Running SHA-256 over the encapsulation, then each chunk's length and tag, in order."""
 
     def __init__(self, enc: bytes) -> None:
         self._h = hashlib.sha256(DIGEST_LABEL)
@@ -56,7 +58,9 @@ class ChunkDigest:
         self._h.update(data)
 
     def add(self, ciphertext: bytes | memoryview) -> None:
-        self._part(ciphertext)
+        view = memoryview(ciphertext).cast("B")
+        self._h.update(struct.pack(">Q", view.nbytes))
+        self._h.update(view[max(0, view.nbytes - TAG_SIZE):])
 
     def digest(self) -> bytes:
         return self._h.digest()

@@ -6,7 +6,7 @@ the bytes the enclave checks.
 
 from __future__ import annotations
 
-import hashlib
+from pqc.seal import binding
 
 
 def update_aad(header_bytes: bytes) -> bytes:
@@ -14,12 +14,12 @@ def update_aad(header_bytes: bytes) -> bytes:
     return b"qflare/v1/update\0" + header_bytes
 
 
-#: Digest of the ciphertext inside the signed message. SHA-256 (SHA-NI: 1.6 GB/s here) rather
-#: than hashing megabytes through ML-DSA's SHAKE256 (0.48 GB/s): hash-then-sign with a
-#: collision-resistant hash binds the signature to the ciphertext all the same.
-CIPHERTEXT_DIGEST = "sha256"
-
-
 def signed_parts(update_header: bytes, sealed: bytes) -> list[bytes]:
-    """What the device signs: the header and a SHA-256 digest of the ciphertext."""
-    return [update_header, hashlib.new(CIPHERTEXT_DIGEST, sealed).digest()]
+    """What the device signs: the header and the sealed payload's header ‖ KEM ciphertext ‖ tag.
+
+    Not a hash of the whole ciphertext: only the device and the enclave hold the AEAD key,
+    so the tag already binds every ciphertext byte against anyone else (pqc.seal.binding),
+    and a 4 MB update no longer costs a SHA-256 pass on each side (9 ms of the enclave's
+    ~20 ms per 1M-parameter update here).
+    """
+    return [update_header, binding(sealed)]

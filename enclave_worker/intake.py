@@ -8,6 +8,7 @@ signature, then decryption and the payload's shape. Any failure raises
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,10 +111,16 @@ def decode_payload(out: np.ndarray, header: UpdateHeader, index: int, data: byte
 
 
 def opened(header: UpdateHeader, delta: np.ndarray) -> Opened:
-    """The decoded delta, refused if it holds NaN or infinity; its norm computed here."""
-    if not np.isfinite(delta).all():
-        raise QflareError(Reason.NON_FINITE, "delta has NaN or infinity")
-    return Opened(header, delta, float(np.linalg.norm(delta)))
+    """The decoded delta, refused if it holds NaN or infinity; its norm computed here.
+
+    The norm is finite only if every element is, so one pass over the delta decides (a
+    finite delta whose norm overflows float32 is refused too: no filter could weigh it).
+    """
+    norm = float(np.linalg.norm(delta))
+    if not math.isfinite(norm):
+        finite = bool(np.isfinite(delta).all())
+        raise QflareError(Reason.NON_FINITE, "delta's norm overflows" if finite else "delta has NaN or infinity")
+    return Opened(header, delta, norm)
 
 
 def check_and_open(update: Update, header: UpdateHeader, routed_device: str | None, ctx: IntakeContext,

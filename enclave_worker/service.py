@@ -9,6 +9,7 @@ deadline once the minimum is met; a round short of its minimum is reported as fa
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -57,6 +58,18 @@ FLUSH_DELAY = 0.005
 
 #: Updates sampled for the cosine filter's median reference when streaming a round.
 REFERENCE_SAMPLE = 32
+#: Coordinates of the sampled updates read at once for that median: the reference of a
+#: 25 M-parameter model costs 32 × 4 MiB at a time, not 32 whole updates (3.2 GB).
+REFERENCE_BLOCK = 1 << 20
+
+
+def reference_by_blocks(load_slice, picks, d: int, block: int = REFERENCE_BLOCK) -> np.ndarray:
+    """The coordinate-wise median of the ``picks`` updates, ``block`` coordinates at a time."""
+    out = np.empty(d, dtype=np.float32)
+    for a in range(0, d, block):
+        b = min(d, a + block)
+        out[a:b] = filters.robust_reference(np.stack([load_slice(int(i), a, b) for i in picks]))
+    return out
 
 
 def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray | None, filters.ScreenResult]:
@@ -73,7 +86,8 @@ def close_round(deltas: np.ndarray, weights: np.ndarray, fl) -> tuple[np.ndarray
 
 
 def close_round_streaming(load, n: int, weights: np.ndarray, fl, sample: int = REFERENCE_SAMPLE,
-                          norms: np.ndarray | None = None) -> tuple[np.ndarray | None, filters.ScreenResult]:
+                          norms: np.ndarray | None = None, load_slice=None,
+                          d: int | None = None) -> tuple[np.ndarray | None, filters.ScreenResult]:
     """FedAvg with the same filters, holding O(sample × d) floats whatever the round size.
 
     Pass 1 streams the norms (skipped when ``norms`` were computed at intake); the cosine reference is the coordinate-wise median of up to
@@ -89,7 +103,10 @@ def close_round_streaming(load, n: int, weights: np.ndarray, fl, sample: int = R
     reference = None
     if fl.min_cosine is not None and survivors.size >= filters.MIN_UPDATES_FOR_MEDIAN:
         picks = survivors[np.linspace(0, survivors.size - 1, min(sample, survivors.size)).astype(int)]
-        reference = filters.robust_reference(np.stack([load(int(i)) for i in picks]))
+        if load_slice is not None and d is not None:
+            reference = reference_by_blocks(load_slice, picks, d)
+        else:
+            reference = filters.robust_reference(np.stack([load(int(i)) for i in picks]))
     running = agg.RunningFedAvg()
     for i in survivors:
         delta = load(int(i))
@@ -146,6 +163,10 @@ class Enclave:
                                   max_chunks=self.max_chunks, context=self._context, seen=self.store.has_update,
                                   accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet)
         self._expiry: asyncio.Task | None = None
+        self._acking: set[asyncio.Task] = set()
+        #: Seconds spent per intake stage (open: verify and decrypt, in threads; store: segment
+        #: write; commit: fsync and SQLite commit; ack: acks and events), for `qflare bench round`.
+        self.stage_seconds: collections.Counter[str] = collections.Counter()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -202,6 +223,7 @@ class Enclave:
         if self.broker and not self.broker.connection.is_closed:
             async with self.lock:
                 await self._flush()
+            await self._acked()
         if self.broker:
             await self.broker.close()
         self.store.close()
@@ -332,7 +354,8 @@ class Enclave:
                 async with self.lock:
                     self._pending.append((raw, None))
                     return await self._schedule_flush()
-            opened = await asyncio.to_thread(intake.check_and_open, update, header, routed, self._context(), seen)
+            opened = await asyncio.to_thread(self._timed, "open", intake.check_and_open, update, header, routed,
+                                             self._context(), seen)
         except QflareError as err:
             async with self.lock:
                 return await self._reject(raw, header, routed, err)
@@ -371,8 +394,9 @@ class Enclave:
             except QflareError as err:
                 return await self._reject(raw, header, routed, err)
             self.store.begin()
-            self.store.add_update(header.round_id, header.update_id, header.device_id, header.num_samples,
-                                  opened.delta, opened.norm)
+            # the segment write off the event loop (the lock still orders the store's writers)
+            await asyncio.to_thread(self._timed, "store", self.store.add_update, header.round_id, header.update_id,
+                                    header.device_id, header.num_samples, opened.delta, opened.norm)
             self.senders(header.round_id).add(header.device_id)
             metrics.UPDATES.labels("accepted").inc()
             self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
@@ -411,18 +435,43 @@ class Enclave:
             await self._flush()
 
     async def _flush(self) -> None:
-        """Commit the batch (one fsync), then ack its messages and emit their events."""
+        """Commit the batch (one fsync), then ack its messages and emit their events (in a task)."""
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        self.store.commit()
+        # the fsync off the event loop: deliveries, acks and other updates' opening go on
+        await asyncio.to_thread(self._timed, "commit", self.store.commit)
+        # durable now: ack and announce outside the lock, so the next batch is stored meanwhile
+        task = asyncio.create_task(self._ack(pending))
+        self._acking.add(task)
+        task.add_done_callback(self._acking.discard)
+
+    async def _acked(self) -> None:
+        """Wait for the acks and events of every committed batch (before a round's model)."""
+        if self._acking:
+            await asyncio.gather(*list(self._acking), return_exceptions=True)
+
+    async def _ack(self, pending: list) -> None:
+        t0 = time.perf_counter()
         for raw, event in pending:
             try:
                 await raw.ack()
             except TRANSIENT:
                 pass  # the broker redelivers it; the update id keeps it from counting twice
             if event is not None:
-                await self.broker.publisher.event(**event)
+                try:
+                    await self.broker.publisher.event(**event)
+                except TRANSIENT as exc:  # events are notifications: the stored state is the truth
+                    log.warning("event %s not sent: %s", event["type_"], exc)
+        self.stage_seconds["ack"] += time.perf_counter() - t0
+
+    def _timed(self, stage: str, fn, *args):
+        """``fn(*args)``, its time added to ``stage_seconds[stage]`` (runs in worker threads)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.stage_seconds[stage] += time.perf_counter() - t0
 
     # --- closing -------------------------------------------------------------------------
 
@@ -444,13 +493,16 @@ class Enclave:
         fl = self.settings.fl
         if fl.aggregator == "fedavg":
             return close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored), weights, fl,
-                                         norms=np.array([u.norm for u in stored]))
+                                         norms=np.array([u.norm for u in stored]),
+                                         load_slice=lambda i, a, b: self.store.load_delta(stored[i], a, b),
+                                         d=int(self.params.shape[0]))
         # robust aggregators need every update at once
         return close_round(np.stack([self.store.load_delta(u) for u in stored]), weights, fl)
 
     async def _finish(self, spec: RoundSpec, forced: bool = False) -> None:
         """Close ``spec``: screen, aggregate, sign and publish the model, then record it."""
         await self._flush()
+        await self._acked()  # its updates' events go out before the round's
         t0 = time.time()
         stored = self.store.round_updates(spec.round_id)
         rejected = self.store.rejections(spec.round_id)

@@ -179,12 +179,15 @@ class EnclaveStore:
     def devices_in_round(self, round_id: int) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT device_id FROM updates WHERE round_id=?", (round_id,))}
 
-    def load_delta(self, update: StoredUpdate) -> np.ndarray:
-        """One update's delta, read on demand (rounds are streamed, never loaded whole)."""
+    def load_delta(self, update: StoredUpdate, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """One update's delta (or its elements [start, stop)), read on demand (rounds are
+        streamed, never loaded whole)."""
         if update.round_id in self._segments:
             self._segments[update.round_id].flush()
-        return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=update.length // 4,
-                           offset=update.offset)
+        n = update.length // 4
+        stop = n if stop is None else min(stop, n)
+        return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=max(0, stop - start),
+                           offset=update.offset + 4 * start)
 
     # revocations
     def revoke(self, device_id: str, at: float) -> None:

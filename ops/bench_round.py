@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import resource
+import os
 import shutil
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -47,10 +49,12 @@ def _settings(base: Settings, state: Path) -> Settings:
 
 
 def _enclave_process(dump: dict, d: int, stop, out) -> None:
-    """Child process: an enclave on a zero model of ``d`` parameters until ``stop`` is set."""
+    """Child process: an enclave on a zero model of ``d`` parameters until ``stop`` is set;
+    then puts (peak RSS MiB, seconds per intake stage, CPU seconds) on ``out``."""
     from ops.tuning import tune_allocator
 
     tune_allocator()
+    stages: dict[str, float] = {}
 
     async def main() -> None:
         enclave = Enclave(Settings(**dump), initial=(np.zeros(d, dtype=np.float32), f"bench-{d}"))
@@ -58,9 +62,11 @@ def _enclave_process(dump: dict, d: int, stop, out) -> None:
         while not stop.is_set():
             await asyncio.sleep(0.05)
         await enclave.stop()
+        stages.update(enclave.stage_seconds)
 
     asyncio.run(main())
-    out.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.put((usage.ru_maxrss / 1024, stages, usage.ru_utime + usage.ru_stime))
 
 
 async def _plaintext(broker: BrokerClient, bodies: list[bytes]) -> float:
@@ -165,23 +171,22 @@ async def _one(base: Settings, d: int, k: int) -> dict:
         plain_rate = await _plaintext(b, [np.ascontiguousarray(rng.normal(size=d), dtype="<f4").tobytes()
                                           for _ in range(k)])
         stop.set()
-        enclave_rss = await asyncio.to_thread(out.get, True, 60)
-        store = EnclaveStore(state / "enclave")
-        stored = store.round_updates(1)
-        weights = np.full(len(stored), 100.0)
-        peaks = []
-        for n in (len(stored) // 2, len(stored)):
-            tracemalloc.start()
-            close_round_streaming(lambda i: store.load_delta(stored[i]), n, weights[:n], settings.fl)
-            peaks.append(tracemalloc.get_traced_memory()[1] / 2**20)
-            tracemalloc.stop()
-        store.close()
-        return {"enclave_peak_rss_mib": round(enclave_rss, 1), "params": d, "updates": k, "accepted": len(accepted), "sealed_updates_per_s": round(sealed_rate, 1),
+        enclave_rss, stages, enclave_cpu = await asyncio.to_thread(out.get, True, 60)
+        del built
+        peaks = _fedavg_close_peaks(state / "fedavg", d, k, settings, rng)
+        disk = _disk_mb_s(state / "probe")
+        window = max(accepted) - t0
+        per_update = {st: round(sec / k * 1e3, 2) for st, sec in sorted(stages.items())}
+        return {"enclave_peak_rss_mib": round(enclave_rss, 1), "params": d, "updates": k, "accepted": len(accepted),
+                "sealed_updates_per_s": round(sealed_rate, 1),
                 "plaintext_updates_per_s": round(plain_rate, 1), "ratio": round(sealed_rate / plain_rate, 3),
                 "last_update_to_model_ms": round(latency * 1e3, 1),
-                "fedavg_peak_mib": {str(len(stored) // 2): round(peaks[0], 1), str(len(stored)): round(peaks[1], 1)},
+                "fedavg_peak_mib": {str(k // 2): round(peaks[0], 1), str(k): round(peaks[1], 1)},
                 "status": done[1].type, "publish_s": round(published, 3),
-                "first_accept_s": round(min(accepted) - t0, 3), "last_accept_s": round(max(accepted) - t0, 3)}
+                "first_accept_s": round(min(accepted) - t0, 3), "last_accept_s": round(window, 3),
+                "stage_ms_per_update": per_update, "enclave_cpu_share": round(enclave_cpu / window, 2),
+                "bound": _bound(stages, window, sealed_rate, plain_rate),
+                "disk_write_fsync_mb_s": round(disk, 1)}
     finally:
         stop.set()
         child.join(30)
@@ -195,20 +200,89 @@ async def _one(base: Settings, d: int, k: int) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def run_bench(base: Settings, quick: bool = False) -> dict:
-    cases = [(100_000, 100 if quick else 400), (1_000_000, 20 if quick else 150)]
+def _fedavg_close_peaks(directory: Path, d: int, k: int, settings: Settings, rng) -> list[float]:
+    """Traced peak MiB of a streaming FedAvg close over k/2 and k stored updates of d parameters
+    (the enclave deletes a round's deltas once it closed, so the bench stores its own)."""
+    store = EnclaveStore(directory)
+    store.begin()
+    for i in range(k):
+        store.add_update(1, f"u{i:08d}", f"d{i}", 100, rng.normal(size=d).astype(np.float32))
+    store.commit()
+    stored = store.round_updates(1)
+    weights = np.full(len(stored), 100.0)
+    peaks = []
+    for n in (k // 2, k):
+        tracemalloc.start()
+        close_round_streaming(lambda i: store.load_delta(stored[i]), n, weights[:n], settings.fl)
+        peaks.append(tracemalloc.get_traced_memory()[1] / 2**20)
+        tracemalloc.stop()
+    store.close()
+    return peaks
+
+
+def _disk_mb_s(directory: Path, mib: int = 64) -> float:
+    """This disk's write + fsync rate (MB/s) where the enclave keeps its state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "disk-probe"
+    block = np.random.default_rng(1).bytes(2**20)
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(block)
+        fh.flush()
+        os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return mib * 2**20 / 1e6 / seconds
+
+
+def _bound(stages: dict[str, float], window: float, sealed: float, plain: float) -> str:
+    """Which stage bounds the sealed path, from the enclave's busy time per stage.
+
+    ``store`` and ``commit`` run one at a time (under the enclave's lock), so their sum
+    against the window says whether that serial part saturates; ``open`` runs in threads on
+    both cores, ``ack`` in tasks beside them. If neither is near the window, the enclave waits on deliveries:
+    the broker (and the 2 shared cores) bound it, as they bound the plaintext path.
+    """
+    serial = sum(stages.get(s, 0.0) for s in ("store", "commit"))
+    opening = stages.get("open", 0.0)
+    heaviest = max(("store", "commit"), key=lambda s: stages.get(s, 0.0))
+    if serial >= 0.5 * window:
+        return (f"the enclave's durable store (segment write + fsync, one at a time; {heaviest} heaviest): "
+                f"{serial / window:.0%} of the window")
+    if opening >= 1.6 * window:
+        return f"enclave opening (verify + decrypt, 2 threads): {opening / window:.0%} of one core"
+    if sealed >= 0.8 * plain:
+        return (f"broker delivery, as for plaintext (enclave serial stages {serial / window:.0%}, "
+                f"opening {opening / window:.0%} of the window)")
+    return (f"CPU shared with the broker (enclave serial stages {serial / window:.0%}, opening "
+            f"{opening / window:.0%} of the window; heaviest: {heaviest})")
+
+
+async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] = (100_000, 1_000_000),
+                    write_docs: bool = False) -> dict:
+    counts = {100_000: 100 if quick else 400, 1_000_000: 20 if quick else 150}
+    cases = [(d, counts.get(d, 20 if quick else 100)) for d in sizes]
     results = []
     for d, k in cases:
         results.append(await _one(base, d, k))
-        print(results[-1], flush=True)
+        print(results[-1], file=sys.stderr, flush=True)
     md = ("The enclave runs in its own process; the devices' publisher (updates built beforehand) and\n"
           "the plaintext consumer share the benchmark's process. Plaintext: the same number and size of\n"
           "bodies through a quorum queue to a consumer that only parses and sums the floats.\n"
-          "Goals: >= 300 updates/s of 100k parameters; sealed >= 0.8x plaintext; FedAvg memory flat.\n\n")
+          "Goals: >= 300 updates/s of 100k parameters; sealed >= 0.8x plaintext; FedAvg memory flat.\n"
+          "Stages (ms per update, enclave busy time): open = verify + decrypt + decode (worker threads),\n"
+          "store = segment write, commit = fsync + SQLite commit per batch (these two one at a time),\n"
+          "ack = acks and events (beside them). Every stage's time is wall time on 2 shared cores.\n\n")
     md += md_table(["parameters", "updates", "sealed updates/s", "plaintext updates/s", "ratio",
-                    "last update → model (ms)", "enclave peak RSS MiB", "FedAvg close traced peak MiB (n: MiB)"],
+                    "last update → model (ms)", "enclave peak RSS MiB", "FedAvg close traced peak MiB (n: MiB)",
+                    "stages (ms/update)", "disk MB/s (write + fsync)", "bounded by"],
                    [[r["params"], r["updates"], r["sealed_updates_per_s"], r["plaintext_updates_per_s"], r["ratio"],
                      r["last_update_to_model_ms"], r["enclave_peak_rss_mib"],
-                     ", ".join(f"{n}: {m}" for n, m in r["fedavg_peak_mib"].items())] for r in results])
-    write_section("round", "## Rounds through the enclave (`qflare bench round`)\n\n" + md)
+                     ", ".join(f"{n}: {m}" for n, m in r["fedavg_peak_mib"].items()),
+                     ", ".join(f"{st} {ms}" for st, ms in r["stage_ms_per_update"].items()),
+                     r["disk_write_fsync_mb_s"], r["bound"]]
+                    for r in results])
+    if write_docs:
+        write_section("round", "## Rounds through the enclave (`qflare bench round`)\n\n" + md)
     return {"cases": results}

@@ -739,13 +739,23 @@ def bench_fleet(sizes: str = typer.Option("100,500,1000", help="Fleet sizes, com
 
 @bench_app.command("round")
 def bench_round(json_out: bool = typer.Option(False, "--json"),
-                quick: bool = typer.Option(False, help="Fewer updates, for a smoke run.")) -> None:
-    """Updates/s through the enclave (100k and 1M parameters), sealed vs plaintext, memory."""
+                quick: bool = typer.Option(False, help="Fewer updates, for a smoke run."),
+                params: str = typer.Option("100000,1000000", help="Update sizes (parameters), comma-separated."),
+                write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md.")) -> None:
+    """Updates/s through the enclave, sealed vs plaintext, which stage bounds it, memory."""
     from ops.bench_round import run_bench
 
-    result = run(run_bench(settings(), quick=quick))
-    if json_out:
-        print_json(result)
+    try:
+        sizes = tuple(int(x) for x in params.split(","))
+    except ValueError:
+        raise fail(f"--params takes numbers like 100000,1000000, not {params!r}", 2) from None
+    result = run(run_bench(settings(), quick=quick, sizes=sizes, write_docs=write_docs))
+    if not json_out:
+        for r in result["cases"]:
+            console.print(f"{r['params']:>9,} parameters: sealed {r['sealed_updates_per_s']}/s, plaintext "
+                          f"{r['plaintext_updates_per_s']}/s, ratio {r['ratio']}; bounded by {r['bound']}")
+        return
+    print_json(result)
 
 
 @bench_app.command("compression")
@@ -764,6 +774,26 @@ def bench_compression(devices: int = typer.Option(5, min=2, help="Devices in the
         console.print(f"{r['compression']:>5}: {r['payload_bytes']:>7,} B payload ({r['payload_ratio']}x), "
                       f"{r['message_bytes']:>7,} B message ({r['message_ratio']}x), accuracy "
                       f"{r['final_accuracy']:.3f} ({r['accuracy_change_points']:+.2f} points)")
+
+
+@bench_app.command("large")
+def bench_large(updates: str = typer.Option("1,3", help="Updates per run, comma-separated."),
+                write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md."),
+                json_out: bool = typer.Option(False, "--json")) -> None:
+    """A 25 M-parameter (100 MB) model's round trip in chunks, and the enclave's memory per update count."""
+    from ops.bench_large import run_bench
+
+    try:
+        counts = tuple(int(x) for x in updates.split(","))
+    except ValueError:
+        raise fail(f"--updates takes numbers like 1,3, not {updates!r}", 2) from None
+    result = run(run_bench(settings(), counts, write_docs=write_docs))
+    if json_out:
+        print_json(result)
+        return
+    for r in result["cases"]:
+        console.print(f"{r['updates']} x 100 MB: round trip {r['round_trip_s']} s, enclave peak RSS "
+                      f"{r['enclave_peak_rss_mib']} MiB ({r['rss_in_models']} model sizes)")
 
 
 from ops.operator_cmd import register as _register_operator_commands

@@ -74,6 +74,27 @@ def parse_header(sealed: bytes | bytearray | memoryview) -> tuple[KemId, int]:
     return alg, end
 
 
+def binding(sealed: bytes | bytearray | memoryview) -> bytes:
+    """The parts of a sealed blob a signature must cover to cover all of it: header ‖ enc ‖ tag.
+
+    The AEAD key comes from the KEM secret, which only the sender and the recipient know;
+    so nobody else can change the ciphertext and keep the tag (AES-GCM's integrity), and
+    signing enc ‖ tag binds the ciphertext without hashing it. (The sender, who knows the key,
+    could find another ciphertext with the same tag: the signature proves who sealed, not a
+    unique ciphertext to a third party.) A blob too short or malformed is returned whole,
+    so its signature simply fails.
+    """
+    view = memoryview(sealed).cast("B")
+    try:
+        alg, hlen = parse_header(view)
+    except DecryptionError:
+        return bytes(view)
+    prefix = hlen + KEM_PARAMS[alg].ciphertext
+    if view.nbytes < prefix + TAG_SIZE:
+        return bytes(view)
+    return bytes(view[:prefix]) + bytes(view[view.nbytes - TAG_SIZE:])
+
+
 def _aad_digest(aad: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha3_256(aad).digest()
 

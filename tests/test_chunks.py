@@ -208,6 +208,27 @@ def test_chunk_resealed_by_someone_else_to_the_enclave_fails_the_signature(world
     assert reason(lambda: world.reassemble(forged)) == Reason.BAD_SIGNATURE
 
 
+def test_ciphertext_changed_under_a_kept_tag_does_not_open(world):
+    """The device signs enc ‖ tag, not a hash of the ciphertext: the AEAD must catch the rest."""
+    from schemas.messages import Update
+
+    enc = compression.encode(delta()[:1000], "f32", 1 << 20)
+    ctx = intake.IntakeContext(**{**world.context().__dict__, "n_params": 1000})
+    _, _, bodies = updates.build_parts(world.device, 1, 0, "L1", enc, 10)
+    u = decode(bodies[0], Update)
+    assert intake.check_and_open(u, intake.read_header(u), "cam-1", ctx, False).delta.shape == (1000,)
+    mid = bytearray(u.sealed)
+    mid[len(mid) // 2] ^= 1
+    bad = u.model_copy(update={"sealed": bytes(mid)})
+    assert reason(lambda: intake.check_and_open(bad, intake.read_header(bad), "cam-1", ctx, False)) \
+        == Reason.DECRYPTION_FAILED
+    c = world.build(delta())
+    body2 = bytearray(c[2].sealed)
+    body2[100] ^= 1
+    assert reason(lambda: world.reassemble([c[0], c[1], c[2].model_copy(update={"sealed": bytes(body2)}), *c[3:]])) \
+        == Reason.DECRYPTION_FAILED
+
+
 def test_chunked_update_under_another_devices_routing_key_is_rejected(world):
     c = world.build(delta())
     assert reason(lambda: world.reassemble(c, routed="cam-9")) == Reason.DEVICE_MISMATCH
@@ -248,3 +269,12 @@ def test_model_chunk_not_matching_its_signed_digest_is_ignored(world):
         assert assembly.add(c) is None
     whole = assembly.add(chunks[-1])
     np.testing.assert_array_equal(np.frombuffer(whole.params, dtype="<f4"), params)
+
+
+def test_the_median_reference_by_blocks_equals_the_whole_one():
+    from enclave_worker import filters
+    from enclave_worker.service import reference_by_blocks
+
+    updates_ = np.random.default_rng(7).normal(size=(5, 1003)).astype(np.float32)
+    got = reference_by_blocks(lambda i, a, b: updates_[i, a:b], [0, 1, 2, 3, 4], 1003, block=100)
+    np.testing.assert_array_equal(got, filters.robust_reference(updates_))
