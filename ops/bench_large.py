@@ -5,7 +5,8 @@ devices sends a 100 MB update (24 chunks of 4 MiB, sealed as one stream, one sig
 the enclave reassembles, stores and aggregates them and publishes the new model in chunks,
 which a listening device receives and checks against the signed digests. Reported: seconds
 from the first chunk published to the whole model at the device, and the enclave's peak
-RSS for k = 1 and k = 3 updates (flat: memory is O(model), not O(updates)).
+RSS for several k: it grows until ``chunking.max_in_progress`` updates are reassembled at
+once, then stays flat (memory is O(max_in_progress × model), not O(updates)).
 """
 
 from __future__ import annotations
@@ -129,7 +130,9 @@ async def run_bench(base: Settings, counts: tuple[int, ...] = (1, 3), write_docs
               "enclave reassembles, stores, aggregates and publishes the new model in 24 chunks, which a\n"
               "listening device receives and checks against the signed digests. Round trip: first chunk\n"
               "published → whole new model at the device (building the updates excluded). Enclave peak RSS\n"
-              "in MiB and in model sizes: flat in k means memory is O(model), not O(updates).\n\n")
+              "in MiB and in model sizes: it may grow until `chunking.max_in_progress` (4) updates are\n"
+              "reassembled at once (one 100 MB buffer each, their chunks in the prefetch window), then\n"
+              "stays flat: O(max_in_progress × model), not O(updates).\n\n")
         md += md_table(["parameters", "updates", "chunks per update", "build s per update", "round trip s",
                         "enclave peak RSS MiB", "RSS / model size"],
                        [[f"{r['params']:,}", r["updates"], r["chunks_per_update"], r["build_s_per_update"],

@@ -51,9 +51,10 @@ def _settings(base: Settings, state: Path) -> Settings:
 def _enclave_process(dump: dict, d: int, stop, out) -> None:
     """Child process: an enclave on a zero model of ``d`` parameters until ``stop`` is set;
     then puts (peak RSS MiB, seconds per intake stage, CPU seconds) on ``out``."""
-    from ops.tuning import tune_allocator
+    from ops.tuning import limit_blas_threads, tune_allocator
 
     tune_allocator()
+    limit_blas_threads()
     stages: dict[str, float] = {}
 
     async def main() -> None:

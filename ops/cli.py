@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.settings import ConfigError, Settings, load_settings
-from ops.tuning import tune_allocator
+from ops.tuning import limit_blas_threads, tune_allocator
 
 app = typer.Typer(help="QFLARE: quantum-resistant federated learning over RabbitMQ.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -65,6 +65,7 @@ def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML s
         raise fail(f"--log-format is text or json, not {log_format!r}", 2)
     _state["config"] = config
     tune_allocator()
+    limit_blas_threads()
     configure(logging.INFO if verbose else logging.WARNING, log_format)
 
 

@@ -33,3 +33,15 @@ def tune_allocator(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 
         return False
     _applied = ok
     return ok
+
+
+def limit_blas_threads(threads: int = 1) -> None:
+    """One BLAS thread per caller thread.
+
+    The enclave opens updates and closes rounds in its own worker threads, and devices train
+    single-threaded; OpenBLAS's own thread pool on top of them thrashes a loaded 2-core
+    machine: a 100-update FedAvg close of 100k parameters took 2.7 s with it, 0.29 s without.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads, user_api="blas")
