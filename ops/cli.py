@@ -762,19 +762,24 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
 @bench_app.command("compression")
 def bench_compression(devices: int = typer.Option(5, min=2, help="Devices in the demo."),
                       rounds: int = typer.Option(5, min=1, help="Rounds per encoding."),
+                      tasks: str = typer.Option(None, help="Tasks, comma-separated (default: every shipped task)."),
                       write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md."),
                       json_out: bool = typer.Option(False, "--json")) -> None:
-    """Bytes per update and accuracy of int8 and top-k against float32 (the demo, per encoding)."""
+    """Bytes per update and accuracy of int8 and top-k against float32 (the demo, per task and encoding)."""
     from ops.bench_compression import run_bench
 
-    result = run(run_bench(settings(), devices=devices, rounds=rounds, write_docs=write_docs))
+    from ops.bench_compression import SHIPPED_TASKS
+
+    result = run(run_bench(settings(), devices=devices, rounds=rounds,
+                           tasks=tuple(tasks.split(",")) if tasks else SHIPPED_TASKS, write_docs=write_docs))
     if json_out:
         print_json(result)
         return
     for r in result["cases"]:
-        console.print(f"{r['compression']:>5}: {r['payload_bytes']:>7,} B payload ({r['payload_ratio']}x), "
-                      f"{r['message_bytes']:>7,} B message ({r['message_ratio']}x), accuracy "
-                      f"{r['final_accuracy']:.3f} ({r['accuracy_change_points']:+.2f} points)")
+        acc = "-" if r["final_accuracy"] is None else f"{r['final_accuracy']:.3f}"
+        console.print(f"{r['task']} {r['compression']:>5}: {r['payload_bytes']:>7,} B payload "
+                      f"({r['payload_ratio']}x), {r['message_bytes']:>7,} B message ({r['message_ratio']}x), "
+                      f"accuracy {acc} ({r['accuracy_change_points']} points)")
 
 
 @bench_app.command("large")
