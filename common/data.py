@@ -142,7 +142,8 @@ def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
 
 def bundled_shard(name: str, device_index: int, n_devices: int,
                   part: Partition | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) training shard of one simulated device of a bundled set's default split.
+    """(x, y) training shard of one simulated device of a bundled set's default split
+    (for digits, without the root samples the demo seals to the enclave: ``common.rootdata``).
 
     A fleet larger than the data set allows (at least ``MIN_SAMPLES_PER_DEVICE`` each) reuses
     shards: device i holds shard i mod the number of shards, so load tests with thousands of
@@ -150,7 +151,7 @@ def bundled_shard(name: str, device_index: int, n_devices: int,
     """
     if not 0 <= device_index < n_devices:
         raise ValueError(f"device_index {device_index} not in [0, {n_devices})")
-    x_train, y_train, _, _ = load_bundled_split(name)
+    x_train, y_train = _device_pool(name)
     shards = min(n_devices, len(y_train) // MIN_SAMPLES_PER_DEVICE)
     idx = _partition_cached(name, shards, part or Partition())[device_index % shards]
     return x_train[idx], y_train[idx]
@@ -165,7 +166,17 @@ def device_shard(device_index: int, n_devices: int, scheme: Scheme = "iid", alph
 @functools.lru_cache(maxsize=16)
 def _partition_cached(name: str, n_devices: int, part: Partition) -> tuple[np.ndarray, ...]:
     """The default split's partition, computed once per fleet shape (not once per device)."""
-    return tuple(partition(load_bundled_split(name)[1], n_devices, part.scheme, part.alpha, part.seed))
+    return tuple(partition(_device_pool(name)[1], n_devices, part.scheme, part.alpha, part.seed))
+
+
+def _device_pool(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The training split devices share: digits holds out the enclave's root data."""
+    if name == "digits":
+        from common.rootdata import device_pool  # rootdata builds on this module's split
+
+        return device_pool()
+    x_train, y_train, _, _ = load_bundled_split(name)
+    return x_train, y_train
 
 
 # --- a device's own files ----------------------------------------------------------------------

@@ -135,6 +135,20 @@ class FLSettings(BaseModel):
     max_norm: float | None = Field(None, gt=0)
     norm_median_multiple: float | None = Field(3.0, gt=1)
     min_cosine: float | None = Field(0.0, ge=-1, le=1)
+    #: The robust defence (enclave_worker/defend.py, docs/robustness.md); False: the legacy
+    #: norm + cosine-to-median filters with streaming FedAvg.
+    defend: bool = True
+    outlier_mads: float | None = Field(None, gt=0)
+    copy_cosine: float | None = Field(0.95, gt=0, lt=1)
+    rescale: Literal["median", "clip", "none"] = "median"
+    trust_weighting: bool = True
+    trust_power: float = Field(3.0, gt=0, le=8)
+    trust_relative: bool = True
+    reputation_decay: float = Field(0.7, ge=0, lt=1)
+    quarantine_below: float | None = Field(0.5, gt=0, lt=1)
+    #: Most update floats (k x d) the defence holds at once; larger rounds close with the
+    #: legacy streaming filters. 2**28 floats = 1 GiB.
+    defend_max_floats: int = Field(2**28, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)
     seed: int = 0

@@ -27,7 +27,7 @@ from edge_agent.models import ModelAssembly, latest_model_messages
 from edge_agent.outbox import Outbox
 from schemas import signing
 from schemas.codec import CodecError, decode, peek_type
-from schemas.messages import GlobalModel, ModelChunk, Signed
+from schemas.messages import GlobalModel, ModelChunk, RoundSpec, Signed
 from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.agent")
@@ -55,7 +55,10 @@ def verify_model(body: bytes, device: Device) -> GlobalModel:
 
 class Fleet:
     def __init__(self, broker: BrokerClient, outbox: Outbox, *, on_sent: Callable[[str, int], None] | None = None,
-                 on_reject: Callable[[str, str], None] | None = None, task: TaskRunner | None = None) -> None:
+                 on_reject: Callable[[str, str], None] | None = None, task: TaskRunner | None = None,
+                 attacker: Callable[[Member, np.ndarray, RoundSpec, int], np.ndarray] | None = None) -> None:
+        """``attacker(member, base, spec, seed)`` makes a malicious member's delta (the demo's
+        attack library); without it ``Member.attack`` is one of the task runner's attacks."""
         self.broker = broker
         #: What the devices train: ``fl.task`` unless given.
         self.task = task or runner_for(broker.settings.fl.task)
@@ -64,6 +67,7 @@ class Fleet:
         self.latest: GlobalModel | None = None
         self.on_sent = on_sent
         self.on_reject = on_reject
+        self.attacker = attacker
         self._tasks: set[asyncio.Task] = set()
         self._queue = None
         self._assembly: ModelAssembly | None = None
@@ -161,7 +165,10 @@ class Fleet:
         seed = zlib.crc32(f"{m.device.device_id}/{spec.round_id}".encode())
         config = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=seed)
         try:
-            delta, n = await asyncio.to_thread(self.task.train, base, m.x, m.y, config, m.attack)
+            if m.attack is not None and self.attacker is not None:
+                delta, n = await asyncio.to_thread(self.attacker, m, base, spec, seed), int(len(m.y))
+            else:
+                delta, n = await asyncio.to_thread(self.task.train, base, m.x, m.y, config, m.attack)
         except (TaskError, ValueError) as exc:
             log.error("training of %s in round %d failed, nothing sent: %s", m.device.device_id, spec.round_id, exc)
             if self.on_reject:

@@ -28,7 +28,8 @@ from common.state import private_dir
 from common.task import TaskError
 from common.training import TaskRunner, runner_for
 from enclave_worker import aggregate as agg
-from enclave_worker import attestation, filters, intake, publisher
+from enclave_worker import attestation, filters, intake, publisher, reputation, rootdata
+from enclave_worker.defend import Defence, DefenceState, defend
 from enclave_worker.reassembly import ChunkIntake
 from enclave_worker.store import EnclaveStore
 from schemas import signing
@@ -39,6 +40,7 @@ from schemas.messages import (
     Message,
     Revocation,
     RoundAbort,
+    RootData,
     RoundOpen,
     RoundResult,
     RoundSpec,
@@ -167,6 +169,11 @@ class Enclave:
         #: Seconds spent per intake stage (open: verify and decrypt, in threads; store: segment
         #: write; commit: fsync and SQLite commit; ack: acks and events), for `qflare bench round`.
         self.stage_seconds: collections.Counter[str] = collections.Counter()
+        self._enclave_dir = settings.state_dir / "enclave"
+        self.defence_state = DefenceState(reputation.load(self._enclave_dir))
+        stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
+        self.root: tuple[float, np.ndarray, np.ndarray] | None = (
+            (stored_root[0].issued_at, stored_root[1], stored_root[2]) if stored_root else None)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -238,8 +245,11 @@ class Enclave:
 
     async def _on_control(self, signed: Signed, raw) -> None:
         require_role(self.settings, "coordinator", raw.user_id)  # broker-verified sender, before any crypto
-        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys))
+        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData))
         msg = self._verify_coordinator(signed, type(inner_type))
+        if isinstance(msg, RootData):
+            await self._take_root_data(msg)
+            return
         if isinstance(msg, RoundAbort):
             async with self.lock:
                 await self._abort_round(msg)
@@ -255,6 +265,21 @@ class Enclave:
             return
         async with self.lock:
             await self._open_round(msg.spec)
+
+    async def _take_root_data(self, msg: RootData) -> None:
+        """Keep the operator's sealed root data: the trusted reference of every later round."""
+        try:
+            x, y = rootdata.open_root(msg, self.identity.kem_sk, self.identity.kem_fp,
+                                      newer_than=self.root[0] if self.root else None)
+        except QflareError as err:
+            log.warning("root data refused: %s %s", err.reason.value, err.detail)
+            await self.broker.publisher.event(f"enclave.root_data.rejected.{err.reason.value}",
+                                              reason=err.reason.value, detail_text=err.detail[:200])
+            return
+        rootdata.save(self._enclave_dir, msg)
+        self.root = (msg.issued_at, x, y)
+        log.info("root data received: %d samples", len(y))
+        await self.broker.publisher.event("enclave.root_data", samples=len(y))
 
     async def _open_round(self, spec: RoundSpec) -> None:
         status = self.store.round_status(spec.round_id)
@@ -488,9 +513,19 @@ class Enclave:
             log.error("evaluation skipped: %s", exc)
             return {}
 
-    def _screen_and_aggregate(self, stored: list, weights: np.ndarray) -> tuple[np.ndarray | None,
-                                                                                filters.ScreenResult]:
+    def _screen_and_aggregate(self, stored: list, weights: np.ndarray,
+                              spec: RoundSpec) -> tuple[np.ndarray | None, filters.ScreenResult | Defence]:
         fl = self.settings.fl
+        if fl.defend and len(stored) * int(self.params.shape[0]) <= fl.defend_max_floats:
+            reference = (rootdata.reference_update(self.task, self.layout_id, self.params, self.root[1],
+                                                   self.root[2], spec)
+                         if self.root else None)
+            out = defend(np.stack([self.store.load_delta(u) for u in stored]), weights,
+                         [u.device_id for u in stored], fl, reference=reference, state=self.defence_state)
+            return out.aggregate, out
+        if fl.defend:
+            log.warning("round of %d updates is over fl.defend_max_floats: closing with the streaming filters",
+                        len(stored))
         if fl.aggregator == "fedavg":
             return close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored), weights, fl,
                                          norms=np.array([u.norm for u in stored]),
@@ -520,13 +555,21 @@ class Enclave:
         weights = np.array([u.num_samples for u in stored], dtype=np.float64)
         # The close reads every delta and can take seconds: off the event loop, so acks and
         # heartbeats go on. The lock is held, so nothing writes the store meanwhile.
-        combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights)
+        combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights, spec)
         for u, reason in zip(stored, verdict.reasons, strict=True):
             if reason is not None:
+                reason = getattr(reason, "value", reason)  # a Reason from defend, a str from the filters
                 metrics.UPDATES.labels(reason).inc()
                 rejected[reason] = rejected.get(reason, 0) + 1
                 await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
                                                   round_id=spec.round_id, reason=reason, update_id=u.update_id)
+        if isinstance(verdict, Defence):
+            self.defence_state = verdict.state
+            reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below)
+            for device in verdict.newly_quarantined:
+                log.warning("device %s quarantined: repeated rejections", device)
+                await self.broker.publisher.event("device.quarantined", device_id=device, round_id=spec.round_id,
+                                                  reputation=round(verdict.state.reputations[device], 4))
         accepted = int(verdict.accepted.sum())
         new_params = self.params + combined if combined is not None else self.params
         scores = await asyncio.to_thread(self._evaluate, new_params)

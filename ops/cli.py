@@ -264,6 +264,30 @@ def enclave_run(task: str | None = typer.Option(None, "--task", help=TASK_HELP))
     run(serve(with_task(settings(), task)))
 
 
+@enclave_app.command("root-data")
+def enclave_root_data(file: Path | None = typer.Argument(None, help=".npz with x (float32, n x features) and "
+                                                                   "y (int64, n); at most 1000 samples."),
+                      digits: bool = typer.Option(False, "--digits", help="The digits task's held-out root set "
+                                                                           "(what the demo seals).")) -> None:
+    """Seal clean root data to the attested enclave: its trusted reference each round (FLTrust)."""
+    import numpy as np
+
+    from common import rootdata
+    from coordinator.rootdata import send_root_data
+
+    if (file is None) == (not digits):
+        raise fail("give a FILE or --digits (one of them)", 2)
+    if digits:
+        x, y = rootdata.digits_root()
+    else:
+        try:
+            x, y = rootdata.unpack(file.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise fail(f"{file}: {exc}", 2) from None
+    fp = run(send_root_data(settings(), np.asarray(x), np.asarray(y)))
+    console.print(f"{len(y)} root samples sealed to enclave KEM key {fp[:16]} and sent")
+
+
 @enclave_app.command("measurement")
 def enclave_measurement() -> None:
     """Print this installation's enclave code measurement (for the allow-list)."""
@@ -577,7 +601,8 @@ def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 
 def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices."),
          rounds: int = typer.Option(3, min=1, max=1000, help="Federated rounds."),
          malicious: float = typer.Option(0.0, min=0.0, max=0.5, help="Fraction of malicious devices."),
-         attack: str = typer.Option("sign-flip", help="sign-flip | scale | noise | label-flip"),
+         attack: str = typer.Option("sign-flip", help="An attack of common/attacks.py: sign-flip, scale, noise, "
+                                    "alie, ipm, min-max, min-sum, adaptive, label-flip, backdoor, backdoor-boosted."),
          deadline: float | None = typer.Option(None, help="Seconds a round waits (default fl.deadline_seconds)."),
          aggregator: str | None = typer.Option(None, help="fedavg | median | trimmed_mean | multi_krum."),
          partition: str | None = typer.Option(None, help="iid | dirichlet (non-IID, fl.dirichlet_alpha)."),
@@ -586,7 +611,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
     from common.settings import BrokerSettings
-    from common.training import ATTACKS
+    from common.attacks import NAMES as ATTACKS
     from ops.demo import new_namespace, run_demo
 
     if attack not in ATTACKS:
@@ -800,6 +825,30 @@ def bench_large(updates: str = typer.Option("1,3", help="Updates per run, comma-
     for r in result["cases"]:
         console.print(f"{r['updates']} x 100 MB: round trip {r['round_trip_s']} s, enclave peak RSS "
                       f"{r['enclave_peak_rss_mib']} MiB ({r['rss_in_models']} model sizes)")
+
+
+@bench_app.command("robust")
+def bench_robust(json_out: bool = typer.Option(False, "--json", help="Print only JSON."),
+                 quick: bool = typer.Option(False, help="A tiny grid, for a smoke run."),
+                 seeds: int = typer.Option(2, min=1, max=20, help="Seeds per cell."),
+                 defences: str = typer.Option("fedavg,legacy,fltrust,qflare-noroot,qflare",
+                                              help="Defences compared, comma-separated (fedavg is the baseline)."),
+                 write_docs: bool = typer.Option(False, "--write-docs",
+                                                 help="Write the table and heat-map into docs/benchmarks.md.")) -> None:
+    """Attacks x defences x {20 %, 30 %} malicious on digits (Dirichlet 0.5): accuracy gaps,
+    backdoor success, false positives and negatives, and the issue-11 goals."""
+    from ops.bench_robust import render, run_bench
+
+    try:
+        result = run_bench(quick=quick, seeds=seeds, write_docs=write_docs, defences=tuple(defences.split(",")),
+                           progress=lambda msg: err_console.print(msg))
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    if json_out:
+        print_json(result)
+    else:
+        console.print(render(result))
+
 
 
 from ops.operator_cmd import register as _register_operator_commands

@@ -20,9 +20,13 @@ from pathlib import Path
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
+from common import attacks
 from common.data import Partition
+from common.rootdata import digits_root
 from common.settings import Settings
+from common.task import DEFAULT_TASK
 from common.training import runner_for
+from coordinator.rootdata import send_root_data
 from coordinator.service import Coordinator
 from edge_agent import client
 from edge_agent.fleet import Fleet, Member
@@ -115,6 +119,28 @@ def malicious_ids(device_ids: list[str], fraction: float) -> list[str]:
     return device_ids[len(device_ids) - k:] if k else []
 
 
+def attacker(attack: str, settings: Settings, task, n_total: int, n_malicious: int):
+    """A malicious demo device's update from the attack library (``Fleet(attacker=...)``); the
+    adaptive attack is given the enclave's rule, run on the device's own honest estimates."""
+    from common.task import TrainConfig
+    from ops.bench_robust import accepts_rule
+
+    defence = "qflare" if settings.fl.defend else "legacy"
+    names = [f"colluder-{i}" for i in range(n_malicious)]
+
+    def make(member: Member, base, spec, seed: int):
+        def train(x, y, s: int):
+            return task.train(base, x, y, TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                                                      seed=s))[0]
+
+        return attacks.device_update(attack, train, member.x, member.y, seed, n_total=n_total,
+                                     n_malicious=n_malicious,
+                                     accepts_for=lambda benign: accepts_rule(defence, settings.fl, benign,
+                                                                             n_malicious, names))
+
+    return make
+
+
 async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, malicious: float = 0.0,
                    attack: str = "sign-flip", deadline: float | None = None,
                    progress: Callable[[str, int, int], None] | None = None, keep_state: bool = False,
@@ -146,10 +172,17 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
         await enclave.start()
         fleet_broker = await BrokerClient.open(settings, name="qflare-fleet")
         events = await round_events(fleet_broker)
+        if fl.defend and fl.task == DEFAULT_TASK:  # digits' root data: held out of every device's shard
+            await send_root_data(settings, *digits_root(), broker=fleet_broker, registry=coordinator.registry,
+                                 identity=coordinator.identity)
+            end = time.monotonic() + 30
+            while enclave.root is None and time.monotonic() < end:
+                await asyncio.sleep(0.02)
         say("broker", 1, 1)
 
         rpc = await fleet_broker.rpc()
-        fleet = Fleet(fleet_broker, Outbox(state / "fleet-outbox.sqlite3"), task=task)
+        fleet = Fleet(fleet_broker, Outbox(state / "fleet-outbox.sqlite3"), task=task,
+                      attacker=attacker(attack, settings, task, devices, len(bad)) if bad else None)
         fp = coordinator.identity.sig_fp
         t0 = time.perf_counter()
         done = 0

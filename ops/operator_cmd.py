@@ -105,20 +105,29 @@ def register(app: typer.Typer, token_app: typer.Typer, device_app: typer.Typer, 
     @device_app.command("list")
     def device_list(status: str | None = typer.Option(None, help="active or revoked"),
                     json_out: bool = typer.Option(False, "--json")) -> None:
-        """List enrolled devices (signed request to the coordinator)."""
+        """List enrolled devices (signed request to the coordinator), with the enclave's
+        reputation of each when the enclave's state directory is on this host."""
+        from enclave_worker import reputation
         from schemas.messages import DeviceListRequest, DeviceTable
 
         if status not in (None, "active", "revoked"):
             raise shell.fail(f"--status is active or revoked, not {status!r}", 2)
+        s = shell.settings()
         _, _, table = call(DeviceListRequest, DeviceTable, status=status)
-        rows = [d.model_dump() for d in table.devices]
+        reps = reputation.load(s.state_dir / "enclave")
+        below = s.fl.quarantine_below
+        rows = [{**d.model_dump(), "reputation": reps.get(d.device_id),
+                 "quarantined": reputation.quarantined(reps, d.device_id, below) if d.device_id in reps else None}
+                for d in table.devices]
         if json_out:
             shell.print_json(rows)
             return
-        t = Table("device", "status", "signature", "fingerprint", "enrolled", "revoked")
-        for d in table.devices:
+        t = Table("device", "status", "signature", "fingerprint", "enrolled", "revoked", "reputation")
+        for d, row in zip(table.devices, rows, strict=True):
+            rep = "-" if row["reputation"] is None else f"{row['reputation']:.2f}" + (
+                " quarantined" if row["quarantined"] else "")
             t.add_row(d.device_id, d.status, d.sig_alg, d.sig_fp[:16], shell._when(d.enrolled_at),
-                      shell._when(d.revoked_at))
+                      shell._when(d.revoked_at), rep)
         shell.console.print(t)
 
     @device_app.command("revoke")

@@ -496,6 +496,21 @@ class Revocation(Message):
     revoked_at: float
 
 
+class RootData(Message):
+    """Operator (coordinator key) → enclave, signed: clean root data for the enclave's trusted
+    reference update, sealed to the attested enclave's KEM key (docs/robustness.md).
+
+    ``sealed`` opens, with associated data ``qflare-root-data|`` + ``kem_fp``, to an ``.npz``
+    holding ``x`` (float32, n samples) and ``y`` (int64, n labels).
+    """
+
+    TYPE: ClassVar[str] = "enclave.root_data"
+    kem_fp: Fingerprint
+    sealed: Annotated[bytes, Field(min_length=1, max_length=16 * 1024 * 1024)]
+    n_samples: Annotated[int, Field(ge=1, le=10_000)]
+    issued_at: float
+
+
 class UpdateHeader(Message):
     """Associated data of the sealed payload and half of what the device signs."""
 
@@ -599,7 +614,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SessionRequest, SessionGrant, SessionAccept, SessionCall, StatusRequest, StatusReply,
     KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
     AttestationReport, AttestRequest, AttestAccept,
-    RoundSpec, RoundOpen, RoundAbort, Revocation,
+    RoundSpec, RoundOpen, RoundAbort, Revocation, RootData,
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked,

@@ -41,6 +41,8 @@ class Reason(StrEnum):
     INCOMPLETE = "incomplete"
     BUSY = "busy"
     TASK_FAILED = "task_failed"
+    OUTLIER = "outlier"
+    QUARANTINED = "quarantined"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -79,7 +81,11 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.DECRYPTION_FAILED: "the sealed payload does not open with this enclave's key",
     Reason.LAYOUT_MISMATCH: "the parameter vector does not match the model's layout",
     Reason.NORM_BOUND: "update norm over the bound (scaled or boosted update)",
-    Reason.LOW_COSINE: "update points away from the round's robust reference (e.g. sign-flipped)",
+    Reason.LOW_COSINE: "update points away from the round's reference: the enclave's root-data update, "
+                       "else the updates' robust centre (e.g. sign-flipped, inner-product manipulation)",
+    Reason.OUTLIER: "update far from the round's other updates (distance test: e.g. a backdoor or noise)",
+    Reason.QUARANTINED: "the device's reputation fell below fl.quarantine_below after repeated rejections; "
+                        "its updates are judged but not aggregated until it recovers",
     Reason.NON_FINITE: "NaN or infinity in the update",
     Reason.CHUNK_SEQUENCE: "a chunk out of order, repeated, of another update or stream, or with no update begun",
     Reason.INCOMPLETE: "a chunked update's remaining chunks did not arrive in time (truncated)",

@@ -83,13 +83,26 @@ def test_partition_rejects_bad_arguments(digits) -> None:
 
 
 def test_device_shard_matches_partition(digits) -> None:
-    x_tr, y_tr, _, _ = digits
+    from common.rootdata import device_pool
+
+    x_tr, y_tr = device_pool()  # the training split without the enclave's root data
     idx = partition(y_tr, 4, "dirichlet", alpha=0.5, seed=1)[2]
     x, y = device_shard(2, 4, "dirichlet", 0.5, 1)
     np.testing.assert_array_equal(x, x_tr[idx])
     np.testing.assert_array_equal(y, y_tr[idx])
     with pytest.raises(ValueError):
         device_shard(4, 4, "iid", 0.5, 0)
+
+
+def test_root_data_is_held_out_of_every_device_shard() -> None:
+    from common.rootdata import ROOT_PER_CLASS, digits_root
+
+    xr, yr = digits_root()
+    assert np.bincount(yr).tolist() == [ROOT_PER_CLASS] * 10
+    root = {r.tobytes() for r in xr}
+    for i in range(4):
+        x, _ = device_shard(i, 4)
+        assert not root & {r.tobytes() for r in x}
 
 
 # --- model and flat vectors --------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""The defence inside the real enclave, on a real broker: root data sealed by the operator,
+rejections with their reasons on the events, quarantine, and root data no device can forge."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from common import attacks, rootdata
+from common.data import device_shard
+from common.training import train_local
+from coordinator.rootdata import seal_root_data, send_root_data
+from edge_agent import updates
+from schemas import signing
+from schemas.messages import RootData, RoundOpen, RoundSpec
+from tests.conftest import wait_for
+from tests.services import EventLog, coordinator, enclave, enrolled
+
+pytestmark = pytest.mark.broker
+
+
+async def _open(coord, broker, round_id: int, expected: list[str]) -> None:
+    spec = RoundSpec(round_id=round_id, deadline=time.time() + 60, min_updates=1, expected=expected, epochs=1,
+                     lr=0.1, batch_size=16)
+    await broker.publisher.publish(broker.names.control_exchange, "enclave",
+                                   coord._sign(RoundOpen(spec=spec, issued_at=time.time())))
+
+
+async def test_rejected_updates_carry_their_reason_to_the_events_and_repeat_offenders_are_quarantined(
+        broker, settings):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "update.#", "round.*", "device.quarantined", "enclave.#")
+        await send_root_data(settings, *rootdata.digits_root(), broker=broker, registry=coord.registry,
+                             identity=coord.identity)
+        await events.wait("enclave.root_data")
+        assert enc.root is not None and len(enc.root[2]) == 10 * rootdata.ROOT_PER_CLASS
+        ids = [f"d{i}" for i in range(6)]
+        devs = [await enrolled(broker, coord, d) for d in ids]
+        for rnd in (1, 2, 3, 4):
+            await _open(coord, broker, rnd, ids)
+            await events.wait("round.opened", rnd)
+            for i, dev in enumerate(devs):
+                x, y = device_shard(i, 6)
+                delta, n = train_local(enc.params, x, y, epochs=1, lr=0.1, batch_size=16, seed=rnd * 10 + i)
+                if i == 5:
+                    delta = attacks.sign_flip(delta, -1.0)  # unboosted: only the direction gives it away
+                _, key, body = updates.build(dev, rnd, enc.version, enc.layout_id, delta, n)
+                await broker.publisher.publish(broker.names.updates_exchange, key, body)
+            await events.wait("round.completed", rnd)
+        rejected = [e for e in events.events if e.type.startswith("update.rejected.")]
+        assert rejected and all(e.device_id == "d5" for e in rejected)
+        assert all(e.reason == e.type.rsplit(".", 1)[1] for e in rejected)
+        assert {e.reason for e in rejected} <= {"low_cosine", "quarantined"}
+        quarantined = await events.wait("device.quarantined")
+        assert [e.device_id for e in quarantined] == ["d5"]
+        assert enc.defence_state.reputations["d5"] < settings.fl.quarantine_below
+        assert min(v for k, v in enc.defence_state.reputations.items() if k != "d5") >= 0.99
+
+
+async def test_root_data_signed_by_a_device_is_refused(broker, settings):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        dev = await enrolled(broker, coord, "mallory")
+        genuine = signing.unverified(seal_root_data(settings, *rootdata.digits_root(), registry=coord.registry,
+                                                    identity=coord.identity), RootData)
+        forged = signing.sign(genuine, dev.identity.sig_alg, dev.identity.sig_sk, dev.identity.sig_pk)
+        await broker.publisher.publish(broker.names.control_exchange, "enclave", forged)
+        # a genuine one sent afterwards lands, so the forged one was judged (and refused) first
+        events = await EventLog.bind(broker, "enclave.#")
+        await send_root_data(settings, np.zeros((3, 64), np.float32), np.zeros(3, np.int64), broker=broker,
+                             registry=coord.registry, identity=coord.identity)
+        await events.wait("enclave.root_data")
+        await wait_for(lambda: enc.root is not None)
+        assert len(enc.root[2]) == 3  # the operator's, not mallory's 200
+        await asyncio.sleep(0)
+
+
+async def test_root_data_survives_an_enclave_restart(broker, settings):
+    async with coordinator(settings) as coord:
+        async with enclave(settings) as enc:
+            events = await EventLog.bind(broker, "enclave.#")
+            await send_root_data(settings, *rootdata.digits_root(), broker=broker, registry=coord.registry,
+                                 identity=coord.identity)
+            await events.wait("enclave.root_data")
+            first = enc.root
+        async with enclave(settings) as again:
+            assert again.root is not None and np.array_equal(again.root[1], first[1])
