@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from broker.connection import connect
+from broker.link import Link
 from broker.messaging import Publisher, RpcClient
 from broker.principals import url_user
 from broker.topology import declare_topology
@@ -24,25 +25,27 @@ class BrokerClient:
     publisher: Publisher
     names: Names
     client_id: str = "qflare"
+    link: Link | None = None
     _rpc: RpcClient | None = field(default=None, repr=False)
     _rpc_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @classmethod
     async def open(cls, settings: Settings, name: str = "qflare", *, declare: bool = True,
-                   client_id: str | None = None) -> BrokerClient:
+                   client_id: str | None = None, robust: bool = True) -> BrokerClient:
         """Connect, open a channel with publisher confirms, declare the topology.
 
         ``client_id`` names this client's private queues (a device passes its device id, which
-        its broker user is confined to); devices pass ``declare=False``.
+        its broker user is confined to); devices pass ``declare=False``. ``robust=False``: the
+        connection ends at the first outage (the caller reconnects; see ``connect``).
         """
-        conn = await connect(settings, name=name)
+        conn = await connect(settings, name=name, robust=robust)
         channel = await conn.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=settings.broker.prefetch)
         names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
         events = await conn.channel(publisher_confirms=False)
         publisher = Publisher(channel, names, events, dead_letter_body_bytes=settings.broker.dead_letter_body_bytes,
-                              user_id=url_user(settings.amqp_url))
-        return cls(settings, conn, channel, publisher, names, client_id or f"{name}-{secrets.token_hex(4)}")
+                              user_id=url_user(settings.amqp_url), link=(link := Link(conn)))
+        return cls(settings, conn, channel, publisher, names, client_id or f"{name}-{secrets.token_hex(4)}", link)
 
     def private_queue(self, purpose: str) -> str:
         return self.names.private_queue(self.client_id, purpose, secrets.token_hex(6))

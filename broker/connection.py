@@ -6,6 +6,7 @@ connection and channels, not something handlers deal with.
 
 from __future__ import annotations
 
+import re
 import ssl
 
 import aio_pika
@@ -16,7 +17,49 @@ from common.settings import Settings
 
 
 class BrokerUnavailable(Exception):
-    """No broker answered; the message says where and how to start one."""
+    """No broker answered; the message says where and how to start one, ``cause`` what failed."""
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause or message
+
+
+class BrokerTlsError(BrokerUnavailable):
+    """The TLS handshake failed: the message names the CA or certificate that did not verify."""
+
+
+#: OpenSSL's text inside ``[SSL: CODE] text (_ssl.c:N)``.
+_SSL_TEXT = re.compile(r"\[SSL: ([A-Z0-9_]+)\] ([^(]*?)\s*\(_ssl")
+#: Alerts a broker sends when it refuses the client's certificate.
+_CLIENT_CERT_ALERTS = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "CERTIFICATE_UNKNOWN",
+                       "CERTIFICATE_EXPIRED", "HANDSHAKE_FAILURE")
+
+
+def tls_failure(settings: Settings, exc: BaseException) -> BrokerTlsError | None:
+    """A one-line :class:`BrokerTlsError` for a TLS handshake failure, else None.
+
+    Says which side failed: the broker's certificate against our CA file, or our client
+    certificate refused by the broker.
+    """
+    b, where = settings.broker, redact(settings.amqp_url)
+    m = _SSL_TEXT.search(str(exc))
+    if m is None:
+        if b.cert_file and settings.amqp_url.startswith("amqps://") and "reset" in str(exc).lower():
+            # TLS 1.3: the broker checks our certificate after the handshake and may just hang up
+            return BrokerTlsError(f"TLS: the broker at {where} hung up right after the handshake: it probably "
+                                  f"refused client certificate {b.cert_file} (connection reset). It must be "
+                                  "signed by a CA the broker trusts.")
+        return None
+    code, text = m.group(1), m.group(2).strip()
+    if code == "CERTIFICATE_VERIFY_FAILED":
+        ca = f"CA file {b.ca_file}" if b.ca_file else "the system's CA store (broker.ca_file is not set)"
+        return BrokerTlsError(f"TLS: the certificate of the broker at {where} is not trusted by {ca}: {text}. "
+                              "Set broker.ca_file to the CA that signed the broker's certificate.")
+    if any(code.endswith(alert) for alert in _CLIENT_CERT_ALERTS):
+        cert = f"client certificate {b.cert_file}" if b.cert_file else "no client certificate (broker.cert_file)"
+        return BrokerTlsError(f"TLS: the broker at {where} refused {cert}: {text}. "
+                              "It must be signed by a CA the broker trusts.")
+    return BrokerTlsError(f"TLS handshake with the broker at {where} failed: {code} {text}")
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -38,22 +81,34 @@ def redact(url: str) -> str:
     return str(u.with_password("***")) if u.password else url
 
 
-async def connect(settings: Settings, *, name: str = "qflare", timeout: float = 5.0) -> AbstractRobustConnection:
-    """Open a robust connection, or raise :class:`BrokerUnavailable` with a clear reason.
+async def connect(settings: Settings, *, name: str = "qflare", timeout: float = 5.0,
+                  robust: bool = True) -> AbstractRobustConnection:
+    """Open a connection, or raise :class:`BrokerUnavailable` with a clear reason.
 
     ``guest`` is refused for a broker on another host (one line saying how to provision users).
+    ``robust`` connections reconnect by themselves every ``recovery.reconnect_seconds``;
+    a plain one (``robust=False``) ends at the first outage, for callers that run their own
+    reconnect loop (``qflare agent run``'s backoff).
     """
     refusal = refuse_remote_guest(settings.amqp_url)
     if refusal is not None:
         raise BrokerUnavailable(refusal)
     try:
+        if not robust:
+            return await aio_pika.connect(settings.amqp_url, ssl_context=tls_context(settings), timeout=timeout,
+                                          client_properties={"connection_name": name})
         return await aio_pika.connect_robust(
             settings.amqp_url, ssl_context=tls_context(settings), timeout=timeout,
             client_properties={"connection_name": name},
+            reconnect_interval=settings.recovery.reconnect_seconds,
         )
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
+        tls = tls_failure(settings, exc)
+        if tls is not None:
+            raise tls from None
+        cause = f"{type(exc).__name__}: {exc}"
         raise BrokerUnavailable(
-            f"no RabbitMQ answers at {redact(settings.amqp_url)} ({type(exc).__name__}: {exc}). "
+            f"no RabbitMQ answers at {redact(settings.amqp_url)} ({cause}). "
             "Start one with `rabbitmq-server -detached` (or `docker compose up -d rabbitmq`), "
-            "or point QFLARE_AMQP_URL at yours."
+            "or point QFLARE_AMQP_URL at yours.", cause
         ) from None

@@ -9,6 +9,7 @@ middleware).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
+from broker.link import Link
 from common.metrics import DEAD_LETTERED, HANDLED
 from pqc.errors import QflareCryptoError
 from schemas.codec import CodecError, decode, encode
@@ -35,6 +37,11 @@ TRANSIENT = (aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidSt
 #: A handler returns this to take over the ack (e.g. to ack a batch after one durable commit).
 DEFERRED = object()
 
+#: Seconds to wait for a publisher confirm before treating the link as broken.
+CONFIRM_TIMEOUT = 30.0
+#: Largest pause between attempts of :meth:`Publisher.publish_until_confirmed`.
+RETRY_MAX_SECONDS = 5.0
+
 Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[object]]
 #: Handles a request; the second argument is the sender's broker-verified user (``user_id``).
 RpcHandler = Callable[[Message, str], Awaitable[Message]]
@@ -45,12 +52,13 @@ class Publisher:
 
     def __init__(self, channel: AbstractChannel, names: Names,
                  events_channel: AbstractChannel | None = None, *, dead_letter_body_bytes: int = 4096,
-                 user_id: str | None = None) -> None:
+                 user_id: str | None = None, link: Link | None = None) -> None:
         self.user_id = user_id  # the connection's user: RabbitMQ refuses any other
         self.channel = channel
         self.names = names
         self.events_channel = events_channel
         self.dead_letter_body_bytes = dead_letter_body_bytes
+        self.link = link
         self._exchanges: dict[str, AbstractExchange] = {}
         self._events_exchange: AbstractExchange | None = None
 
@@ -75,14 +83,45 @@ class Publisher:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         ex = await self.exchange(exchange)
-        await ex.publish(message, routing_key, mandatory=mandatory)
+        await ex.publish(message, routing_key, mandatory=mandatory, timeout=CONFIRM_TIMEOUT)
+
+    async def publish_until_confirmed(self, exchange: str, routing_key: str, msg: Message | bytes, *,
+                                      what: str, **kw: Any) -> None:
+        """:meth:`publish`, retried across broker outages until the broker confirms it.
+
+        For what must not be lost (a round's model and result, a round open): a failure
+        waits for the link to come back and tries again; only cancellation stops it. The same
+        message may then arrive twice, so its receivers must be idempotent (they are: models
+        by version, rounds by id).
+        """
+        for attempt in itertools.count(1):
+            if self.link is not None:
+                await self.link.wait_up()
+            try:
+                await self.publish(exchange, routing_key, msg, **kw)
+                if attempt > 1:
+                    log.info("%s confirmed after %d attempts", what, attempt)
+                return
+            except TRANSIENT as exc:
+                pause = min(RETRY_MAX_SECONDS, 0.25 * 2 ** min(attempt, 8))
+                log.warning("%s not confirmed (%s: %s); trying again in %.1f s", what, type(exc).__name__,
+                            exc, pause)
+                await asyncio.sleep(pause)
 
     async def event(self, type_: str, *, device_id: str | None = None, round_id: int | None = None,
-                    reason: str | None = None, **detail: Scalar) -> None:
-        """Emit an event on the events topic exchange (routing key = event type)."""
+                    reason: str | None = None, confirmed: bool = False, **detail: Scalar) -> None:
+        """Emit an event on the events topic exchange (routing key = event type).
+
+        ``confirmed`` events (those that end a round, which the coordinator waits for) go on
+        the confirming channel and are retried across outages; others are fire-and-forget.
+        """
         detail = {k: v[:ERROR_DETAIL_MAX] if isinstance(v, str) else v for k, v in detail.items()}
         ev = Event(type=type_, at=time.time(), device_id=device_id, round_id=round_id,
                    reason=reason, detail=detail)
+        if confirmed:
+            await self.publish_until_confirmed(self.names.events_exchange, type_, ev, what=f"event {type_}",
+                                               persistent=False)
+            return
         if self.events_channel is None:
             await self.publish(self.names.events_exchange, type_, ev, persistent=False)
             return

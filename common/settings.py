@@ -211,6 +211,27 @@ class OperatorSettings(BaseModel):
     max_token_ttl_seconds: float = Field(30 * 86400.0, gt=0)
 
 
+class RecoverySettings(BaseModel):
+    """How the parties ride out broker outages, restarts and sleeping devices (docs/operations.md)."""
+
+    #: Seconds between a robust connection's reconnect attempts (services and simulated fleets).
+    reconnect_seconds: float = Field(2.0, gt=0, le=300)
+    #: A round whose deadline passed while the enclave's broker link was down closes this long
+    #: after the link came back, so redelivered and resent updates still count.
+    close_grace_seconds: float = Field(15.0, ge=0, le=3600)
+    #: Past a round's deadline plus this, a coordinator that heard no close reports
+    #: ``round.stalled`` (a warning), asks the enclave again, and keeps waiting.
+    stall_report_seconds: float = Field(60.0, gt=0, le=86400)
+    #: How long the coordinator waits for an absent enclave before it cancels the plan.
+    stall_limit_seconds: float = Field(3600.0, gt=0, le=7 * 86400)
+    #: ``qflare agent run``: first and largest pause between broker connection attempts
+    #: (exponential, with full jitter), forever.
+    agent_backoff_min_seconds: float = Field(1.0, gt=0, le=60)
+    agent_backoff_max_seconds: float = Field(60.0, gt=0, le=3600)
+    #: A device joins an open round only if this much time is left beyond its last training time.
+    join_margin_seconds: float = Field(2.0, ge=0, le=600)
+
+
 class Settings(BaseSettings):
     """Everything a QFLARE process can be told; one instance per process."""
 
@@ -233,6 +254,7 @@ class Settings(BaseSettings):
     rate_limits: RateLimitSettings = RateLimitSettings()
     enclave: EnclaveSettings = EnclaveSettings()
     operator: OperatorSettings = OperatorSettings()
+    recovery: RecoverySettings = RecoverySettings()
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> Settings:

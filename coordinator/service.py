@@ -18,7 +18,7 @@ import msgpack
 
 import pqc
 from broker.client import BrokerClient
-from broker.messaging import serve_rpc
+from broker.messaging import TRANSIENT, serve_rpc
 from broker.principals import limit_key, require_device, require_role
 from common import handshake, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
@@ -83,8 +83,6 @@ ROUND_END_EVENTS = ("round.completed", "round.failed", "round.cancelled")
 #: Requests only a broker user playing this role may send (broker.roles; docs/security.md);
 #: every operator request, on its own queue, is checked by coordinator/operator.py.
 ROLE_OF: dict[type[Message], tuple[str, str]] = {AttestRequest: ("enclave", "attestation")}
-#: How long past a round's deadline the coordinator waits for the enclave to close it.
-ROUND_GRACE_SECONDS = 60.0
 #: The round driver's lease in the registry: of several coordinators one runs the stored plan,
 #: renewing every third of this; when it dies, another takes the plan over within this long.
 ROUND_LEASE = "round_driver"
@@ -124,6 +122,7 @@ class Coordinator:
         self.instance = f"{VERSION}-{secrets.token_hex(8)}"
         self._round_done: asyncio.Queue[Event] = asyncio.Queue()
         self.operator_desk = OperatorDesk(self)
+        self._reconnected = asyncio.Event()  # the round driver asks the enclave again at once
         self.keys_message = signing.sign(self._keys(), self.identity.sig_alg, self.identity.sig_sk,
                                          self.identity.sig_pk)
 
@@ -136,8 +135,12 @@ class Coordinator:
         return signing.sign(msg, self.identity.sig_alg, self.identity.sig_sk, self.identity.sig_pk)
 
     async def _event(self, type_: str, **kw) -> None:
+        """Emit an event; a notification, so a broker outage does not fail what emits it."""
         if self.broker is not None:
-            await self.broker.publisher.event(type_, **kw)
+            try:
+                await self.broker.publisher.event(type_, **kw)
+            except TRANSIENT as exc:
+                log.info("event %s not sent: %s", type_, exc)
 
     async def _refuse(self, kind: str, err: QflareError, device_id: str | None) -> QflareError:
         counter = {"enrollment": metrics.ENROLLMENTS, "session": metrics.SESSIONS}.get(kind)
@@ -204,6 +207,8 @@ class Coordinator:
         for key in ROUND_END_EVENTS:
             await q.bind(b.names.events_exchange, key)
         await q.consume(self._on_round_event, no_ack=True)
+        # Round events sent while we were away are lost to this (exclusive) queue: ask again.
+        b.connection.reconnect_callbacks.add(lambda *_: self._reconnected.set())
         if self._has_plan() and self._claim_rounds():
             await self._resume_plan()
             if not self._driving():
@@ -545,6 +550,7 @@ class Coordinator:
         first = int(self.registry.get_meta(META_ROUND) or b"0") + 1
         self.registry.set_meta(META_PLAN, msgpack.packb({"req": encode(req), "first": first}))
         self._rounds_task = asyncio.create_task(self._run_rounds(req, first))
+        self._rounds_task.add_done_callback(_report_driver_end)
         return first
 
     async def cancel_rounds(self, reason: str) -> tuple[int | None, int]:
@@ -612,9 +618,11 @@ class Coordinator:
         if spec is None:
             log.info("starting the stored round plan at %d", first)
             self._rounds_task = asyncio.create_task(self._run_rounds(req, first))
+            self._rounds_task.add_done_callback(_report_driver_end)
         elif spec.round_id < first + req.rounds:
             log.info("resuming rounds at %d", spec.round_id)
             self._rounds_task = asyncio.create_task(self._run_rounds(req, first, resume=spec))
+            self._rounds_task.add_done_callback(_report_driver_end)
         else:
             self.registry.set_meta(META_PLAN, b"")  # it had run to its end
 
@@ -630,35 +638,90 @@ class Coordinator:
             self.registry.set_meta(META_ROUND, str(round_id).encode())
             self.registry.set_meta(META_CURRENT, encode(spec))
             self.registry.record_round_opened(round_id, spec.deadline, spec.min_updates, len(spec.expected))
-            await self.broker.publisher.publish(self.broker.names.control_exchange, "enclave",
-                                                self._sign(RoundOpen(spec=spec, issued_at=time.time())))
+            await self._send_round_open(spec)
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
             log.info("round %d opened (plan %d..%d): deadline in %.0f s, min_updates %d, %s", round_id, first,
                      first + req.rounds - 1, spec.deadline - time.time(), spec.min_updates,
                      f"{len(spec.expected)} expected device(s)" if spec.expected else "any device")
-            wait = max(0.0, spec.deadline - time.time()) + ROUND_GRACE_SECONDS
-            if not await self._wait_round(round_id, wait):
-                # No enclave closed the round: say so and stop, rather than wait forever.
-                self.registry.audit("coordinator", "round.stalled", round_id=round_id)
-                self.registry.record_round_closed(round_id, "stalled", reason=Reason.NO_ENCLAVE.value)
-                await self._event("round.stalled", round_id=round_id, reason=Reason.NO_ENCLAVE.value,
-                                  remaining=first + req.rounds - round_id - 1)
-                log.error("round %d was not closed by any enclave; remaining rounds cancelled", round_id)
+            if not await self._await_close(spec, remaining=first + req.rounds - round_id - 1):
                 break
         self.registry.set_meta(META_PLAN, b"")
         self.registry.release_lease(ROUND_LEASE, self.instance)
 
-    async def _wait_round(self, round_id: int, timeout: float) -> bool:
-        """True when the enclave reported ``round_id`` completed or failed within ``timeout``."""
+    async def _send_round_open(self, spec: RoundSpec) -> None:
+        """Sign a fresh ``RoundOpen`` for ``spec`` and publish it until the broker confirms it.
+
+        Sent again while a round waits for its close: the enclave opens a round once and, when
+        it already closed it, says again how it ended.
+        """
+        await self.broker.publisher.publish_until_confirmed(
+            self.broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY,
+            self._sign(RoundOpen(spec=spec, issued_at=time.time())), what=f"round {spec.round_id} open")
+
+    async def _await_close(self, spec: RoundSpec, remaining: int) -> bool:
+        """Wait until the enclave reports ``spec`` closed; False if the operator's bound ran out.
+
+        A close the coordinator did not hear (the enclave or the broker was away) is asked for
+        again after every reconnect and every ``recovery.stall_report_seconds``, each time with
+        a ``round.stalled`` warning; only past ``recovery.stall_limit_seconds`` of waiting is
+        the rest of the plan cancelled.
+        """
+        r = self.settings.recovery
+        wait = max(0.0, spec.deadline - time.time()) + r.stall_report_seconds
+        stalled_since: float | None = None
+        while True:
+            outcome = await self._wait_round(spec.round_id, wait)
+            if outcome == "closed":
+                if stalled_since is not None:
+                    log.info("round %d closed after the enclave came back", spec.round_id)
+                return True
+            now = time.monotonic()
+            if outcome == "timeout":
+                stalled_since = stalled_since if stalled_since is not None else now
+                waited = now - stalled_since
+                if waited >= r.stall_limit_seconds:
+                    self.registry.audit("coordinator", "round.stalled", round_id=spec.round_id, outcome="cancelled")
+                    self.registry.record_round_closed(spec.round_id, "stalled", reason=Reason.NO_ENCLAVE.value)
+                    await self._event("round.stalled", round_id=spec.round_id, reason=Reason.NO_ENCLAVE.value,
+                                      remaining=remaining, action="cancelled", waited=round(waited, 1))
+                    log.error("round %d: no enclave closed it within recovery.stall_limit_seconds (%.0f s); "
+                              "%d remaining rounds cancelled", spec.round_id, r.stall_limit_seconds, remaining)
+                    return False
+                await self._event("round.stalled", round_id=spec.round_id, reason=Reason.NO_ENCLAVE.value,
+                                  remaining=remaining, action="waiting", waited=round(waited, 1))
+                log.warning("round %d: no close from the enclave yet; asking again (cancelling the plan after "
+                            "%.0f s more)", spec.round_id, r.stall_limit_seconds - waited)
+            await self._send_round_open(spec)
+            wait = max(0.0, spec.deadline - time.time()) + r.stall_report_seconds
+            if stalled_since is not None:
+                wait = min(wait, max(0.1, r.stall_limit_seconds - (time.monotonic() - stalled_since)))
+
+    async def _wait_round(self, round_id: int, timeout: float) -> str:
+        """"closed" when the enclave reported ``round_id`` completed or failed within ``timeout``,
+        "reconnected" when our broker link came back meanwhile, else "timeout"."""
         end = time.monotonic() + timeout
         while (left := end - time.monotonic()) > 0:
+            if self._reconnected.is_set():
+                self._reconnected.clear()
+                return "reconnected"
+            got = asyncio.ensure_future(self._round_done.get())
+            nudge = asyncio.ensure_future(self._reconnected.wait())
             try:
-                ev = await asyncio.wait_for(self._round_done.get(), left)
-            except TimeoutError:
-                return False
-            if ev.round_id == round_id:
-                return True
-        return False
+                done, _ = await asyncio.wait({got, nudge}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                nudge.cancel()
+                if not got.done():
+                    got.cancel()
+            if got in done and got.result().round_id == round_id:
+                return "closed"
+        return "timeout"
+
+
+def _report_driver_end(task: asyncio.Task) -> None:
+    """A round driver never ends silently: an error is logged with its traceback."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the round driver stopped on an error; restart the coordinator to resume the plan",
+                  exc_info=task.exception())
 
 
 def _parse_counts(text: object) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class Member:
     model_version: int = -1
     #: What compression left out of earlier updates (error feedback), added to the next one.
     residual: np.ndarray | None = None
+    train_seconds: float | None = None  # how long its last local training took
 
 
 def verify_model(body: bytes, device: Device) -> GlobalModel:
@@ -54,9 +56,13 @@ def verify_model(body: bytes, device: Device) -> GlobalModel:
 
 
 class Fleet:
+    """The devices of one process. ``narrate`` logs each device's steps at INFO (one real
+    device, ``qflare agent run``) instead of DEBUG (a simulated fleet of thousands)."""
+
     def __init__(self, broker: BrokerClient, outbox: Outbox, *, on_sent: Callable[[str, int], None] | None = None,
                  on_reject: Callable[[str, str], None] | None = None, task: TaskRunner | None = None,
-                 attacker: Callable[[Member, np.ndarray, RoundSpec, int], np.ndarray] | None = None) -> None:
+                 attacker: Callable[[Member, np.ndarray, RoundSpec, int], np.ndarray] | None = None,
+                 narrate: bool = False) -> None:
         """``attacker(member, base, spec, seed)`` makes a malicious member's delta (the demo's
         attack library); without it ``Member.attack`` is one of the task runner's attacks."""
         self.broker = broker
@@ -73,21 +79,54 @@ class Fleet:
         self._assembly: ModelAssembly | None = None
         #: Updates built, their encoded deltas' bytes and their messages' bytes (benchmarks, demo).
         self.built = {"updates": 0, "payload_bytes": 0, "message_bytes": 0}
+        self._level = logging.INFO if narrate else logging.DEBUG
+        self._warm = False
+        self._hooked: object | None = None  # the connection whose reconnects we follow
+
+    def _say(self, msg: str, *args: object) -> None:
+        log.log(self._level, msg, *args)
 
     def add(self, member: Member) -> None:
         self.members[member.device.device_id] = member
 
     async def listen(self) -> None:
-        """Subscribe to the models fanout, after reading the latest model from the stream."""
-        if self.members:
+        """Subscribe to the models fanout, then catch up from the models stream.
+
+        Call it on every new connection (``self.broker`` replaced). On a robust connection
+        the subscription survives reconnects by itself, and each reconnect resends the outbox
+        and catches up again.
+        """
+        if self.members and not self._warm:
             first = next(iter(self.members.values()))
             await asyncio.to_thread(self.task.warm_up, first.x, first.y)
+            self._warm = True
         ch = self.broker.channel
         self._queue = await ch.declare_queue(self.broker.private_queue("models"), exclusive=True, auto_delete=True)
         await self._queue.bind(self.broker.names.models_exchange)
         await self._queue.consume(self._on_message)
-        for body in await latest_model_messages(self.broker):
+        conn = self.broker.connection
+        if self._hooked is not conn and hasattr(conn, "reconnect_callbacks"):
+            conn.reconnect_callbacks.add(lambda *_: asyncio.ensure_future(self.resume()))
+            self._hooked = conn
+        await self.catch_up()
+
+    async def catch_up(self) -> bool:
+        """Read the latest model and open round from the models stream, and act on it (a device
+        that was offline, asleep or disconnected joins the open round if its deadline allows)."""
+        bodies = await latest_model_messages(self.broker)
+        for body in bodies:
             await self.handle_model(body)
+        return bool(bodies)
+
+    async def resume(self) -> None:
+        """After a reconnect: resend the outbox, then catch up (never raises: the next reconnect retries)."""
+        try:
+            resent = await self.flush()
+            if resent:
+                self._say("resent %d pending updates after the reconnect", resent)
+            await self.catch_up()
+        except TRANSIENT as exc:
+            log.info("catching up after a reconnect failed (%s); trying again at the next one", exc)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         async with message.process(ignore_processed=True):
@@ -133,6 +172,9 @@ class Fleet:
             model = verdicts.get(m.device.enclave.sig_pk if m.device.enclave else b"")
             if model is None or model.version < m.model_version:
                 continue  # unsigned, forged or older than what this device has
+            if model.version > m.model_version:
+                self._say("%s: model v%d verified (enclave signature) and applied", m.device.device_id,
+                          model.version)
             m.model_version = model.version
             if self.latest is None or model.version >= self.latest.version:
                 self.latest = model
@@ -148,6 +190,13 @@ class Fleet:
                     self.on_reject(m.device.device_id, Reason.LAYOUT_MISMATCH.value)
                 continue
             m.last_round = spec.round_id
+            left = spec.deadline - time.time()
+            need = (m.train_seconds or 0.0) + self.broker.settings.recovery.join_margin_seconds
+            if left < need:
+                self._say("%s: round %d closes in %.1f s, too soon to train and send (about %.1f s needed); "
+                          "waiting for the next round", m.device.device_id, spec.round_id, left, need)
+                continue
+            self._say("%s: joined round %d (closes in %.0f s)", m.device.device_id, spec.round_id, left)
             task = asyncio.create_task(self._train_and_send(m, model))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -164,6 +213,7 @@ class Fleet:
         base = np.frombuffer(model.params, dtype="<f4").copy()
         seed = zlib.crc32(f"{m.device.device_id}/{spec.round_id}".encode())
         config = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=seed)
+        t0 = time.monotonic()
         try:
             if m.attack is not None and self.attacker is not None:
                 delta, n = await asyncio.to_thread(self.attacker, m, base, spec, seed), int(len(m.y))
@@ -174,6 +224,9 @@ class Fleet:
             if self.on_reject:
                 self.on_reject(m.device.device_id, Reason.TASK_FAILED.value)
             return
+        m.train_seconds = time.monotonic() - t0
+        self._say("%s: trained for round %d on %d samples in %.1f s", m.device.device_id, spec.round_id, n,
+                  m.train_seconds)
         s = self.broker.settings
         encoded, m.residual = compression.encode_with_feedback(
             delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,
@@ -193,6 +246,7 @@ class Fleet:
         self.built["message_bytes"] += sum(len(b) for b in bodies)
         body = bodies[0] if len(bodies) == 1 else bodies
         self.outbox.put(update_id, m.device.device_id, key, body, spec.round_id)
+        self._say("%s: sent update %s for round %d", m.device.device_id, update_id, spec.round_id)
         await self.send(update_id, key, body)
         if self.on_sent:
             self.on_sent(m.device.device_id, spec.round_id)
@@ -213,6 +267,7 @@ class Fleet:
             log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
             return False
         self.outbox.confirmed(update_id)
+        self._say("update %s confirmed by the broker", update_id)
         return True
 
     async def flush(self) -> int:

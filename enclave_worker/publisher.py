@@ -42,9 +42,22 @@ def build_model_messages(identity: Identity, version: int, layout_id: str, param
                       for i, p in enumerate(parts))]
 
 
+def model_messages(signed: bytes, params: np.ndarray, chunk_bytes: int) -> list[bytes]:
+    """The messages of an already signed model, to publish it again: the signed model, then
+    (when it names chunks) its chunks, cut again from ``params`` the way it was first cut."""
+    model = signing.unverified(signed, GlobalModel)
+    if not model.chunk_digests:
+        return [signed]
+    parts = split(memoryview(np.ascontiguousarray(params, dtype="<f4")).cast("B"), chunk_bytes)
+    return [signed, *(encode(ModelChunk(version=model.version, index=i, count=len(parts), data=bytes(p)))
+                      for i, p in enumerate(parts))]
+
+
 async def publish_model(publisher: Publisher, messages: bytes | list[bytes], version: int) -> None:
-    """Publish on the fanout, in order, each message confirmed by the broker."""
+    """Publish on the fanout, in order, each message retried across outages until the broker
+    confirms it (a model is never lost; a repeated one is harmless, devices go by version)."""
     for i, body in enumerate([messages] if isinstance(messages, bytes) else messages):
-        await publisher.publish(publisher.names.models_exchange, "", body,
-                                message_id=f"model-{version}" + (f"-{i}" if i else ""),
-                                headers={"x-qflare-version": version})
+        await publisher.publish_until_confirmed(publisher.names.models_exchange, "", body,
+                                                what=f"model v{version} message {i}",
+                                                message_id=f"model-{version}" + (f"-{i}" if i else ""),
+                                                headers={"x-qflare-version": version})

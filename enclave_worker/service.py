@@ -28,7 +28,7 @@ from common.state import private_dir
 from common.task import TaskError
 from common.training import TaskRunner, runner_for
 from enclave_worker import aggregate as agg
-from enclave_worker import attestation, filters, intake, publisher, reputation, rootdata
+from enclave_worker import attestation, deadline, filters, intake, publisher, reputation, rootdata
 from enclave_worker.defend import Defence, DefenceState, defend
 from enclave_worker.reassembly import ChunkIntake
 from enclave_worker.store import EnclaveStore
@@ -159,6 +159,7 @@ class Enclave:
         self._pending: list[tuple[object, dict | None]] = []  # handled, not yet committed and acked
         self._flusher: asyncio.Task | None = None
         self._deadline: asyncio.Task | None = None
+        self._restarted_at: float | None = None  # set when a start resumed open rounds
         ch = settings.chunking
         self.max_chunks = max_update_chunks(int(self.params.shape[0]), ch.chunk_bytes)
         self.chunks = ChunkIntake(max_in_progress=ch.max_in_progress, timeout=ch.assembly_timeout_seconds,
@@ -182,6 +183,7 @@ class Enclave:
         await self._attest(attest_timeout)
         b = self.broker
         for round_id, spec in self.store.open_rounds():
+            self._restarted_at = time.time()  # its updates may still be on their way: see deadline.py
             await self._resume(decode(spec, RoundSpec))
         mb = self.settings.broker.max_message_bytes
         await consume(b.channel, b.publisher, b.names.enclave_control_queue, self._on_control, expected=Signed,
@@ -228,8 +230,15 @@ class Enclave:
         if self._flusher:
             self._flusher.cancel()
         if self.broker and not self.broker.connection.is_closed:
-            async with self.lock:
-                await self._flush()
+            try:  # a close waiting for the broker holds the lock: do not wait for it forever
+                await asyncio.wait_for(self.lock.acquire(), 5.0)
+            except TimeoutError:
+                log.warning("stopping while a round close waits for the broker; it resumes at restart")
+            else:
+                try:
+                    await self._flush()
+                finally:
+                    self.lock.release()
             await self._acked()
         if self.broker:
             await self.broker.close()
@@ -328,8 +337,26 @@ class Enclave:
         if self._complete(spec):
             await self._finish(spec)
 
+    def _recovered_at(self) -> float | None:
+        """When this enclave last came back: a broker reconnect, or a restart mid-round."""
+        times = [t for t in (self.broker.link.back_at if self.broker and self.broker.link else None,
+                             self._restarted_at) if t is not None]
+        return max(times) if times else None
+
     async def _deadline_timer(self, spec: RoundSpec) -> None:
-        await asyncio.sleep(max(0.0, spec.deadline - time.time()))
+        """Close ``spec`` at its deadline; never while the broker is away (see deadline.py)."""
+        grace = self.settings.recovery.close_grace_seconds
+        link = self.broker.link
+        while True:
+            at = deadline.close_time(spec.deadline, self._recovered_at(), grace)
+            await asyncio.sleep(max(0.0, at - time.time()))
+            if link is not None and not link.up.is_set():
+                log.warning("round %d reached its deadline with the broker away; it closes %.0f s after the "
+                            "broker is back", spec.round_id, grace)
+                await link.wait_up()
+                continue
+            if deadline.close_time(spec.deadline, self._recovered_at(), grace) <= time.time():
+                break
         async with self.lock:
             if self.round is not None and self.round.round_id == spec.round_id:
                 await self._finish(spec)
@@ -434,11 +461,16 @@ class Enclave:
     async def _reject(self, raw, header, routed: str | None, err: QflareError) -> object:
         """Record a refusal (counted in the open round when it concerns it); caller holds the lock."""
         device = header.device_id if header else routed
-        counted = self.round is not None and (
-            err.reason == Reason.WRONG_ROUND or (header is not None and header.round_id == self.round.round_id))
-        if counted:
+        # Counted in the round the update names when the store knows it (a late update for a
+        # closed round is on that round's record), else a wrong_round one in the open round.
+        target = None
+        if header is not None and self.store.round_status(header.round_id) is not None:
+            target = header.round_id
+        elif self.round is not None and err.reason == Reason.WRONG_ROUND:
+            target = self.round.round_id
+        if target is not None:
             self.store.begin()
-            self.store.count_rejection(self.round.round_id, err.reason.value)
+            self.store.count_rejection(target, err.reason.value)
         metrics.UPDATES.labels(err.reason.value).inc()
         log.info("update from %s rejected: %s %s", device, err.reason.value, err.detail)
         self._pending.append((raw, {"type_": f"update.rejected.{err.reason.value}", "device_id": device,
@@ -562,7 +594,8 @@ class Enclave:
                 metrics.UPDATES.labels(reason).inc()
                 rejected[reason] = rejected.get(reason, 0) + 1
                 await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
-                                                  round_id=spec.round_id, reason=reason, update_id=u.update_id)
+                                                  round_id=spec.round_id, reason=reason, update_id=u.update_id,
+                                                  confirmed=True)
         if isinstance(verdict, Defence):
             self.defence_state = verdict.state
             reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below)
@@ -579,10 +612,14 @@ class Enclave:
         version = self.version + 1
         messages = publisher.build_model_messages(self.identity, version, self.layout_id, new_params,
                                                   self.settings.chunking.chunk_bytes, result=result)
-        await publisher.publish_model(self.broker.publisher, messages, version)  # confirmed by the broker
+        # Recorded first, then published until confirmed: a crash or an outage in between
+        # re-sends this same signed model (see _announce_closed), never makes a second one.
+        self.store.begin()  # the model and the round's end are durable together, or neither
         self.store.save_model(version, spec.round_id, new_params, messages[0])
         self.store.close_round(spec.round_id, "completed", result.model_dump())
+        self.store.commit()
         self.version, self.params = version, new_params
+        await publisher.publish_model(self.broker.publisher, messages, version)
         metrics.ROUNDS.labels("completed").inc()
         metrics.ROUND_SECONDS.observe(time.time() - t0)
         metrics.MODEL_VERSION.set(version)
@@ -600,16 +637,21 @@ class Enclave:
             await self.broker.publisher.event(
                 "round.completed", round_id=round_id, version=version, accepted=result.accepted,
                 accuracy=result.accuracy, rejected=",".join(f"{k}={v}" for k, v in sorted(result.rejected.items())),
-                metrics=",".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items())))
+                metrics=",".join(f"{k}={v:.6g}" for k, v in sorted(result.metrics.items())), confirmed=True)
         elif status == "cancelled":
             await self.broker.publisher.event("round.cancelled", round_id=round_id, received=received,
-                                              reason="cancelled")
+                                              reason="cancelled", confirmed=True)
         else:
             await self.broker.publisher.event("round.failed", round_id=round_id, received=received,
-                                              reason="too_few_updates")
+                                              reason="too_few_updates", confirmed=True)
 
     async def _announce_closed(self, round_id: int, status: str) -> None:
+        """Say again how a closed round ended, with its model (asked again after an outage)."""
         result, version = self.store.closed_round(round_id)
+        stored = self.store.model(version) if version is not None else None
+        if stored is not None and stored[1] is not None:
+            messages = publisher.model_messages(stored[1], stored[0], self.settings.chunking.chunk_bytes)
+            await publisher.publish_model(self.broker.publisher, messages, version)
         await self._round_event(status, round_id, RoundResult.model_validate(result), version=version,
                                 received=len(self.store.round_updates(round_id)))
 

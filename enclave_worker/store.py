@@ -204,6 +204,11 @@ class EnclaveStore:
                             (version, round_id, np.ascontiguousarray(params, dtype="<f4").tobytes(), signed,
                              time.time()))
 
+    def model(self, version: int) -> tuple[np.ndarray, bytes | None] | None:
+        """(parameters, the signed model message as published) of ``version``."""
+        row = self.db.execute("SELECT params, signed FROM models WHERE version=?", (version,)).fetchone()
+        return (np.frombuffer(row[0], dtype="<f4").copy(), row[1]) if row else None
+
     def latest_model(self) -> tuple[int, np.ndarray] | None:
         row = self.db.execute("SELECT version, params FROM models ORDER BY version DESC LIMIT 1").fetchone()
         return (row[0], np.frombuffer(row[1], dtype="<f4").copy()) if row else None

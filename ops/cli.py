@@ -67,6 +67,9 @@ def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML s
     tune_allocator()
     limit_blas_threads()
     configure(logging.INFO if verbose else logging.WARNING, log_format)
+    if not verbose:  # the client library's own connection errors: ours say it in one line
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -404,7 +407,13 @@ def agent_run(device_id: str = typer.Option(..., "--device-id"),
               shard: int = typer.Option(0, help="Device index passed to the task's load_data."),
               of: int = typer.Option(1, help="Number of devices passed to the task's load_data."),
               attack: str | None = typer.Option(None, help="Simulate a malicious device (tests, demos).")) -> None:
-    """Train on every round this device is part of; resend unconfirmed updates after reconnects."""
+    """Train on every round this device is part of, across any number of broker outages.
+
+    Retries the broker forever (capped exponential backoff with jitter), logs each step (joined,
+    trained, sent, confirmed, model applied); stops on SIGTERM/SIGINT, or when revoked.
+    """
+    import signal
+
     from common.training import ATTACKS
     from edge_agent.agent import run_agent
 
@@ -415,7 +424,18 @@ def agent_run(device_id: str = typer.Option(..., "--device-id"),
     s = with_task(settings(), task)
     if not _exists(s, device_id):
         raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
-    run(run_agent(s, device_id, shard, of, attack, data=data))
+    # What the device does is always logged; -v adds the details.
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    logging.getLogger("qflare.agent").setLevel(logging.DEBUG if verbose else logging.INFO)
+
+    async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_agent(s, device_id, shard, of, attack, stop=stop, data=data)
+
+    run(go())
 
 
 # --- broker ------------------------------------------------------------------------------

@@ -128,3 +128,25 @@ async def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> 
         if loop.time() > end:
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def rabbit_node(tmp_path: Path):
+    """A factory of private RabbitMQ nodes (tests/rabbitnode.py), each removed after the test.
+
+    For tests that stop a broker or need TLS; the shared node on 5672 is never touched.
+    """
+    from tests.rabbitnode import RabbitNode
+
+    nodes: list[RabbitNode] = []
+
+    def make(**kw) -> RabbitNode:
+        node = RabbitNode(tmp_path / f"rabbit{len(nodes)}", **kw)
+        nodes.append(node)
+        return node.start()
+
+    try:
+        yield make
+    finally:
+        for node in nodes:
+            node.cleanup()

@@ -233,15 +233,20 @@ async def test_enclave_report_from_an_untrusted_platform_is_refused(broker, sett
             await enc.stop()
 
 
-async def test_a_round_no_enclave_closes_is_reported_stalled(broker, settings, monkeypatch):
-    import coordinator.service as svc
+async def test_a_round_no_enclave_closes_is_reported_stalled_then_cancelled_at_the_operators_bound(broker, settings):
 
-    monkeypatch.setattr(svc, "ROUND_GRACE_SECONDS", 0.5)
+    settings = settings.model_copy(update={"recovery": settings.recovery.model_copy(
+        update={"stall_report_seconds": 0.5, "stall_limit_seconds": 2.0})})
     async with coordinator(settings):
         events = await EventLog.bind(broker, "round.*")
         await start_rounds(settings, rounds=3, min_updates=settings.fl.min_updates, deadline_seconds=0.5)
-        stalled = await events.wait("round.stalled", timeout=10)
-        assert stalled[0].round_id == 1 and stalled[0].reason == "no_enclave" and stalled[0].detail["remaining"] == 2
+        await wait_for(lambda: any(e.type == "round.stalled" and e.detail.get("action") == "cancelled"
+                                   for e in events.events), 15)
+        stalled = [e for e in events.events if e.type == "round.stalled"]
+        # warnings while it waits, then one cancellation; never a second round
+        assert stalled[0].detail["action"] == "waiting" and stalled[-1].detail["action"] == "cancelled"
+        assert all(e.round_id == 1 and e.reason == "no_enclave" for e in stalled)
+        assert stalled[-1].detail["remaining"] == 2
 
 
 async def test_rounds_carry_on_after_a_coordinator_restart(broker, settings, tmp_path):
