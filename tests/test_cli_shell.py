@@ -169,9 +169,9 @@ def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
     registry = Path(sh.env["QFLARE_STATE_DIR"]) / "registry.sqlite3"
     _poll(lambda: _meta(registry, META_ENCLAVE_REPORT) is not None, 30)
     # no wait for the agent: a device that joins late reads the open round from the models stream
-    started = sh.json("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "30", "--device", "cam-3")
+    started = sh.json("round", "start", "--rounds", "1", "--min-updates", "1", "--deadline", "150", "--device", "cam-3")
     assert started == {"first_round_id": 1, "last_round_id": 1}
-    end = time.time() + 60
+    end = time.time() + 180
     status = []
     while time.time() < end:
         status = sh.json("broker", "status")
