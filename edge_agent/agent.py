@@ -118,6 +118,7 @@ async def run_agent(settings: Settings, device_id: str, shard: int, of: int, att
             raise TaskError(str(exc)) from None
     else:
         x, y = task.load_data(shard, of, Partition.of(fl))
+    task.warm_up(x, y)  # one tiny step: data the model cannot take fails now, not in the first round
     log.info("task %s (layout %s, %d parameters), %d training samples", fl.task, task.layout_id, task.n_params,
              len(y))
     device = load_device(settings.state_dir, device_id)

@@ -641,9 +641,9 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
     except ValidationError:
         raise fail(f"--namespace {namespace!r}: 1-41 characters of a-z 0-9 _ -, starting with a letter or digit",
                    2) from None
+    s = with_task(settings(), task)
     err_console.print(f"demo namespace: {ns} (follow it: QFLARE_BROKER__NAMESPACE={ns} qflare events)",
                       highlight=False, markup=False, soft_wrap=True)
-    s = settings()
     overrides = {k: v for k, v in (("aggregator", aggregator), ("partition", partition)) if v is not None}
     if overrides:
         try:
@@ -651,7 +651,6 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
         except ValidationError as exc:
             err = exc.errors()[0]
             raise fail(f"--{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})", 2) from None
-    s = with_task(s, task)
     if json_out:
         report = run(run_demo(s, devices=devices, rounds=rounds, malicious=malicious, attack=attack,
                               deadline=deadline, namespace=ns))

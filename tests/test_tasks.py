@@ -207,6 +207,16 @@ def test_a_bad_data_file_is_refused_with_its_reason(tmp_path, name, content, mes
         load_file(tmp_path / name)
 
 
+async def test_a_device_file_the_model_cannot_take_stops_the_agent_before_the_broker(tmp_path) -> None:
+    from common.settings import load_settings
+    from edge_agent.agent import run_agent
+
+    (tmp_path / "d.csv").write_text("a,b,label\n0.1,0.2,1\n0.3,0.4,0\n")  # 2 features; digits takes 64
+    s = load_settings(state_dir=tmp_path / "s", amqp_url="amqp://guest:guest@127.0.0.1:1/")
+    with pytest.raises(TaskError, match=r"tasks.digits:task: train\(\) raised RuntimeError"):
+        await run_agent(s, "cam-1", 0, 1, data=tmp_path / "d.csv")
+
+
 def test_an_npz_without_x_and_y_is_refused(tmp_path) -> None:
     np.savez(tmp_path / "d.npz", features=np.zeros((2, 2)))
     with pytest.raises(ValueError, match="needs arrays 'x' and 'y'"):
@@ -260,6 +270,19 @@ def test_task_check_reports_a_broken_task_in_one_line(tmp_path, name) -> None:
     assert done.returncode != 0 and done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("command", [("demo",), ("enclave", "run"), ("agent", "run", "--device-id", "cam-1")])
+def test_a_broken_task_stops_demo_enclave_and_agent_at_start_in_one_line(tmp_path, command) -> None:
+    write_module(tmp_path, "broken_at_start", HEAD.replace("torch.manual_seed(0)", "raise OSError('no weights')")
+                 + "task = T()\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}", "COLUMNS": "60", "QFLARE_STATE_DIR": str(tmp_path / "s"),
+           "QFLARE_AMQP_URL": "amqp://guest:guest@127.0.0.1:1/"}  # no broker is needed to refuse it
+    done = subprocess.run([sys.executable, "-m", "ops.cli", *command, "--task", "broken_at_start:task"], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: broken_at_start:task: build_model() raised OSError: no weights"], done.stderr
 
 
 def test_task_check_says_ok_in_one_line_for_the_documented_user_task(tmp_path) -> None:
