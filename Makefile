@@ -23,10 +23,10 @@ test: install broker
 	$(BIN)/pytest -q
 
 bench: install broker
-	$(BIN)/qflare bench crypto
-	$(BIN)/qflare bench handshake
-	$(BIN)/qflare bench round
-	$(BIN)/qflare bench fleet
+	$(BIN)/qflare bench crypto --write-docs
+	$(BIN)/qflare bench handshake --write-docs
+	$(BIN)/qflare bench round --write-docs
+	$(BIN)/qflare bench fleet --write-docs
 
 lint: install
 	$(BIN)/ruff check .

@@ -9,4 +9,4 @@ from ops.tuning import tune_allocator
 
 if __name__ == "__main__":
     tune_allocator()
-    print(json.dumps(asyncio.run(run_bench(load_settings())), indent=2))
+    print(json.dumps(asyncio.run(run_bench(load_settings(), write_docs=True)), indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from dataclasses import dataclass, field
 
@@ -39,10 +40,16 @@ class BrokerClient:
         connection ends at the first outage (the caller reconnects; see ``connect``).
         """
         conn = await connect(settings, name=name, robust=robust)
-        channel = await conn.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=settings.broker.prefetch)
-        names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
-        events = await conn.channel(publisher_confirms=False)
+        try:
+            channel = await conn.channel(publisher_confirms=True)
+            await channel.set_qos(prefetch_count=settings.broker.prefetch)
+            names = await declare_topology(channel, settings) if declare else Names(settings.broker.namespace)
+            events = await conn.channel(publisher_confirms=False)
+        except BaseException:
+            # e.g. ACCESS_REFUSED on a declare: close, so no half-open connection outlives the error
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
         publisher = Publisher(channel, names, events, dead_letter_body_bytes=settings.broker.dead_letter_body_bytes,
                               user_id=url_user(settings.amqp_url), link=(link := Link(conn)))
         return cls(settings, conn, channel, publisher, names, client_id or f"{name}-{secrets.token_hex(4)}", link)

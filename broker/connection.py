@@ -62,6 +62,23 @@ def tls_failure(settings: Settings, exc: BaseException) -> BrokerTlsError | None
     return BrokerTlsError(f"TLS handshake with the broker at {where} failed: {code} {text}")
 
 
+class BrokerAccessRefused(Exception):
+    """The broker answered but refused this user (wrong password, no access to the vhost, or
+    an operation its permissions do not allow); the message names the user."""
+
+
+def broker_user(settings: Settings) -> str:
+    from yarl import URL
+
+    return URL(settings.amqp_url).user or "guest"
+
+
+def refused(settings: Settings, exc: BaseException) -> BrokerAccessRefused:
+    """An ACCESS_REFUSED from the broker, as one line naming the user and what was refused."""
+    text = str(exc.args[-1] if getattr(exc, "args", None) else exc).replace("\n", " ")
+    return BrokerAccessRefused(f"access_refused: the broker refused user {broker_user(settings)!r}: {text}")
+
+
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
     """An SSL context for ``amqps://`` URLs, with the CA and client certificate from settings."""
     if not settings.amqp_url.startswith("amqps://"):
@@ -102,6 +119,13 @@ async def connect(settings: Settings, *, name: str = "qflare", timeout: float = 
             client_properties={"connection_name": name},
             reconnect_interval=settings.recovery.reconnect_seconds,
         )
+    except (aio_pika.exceptions.AuthenticationError, aio_pika.exceptions.ProbableAuthenticationError):
+        from yarl import URL
+
+        vhost = URL(settings.amqp_url).path.lstrip("/") or "/"
+        raise BrokerAccessRefused(
+            f"access_refused: the broker at {redact(settings.amqp_url)} refused user {broker_user(settings)!r} "
+            f"(wrong password, or no access to vhost {vhost!r})") from None
     except (TimeoutError, OSError, aio_pika.exceptions.AMQPError) as exc:
         tls = tls_failure(settings, exc)
         if tls is not None:

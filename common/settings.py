@@ -7,11 +7,20 @@ or ``QFLARE_CONFIG``, then defaults.
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -42,10 +51,16 @@ def _canonical(name: str, kind: type[KemId | SigId]) -> str:
     return canon
 
 
+class Section(BaseModel):
+    """A nested block of settings: a typo'd field (``fl: {roundz: 5}``) is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 MIB = 1024 * 1024
 
 
-class BrokerRoles(BaseModel):
+class BrokerRoles(Section):
     """Which broker users play which role (docs/security.md, Broker identities).
 
     Empty: the namespace's own user for the role (``Names.service_user``), or ``guest`` when
@@ -57,7 +72,7 @@ class BrokerRoles(BaseModel):
     operator: list[str] = []
 
 
-class BrokerSettings(BaseModel):
+class BrokerSettings(Section):
     namespace: str = Field("qflare", pattern=r"^[a-z0-9][a-z0-9_-]{0,40}$")
     #: RabbitMQ management API; default: the AMQP host, port 15672, https when amqps.
     #: Credentials may be given in the URL; else the AMQP URL's are used.
@@ -86,7 +101,7 @@ class BrokerSettings(BaseModel):
     device_max_connections: int = Field(4, ge=1, le=1000)
 
 
-class CryptoSettings(BaseModel):
+class CryptoSettings(Section):
     kem: str = DEFAULT_KEM.value
     signature: str = DEFAULT_SIG.value
     allowed_kems: list[str] = [KemId.ML_KEM_768, KemId.ML_KEM_1024, KemId.ML_KEM_768_X25519,
@@ -120,7 +135,7 @@ class CryptoSettings(BaseModel):
         return [_canonical(x, SigId) for x in v]
 
 
-class FLSettings(BaseModel):
+class FLSettings(Section):
     #: The task federated: ``MODULE:OBJECT`` (common/task.py; docs/tasks.md).
     task: str = Field(DEFAULT_TASK, pattern=SPEC_PATTERN)
     rounds: int = Field(3, ge=1)
@@ -159,7 +174,7 @@ class FLSettings(BaseModel):
     topk_fraction: float = Field(0.1, gt=0, le=1)
 
 
-class ChunkingSettings(BaseModel):
+class ChunkingSettings(Section):
     #: Updates and global models larger than this travel as chunks of at most this size
     #: (well under RabbitMQ 4.x's 16 MiB message limit).
     chunk_bytes: int = Field(4 * 1024 * 1024, ge=4096, le=64 * 1024 * 1024)
@@ -170,7 +185,7 @@ class ChunkingSettings(BaseModel):
     assembly_timeout_seconds: float = Field(60.0, gt=0)
 
 
-class RateLimitSettings(BaseModel):
+class RateLimitSettings(Section):
     enroll_per_device_per_s: float = Field(0.2, gt=0)
     enroll_per_device_burst: float = Field(3, ge=1)
     session_per_device_per_s: float = Field(1.0, gt=0)
@@ -179,7 +194,7 @@ class RateLimitSettings(BaseModel):
     global_burst: float = Field(10000.0, ge=1)
 
 
-class EnclaveSettings(BaseModel):
+class EnclaveSettings(Section):
     #: Allowed code measurements (hex). Empty: only this installation's own measurement.
     allowed_measurements: list[str] = []
     #: The (simulated) platform's public.json the coordinator trusts; default
@@ -188,9 +203,34 @@ class EnclaveSettings(BaseModel):
     #: Where the simulated platform keeps its private key, apart from every service's state
     #: (that key unseals the enclave's keys); default ``<state_dir>-platform``, a sibling.
     platform_dir: Path | None = None
+    #: /healthz, /readyz and /metrics of ``qflare enclave run`` (None: off; 0: any free port).
+    http_port: int | None = Field(None, ge=0, le=65535)
+    http_host: str = "127.0.0.1"
+    #: How long ``qflare enclave run`` waits for the coordinator to admit it before giving up.
+    attest_timeout_seconds: float = Field(60.0, gt=0)
 
 
-class OperatorSettings(BaseModel):
+class CoordinatorSettings(Section):
+    #: /healthz, /readyz and /metrics of ``qflare coordinator run`` (None: off; 0: any free port).
+    http_port: int | None = Field(None, ge=0, le=65535)
+    http_host: str = "127.0.0.1"
+
+
+class EventsSettings(Section):
+    #: Body of events on the events exchange: JSON for other systems, or the msgpack envelope.
+    format: Literal["json", "msgpack"] = "json"
+    #: Bytes of event history the durable events stream keeps for consumers that replay.
+    stream_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+
+
+class DashboardSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: The operator credential the dashboard asks for (required to start it).
+    token: SecretStr | None = None
+
+
+class OperatorSettings(Section):
     """Who may steer the coordinator, and how far (docs/security.md, "Operator requests")."""
 
     #: Coordinator side: fingerprints of the operator keys whose signed requests it obeys
@@ -211,7 +251,7 @@ class OperatorSettings(BaseModel):
     max_token_ttl_seconds: float = Field(30 * 86400.0, gt=0)
 
 
-class RecoverySettings(BaseModel):
+class RecoverySettings(Section):
     """How the parties ride out broker outages, restarts and sleeping devices (docs/operations.md)."""
 
     #: Seconds between a robust connection's reconnect attempts (services and simulated fleets).
@@ -246,7 +286,6 @@ class Settings(BaseSettings):
     #: The registry as a PostgreSQL URL (``postgresql://user@host:5432/db``), shared by several
     #: coordinators (docs/scaling.md); unset: the embedded SQLite file ``registry_path``.
     registry_url: str | None = Field(None, pattern=r"^postgres(ql)?://")
-    metrics_port: int | None = Field(None, ge=1, le=65535)
     broker: BrokerSettings = BrokerSettings()
     crypto: CryptoSettings = CryptoSettings()
     fl: FLSettings = FLSettings()
@@ -255,6 +294,9 @@ class Settings(BaseSettings):
     enclave: EnclaveSettings = EnclaveSettings()
     operator: OperatorSettings = OperatorSettings()
     recovery: RecoverySettings = RecoverySettings()
+    coordinator: CoordinatorSettings = CoordinatorSettings()
+    events: EventsSettings = EventsSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> Settings:
@@ -283,10 +325,82 @@ class Settings(BaseSettings):
 
 _config_path: Path | None = None
 
+ENV_PREFIX = "QFLARE_"
+#: ``QFLARE_*`` variables that are not fields: the config file, and the namespace's short name.
+ENV_EXTRA = {"config", "namespace"}
+#: Fields that were renamed, so an old configuration is told what to write instead.
+RENAMED = {"metrics_port": "coordinator.http_port and enclave.http_port"}
+
+
+def unknown_env(environ: dict[str, str] | None = None) -> list[str]:
+    """``QFLARE_*`` variables no setting reads (pure): a typo there is otherwise ignored."""
+    environ = os.environ if environ is None else environ
+    bad = []
+    for key in environ:
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        parts = key[len(ENV_PREFIX):].lower().split("__")
+        if parts[0] in ENV_EXTRA and len(parts) == 1:
+            continue
+        field = Settings.model_fields.get(parts[0])
+        if field is None:
+            bad.append(key)
+            continue
+        section = field.annotation
+        if len(parts) > 1 and not (isinstance(section, type) and issubclass(section, BaseModel)
+                                   and parts[1] in section.model_fields and len(parts) == 2):
+            bad.append(key)
+    return sorted(bad)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _explain(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "settings"
+    if err["type"] == "extra_forbidden":
+        *parent, name = [str(p) for p in err["loc"]]
+        if not parent and name in RENAMED:
+            return f"{name}: was replaced by {RENAMED[name]}"
+        model: type[BaseModel] = Settings
+        for p in parent:
+            ann = model.model_fields[p].annotation if p in model.model_fields else None
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
+        return f"{where}: unknown setting{_suggest(name, list(model.model_fields))}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{where}: {msg} (got {err.get('input')!r})"
+
+
+def _namespace_alias(overrides: dict[str, Any]) -> None:
+    """``QFLARE_NAMESPACE`` is the short name of ``broker.namespace`` (they must agree)."""
+    short = next((v for k, v in os.environ.items() if k.upper() == "QFLARE_NAMESPACE"), None)
+    if short is None:
+        return
+    long = next((v for k, v in os.environ.items() if k.upper() == "QFLARE_BROKER__NAMESPACE"), None)
+    if long is not None and long != short:
+        raise ConfigError(f"QFLARE_NAMESPACE={short!r} and QFLARE_BROKER__NAMESPACE={long!r} disagree; set one")
+    broker = overrides.get("broker")
+    if isinstance(broker, dict) and "namespace" not in broker:
+        overrides["broker"] = {**broker, "namespace": short}
+    elif broker is None:
+        overrides["broker"] = {"namespace": short}
+
 
 def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
     """Build settings from all sources; raise :class:`ConfigError` with one clear line."""
     global _config_path
+    bad_env = unknown_env()
+    renamed = [k for k in bad_env if k[len(ENV_PREFIX):].lower() in RENAMED]
+    if renamed:
+        name = renamed[0][len(ENV_PREFIX):].lower()
+        raise ConfigError(f"unknown variable {renamed[0]}: {name} was replaced by {RENAMED[name]}")
+    if bad_env:
+        raise ConfigError(f"unknown variable {bad_env[0]}: no setting reads it"
+                          + (f" (and {len(bad_env) - 1} more)" if len(bad_env) > 1 else "")
+                          + "; settings are QFLARE_<FIELD>, nested with __, e.g. QFLARE_FL__ROUNDS")
+    _namespace_alias(overrides)
     path = config or os.environ.get("QFLARE_CONFIG")
     _config_path = Path(path) if path else None
     if _config_path is not None and not _config_path.is_file():
@@ -294,10 +408,7 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "settings"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{where}: {msg} (got {err.get('input')!r})") from None
+        raise ConfigError(_explain(exc.errors()[0])) from None
     except Exception as exc:  # yaml syntax errors and the like
         raise ConfigError(f"config: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     finally:

@@ -20,7 +20,7 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import TRANSIENT, serve_rpc
 from broker.principals import limit_key, require_device, require_role
-from common import handshake, metrics
+from common import handshake, health, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import Settings
@@ -116,6 +116,8 @@ class Coordinator:
         #: Session keys live in the registry, wrapped under this key (coordinator/session_keys.py),
         #: so every coordinator of the namespace serves every session, and a restart keeps them.
         self.session_wrap = session_keys.wrapping_key(self.identity.kem_sk)
+        #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
+        self.http_port: int | None = None
         self._rounds_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
         #: This process among the coordinators sharing the registry (holder of leases).
@@ -219,9 +221,16 @@ class Coordinator:
             log.warning("no operator key is pinned (operator.pinned_fingerprints): every operator request "
                         "will be refused; make one with `qflare operator init`")
         log.info("coordinator started: namespace %s, signature key %s, KEM key %s (%s), %d pinned operator key(s), "
-                 "registry %s, metrics port %s", b.names.namespace, self.identity.sig_fp, self.identity.kem_fp,
+                 "registry %s, HTTP port %s", b.names.namespace, self.identity.sig_fp, self.identity.kem_fp,
                  self.identity.kem_alg, len(self.operator_desk.pinned), self.registry.describe(),
-                 self.settings.metrics_port or "off")
+                 self.http_port or "off",
+                 extra={"namespace": b.names.namespace, "sig_fp": self.identity.sig_fp, "kem_fp": self.identity.kem_fp,
+                        "http_port": self.http_port, "registry": self.registry.describe()})
+
+    def readiness_checks(self) -> list[health.Check]:
+        """What /readyz checks: the broker connection and a usable registry."""
+        return [health.broker_check(lambda: self.broker),
+                health.Check("registry", lambda: self.registry.get_meta(META_ROUND) and None)]  # a query answers
 
     async def _on_round_event(self, message) -> None:
         try:
@@ -285,10 +294,11 @@ class Coordinator:
     # --- enrollment (docs/architecture.md step 2) ---------------------------------------------------
 
     async def enroll(self, req: EnrollRequest, caller: str | None = None) -> Signed:
-        try:
-            return await self._enroll(req, caller)
-        except QflareError as err:
-            raise await self._refuse("enrollment", err, req.device_id) from None
+        with metrics.HANDSHAKE_SECONDS.labels("enrollment").time():
+            try:
+                return await self._enroll(req, caller)
+            except QflareError as err:
+                raise await self._refuse("enrollment", err, req.device_id) from None
 
     async def _enroll(self, req: EnrollRequest, caller: str | None) -> Signed:
         require_device(self.broker_names, caller, req.device_id)
@@ -352,14 +362,15 @@ class Coordinator:
 
     async def open_session(self, signed: Signed, caller: str | None = None) -> SessionAccept:
         device_id = None
-        try:
-            req = signing.unverified(signed, SessionRequest)
-            device_id = req.device_id
-            return await self._open_session(signed, req, caller)
-        except CodecError as err:
-            raise await self._refuse("session", err, device_id) from None
-        except QflareError as err:
-            raise await self._refuse("session", err, device_id) from None
+        with metrics.HANDSHAKE_SECONDS.labels("session").time():
+            try:
+                req = signing.unverified(signed, SessionRequest)
+                device_id = req.device_id
+                return await self._open_session(signed, req, caller)
+            except CodecError as err:
+                raise await self._refuse("session", err, device_id) from None
+            except QflareError as err:
+                raise await self._refuse("session", err, device_id) from None
 
     async def _open_session(self, signed: Signed, req: SessionRequest, caller: str | None) -> SessionAccept:
         now = time.time()
@@ -642,7 +653,8 @@ class Coordinator:
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
             log.info("round %d opened (plan %d..%d): deadline in %.0f s, min_updates %d, %s", round_id, first,
                      first + req.rounds - 1, spec.deadline - time.time(), spec.min_updates,
-                     f"{len(spec.expected)} expected device(s)" if spec.expected else "any device")
+                     f"{len(spec.expected)} expected device(s)" if spec.expected else "any device",
+                     extra={"round_id": round_id, "deadline": spec.deadline, "min_updates": spec.min_updates})
             if not await self._await_close(spec, remaining=first + req.rounds - round_id - 1):
                 break
         self.registry.set_meta(META_PLAN, b"")
@@ -806,9 +818,14 @@ def _drop_broker_user(settings: Settings, device_id: str) -> None:
 async def run(settings: Settings) -> None:
     """``qflare coordinator run``: serve until cancelled."""
     coord = Coordinator(settings)
-    metrics.serve(settings.metrics_port)
-    await coord.start()
+    c = settings.coordinator
+    http = await health.serve("coordinator", coord.readiness_checks(), metrics.COORDINATOR, c.http_host,
+                              c.http_port, "coordinator.http_port")
+    coord.http_port = http.port if http else None
     try:
+        await coord.start()
         await asyncio.Event().wait()
     finally:
         await coord.stop()
+        if http:
+            await http.stop()

@@ -19,7 +19,7 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from broker.principals import require_role
-from common import metrics
+from common import health, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
@@ -152,6 +152,8 @@ class Enclave:
         #: it rotated to (grants signed by the previous key stay valid until they expire).
         self.coordinator_keys: dict[str, tuple[str, bytes]] = {}
         self.broker: BrokerClient | None = None
+        #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
+        self.http_port: int | None = None
         self.round: RoundSpec | None = None
         self.lock = asyncio.Lock()
         self._revoked: set[str] = self.store.revoked()
@@ -185,6 +187,7 @@ class Enclave:
         for round_id, spec in self.store.open_rounds():
             self._restarted_at = time.time()  # its updates may still be on their way: see deadline.py
             await self._resume(decode(spec, RoundSpec))
+        metrics.MODEL.version = self.version
         mb = self.settings.broker.max_message_bytes
         await consume(b.channel, b.publisher, b.names.enclave_control_queue, self._on_control, expected=Signed,
                       max_bytes=mb)
@@ -198,8 +201,18 @@ class Enclave:
         self._expiry = asyncio.create_task(self.chunks.run_expiry())
         log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
-                 "metrics port %s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
-                 self.identity.sig_fp, self.version, self.settings.metrics_port or "off")
+                 "HTTP port %s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
+                 self.identity.sig_fp, self.version, self.http_port or "off",
+                 extra={"namespace": b.names.namespace, "measurement": self.code, "kem_fp": self.identity.kem_fp,
+                        "sig_fp": self.identity.sig_fp, "platform_fp": self.platform.sig_fp,
+                        "model_version": self.version, "http_port": self.http_port})
+
+    def readiness_checks(self) -> list[health.Check]:
+        """What /readyz checks: the broker connection, admission by the coordinator, the store."""
+        return [health.broker_check(lambda: self.broker),
+                health.Check("attested", lambda: None if self.coordinator_keys else
+                             "not admitted by the coordinator yet"),
+                health.Check("store", lambda: None if self.store.db.execute("SELECT 1").fetchone() else "no answer")]
 
     async def _attest(self, timeout: float) -> None:
         """Register the attestation report with the coordinator, retrying until it answers."""
@@ -212,9 +225,14 @@ class Enclave:
                 signed = await rpc.call(self.broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, 5.0)
                 break
             except QflareError as err:
-                if err.reason != Reason.TIMEOUT or time.monotonic() > end:
+                if err.reason != Reason.TIMEOUT:
                     raise
-                log.info("waiting for the coordinator to admit this enclave...")
+                if time.monotonic() > end:
+                    raise QflareError(Reason.TIMEOUT, f"no coordinator admitted this enclave within {timeout:g}s "
+                                      f"in namespace {self.broker.names.namespace!r}: start `qflare coordinator "
+                                      "run` there (enclave.attest_timeout_seconds)") from None
+                log.info("waiting for the coordinator to admit this enclave...",
+                         extra={"namespace": self.broker.names.namespace})
         accept = signing.unverified(signed, AttestAccept)
         signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
         self._trust(accept.coordinator_sig_alg, accept.coordinator_sig_pk)
@@ -391,6 +409,11 @@ class Enclave:
         return raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
 
     async def _on_update(self, update: Update, raw) -> object:
+        """Check one update, timed from delivery to verdict (:func:`_intake`)."""
+        with metrics.INTAKE_SECONDS.time():
+            return await self._intake(update, raw)
+
+    async def _intake(self, update: Update, raw) -> object:
         """Check one update; its outcome is written in the open batch and acked at the flush.
 
         Signature checks and decryption run in a worker thread (OpenSSL releases the GIL, so
@@ -622,9 +645,7 @@ class Enclave:
         await publisher.publish_model(self.broker.publisher, messages, version)
         metrics.ROUNDS.labels("completed").inc()
         metrics.ROUND_SECONDS.observe(time.time() - t0)
-        metrics.MODEL_VERSION.set(version)
-        if accuracy is not None:
-            metrics.ACCURACY.set(accuracy)
+        metrics.MODEL.version, metrics.MODEL.accuracy = version, accuracy
         await self._round_event("completed", spec.round_id, result, version=version)
         log.info("round %d completed: %d accepted, rejected %s, metrics %s", spec.round_id, accepted, rejected,
                  scores)
@@ -659,9 +680,14 @@ class Enclave:
 async def run(settings: Settings) -> None:
     """``qflare enclave run``: serve until cancelled."""
     enclave = Enclave(settings)
-    metrics.serve(settings.metrics_port)
-    await enclave.start()
+    e = settings.enclave
+    http = await health.serve("enclave", enclave.readiness_checks(), metrics.ENCLAVE, e.http_host, e.http_port,
+                              "enclave.http_port")
+    enclave.http_port = http.port if http else None
     try:
+        await enclave.start(attest_timeout=e.attest_timeout_seconds)
         await asyncio.Event().wait()
     finally:
         await enclave.stop()
+        if http:
+            await http.stop()

@@ -3,6 +3,7 @@ protocol, then rounds, for fleets of increasing size on one machine."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 from common.report import md_table, write_section
@@ -10,7 +11,8 @@ from common.settings import Settings
 from ops.demo import run_demo
 
 
-async def run_bench(base: Settings, sizes: tuple[int, ...] = (100, 500, 1000), rounds: int = 2) -> dict:
+async def run_bench(base: Settings, sizes: tuple[int, ...] = (100, 500, 1000), rounds: int = 2,
+                    write_docs: bool = False) -> dict:
     results = []
     for n in sizes:
         t0 = time.perf_counter()
@@ -22,7 +24,7 @@ async def run_bench(base: Settings, sizes: tuple[int, ...] = (100, 500, 1000), r
                         "accepted": [r.accepted for r in report.rounds],
                         "rejected": [sum(r.rejected.values()) for r in report.rounds],
                         "total_seconds": round(total, 1)})
-        print(results[-1], flush=True)
+        print(results[-1], file=sys.stderr, flush=True)  # progress; stdout is for --json
     md = ("Coordinator, enclave and all devices in one process (`qflare demo --devices N`): every device\n"
           "generates its keys, enrolls with its own token and opens a session over the broker; each round\n"
           "every device trains on its shard (fleets larger than the data set share shards), seals, signs\n"
@@ -33,5 +35,6 @@ async def run_bench(base: Settings, sizes: tuple[int, ...] = (100, 500, 1000), r
                    [[r["devices"], r["enroll_seconds"], r["enrollments_per_s"], ", ".join(map(str, r["round_seconds"])),
                      ", ".join(map(str, r["accepted"])), ", ".join(map(str, r["rejected"])), r["total_seconds"]]
                     for r in results])
-    write_section("fleet", "## Simulated fleets (`qflare bench fleet`)\n\n" + md)
+    if write_docs:
+        write_section("fleet", "## Simulated fleets (`qflare bench fleet`)\n\n" + md)
     return {"fleets": results}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -104,7 +105,7 @@ async def _over_broker(coord: Coordinator, settings: Settings, n: int, concurren
         await broker.close()
 
 
-async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES) -> dict:
+async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_docs: bool = False) -> dict:
     results = []
     for kem, sig in suites:
         state = Path(tempfile.mkdtemp(prefix="qflare-bench-"))
@@ -119,7 +120,7 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES) -> dict
                             "coordinator_session_per_s": round(local["session_per_s"], 1),
                             "broker_enroll_per_s": round(remote["enroll_per_s"], 1),
                             "broker_session_per_s": round(remote["session_per_s"], 1)})
-            print(results[-1], flush=True)
+            print(results[-1], file=sys.stderr, flush=True)  # progress; stdout is for --json
         finally:
             ch = await coord.broker.connection.channel()
             await delete_topology(ch, coord.broker.names)
@@ -131,6 +132,7 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES) -> dict
                     "broker session/s"],
                    [[r["kem"], r["signature"], r["coordinator_enroll_per_s"], r["coordinator_session_per_s"],
                      r["broker_enroll_per_s"], r["broker_session_per_s"]] for r in results])
-    write_section("handshake", "## Handshakes (`qflare bench handshake`)\n\nGoal: >= 1,000 sessions/s with "
-                  "ML-KEM-768 + ML-DSA-44 on one core.\n\n" + md)
+    if write_docs:
+        write_section("handshake", "## Handshakes (`qflare bench handshake`)\n\nGoal: >= 1,000 sessions/s with "
+                      "ML-KEM-768 + ML-DSA-44 on one core.\n\n" + md)
     return {"suites": results}

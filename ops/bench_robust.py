@@ -21,9 +21,9 @@ import numpy as np
 from common import attacks
 from common.data import partition
 from common.model import get_flat, set_flat
-from common.task import DEFAULT_TASK, load_task
 from common.rootdata import device_pool, digits_root
 from common.settings import FLSettings
+from common.task import DEFAULT_TASK, load_task
 from common.training import evaluate, train_local
 from enclave_worker import aggregate as agg
 from enclave_worker.defend import DefenceState, defend

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import resource
 import os
+import resource
 import shutil
 import sys
 import tempfile

@@ -1,8 +1,8 @@
 """The ``qflare`` command line: a thin shell over library functions.
 
 Every command calls one function that tests can call too; ``--json`` prints machine-
-readable output, rich tables are for people. Errors print one line with a reason and exit
-non-zero; no traceback reaches the user.
+readable output only, rich tables are for people. Errors print one line with a reason and
+exit with one of the codes below; no traceback reaches the user (``-v`` shows them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -37,7 +36,8 @@ agent_app = typer.Typer(help="The edge agent: enroll, open a session, train and 
                         no_args_is_help=True)
 round_app = typer.Typer(help="Federated rounds.", no_args_is_help=True)
 broker_app = typer.Typer(help="The broker: provision it, check it, watch queue depths.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks (figures go to docs/benchmarks.md).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (--write-docs records the figures in docs/benchmarks.md).",
+                        no_args_is_help=True)
 task_app = typer.Typer(help="Tasks: the model and data a deployment federates (docs/tasks.md).", no_args_is_help=True)
 for sub, name in ((token_app, "token"), (device_app, "device"), (coordinator_app, "coordinator"),
                   (enclave_app, "enclave"), (agent_app, "agent"), (round_app, "round"), (broker_app, "broker"),
@@ -52,18 +52,22 @@ except ImportError:  # pragma: no cover - the crypto commands ship with the pqc 
 
 console = Console()
 err_console = Console(stderr=True)
-_state: dict[str, Any] = {"config": None}
+_state: dict[str, Any] = {"config": None, "settings": None, "verbose": False}
+
+#: Exit codes (docs/operations.md): refused with a reason code; bad input or configuration;
+#: the broker cannot be reached or refused this user; no answer in time; interrupted.
+EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
 
 
 @app.callback()
 def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML settings file (or QFLARE_CONFIG)."),
-         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do."),
+         verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what the services do; tracebacks."),
          log_format: str = typer.Option("text", "--log-format", help="text, or json: one object per line.")) -> None:
     from ops.logformat import configure
 
     if log_format not in ("text", "json"):
-        raise fail(f"--log-format is text or json, not {log_format!r}", 2)
-    _state["config"] = config
+        raise fail(f"--log-format is text or json, not {log_format!r}", EXIT_USAGE)
+    _state["config"], _state["verbose"] = config, verbose
     tune_allocator()
     limit_blas_threads()
     configure(logging.INFO if verbose else logging.WARNING, log_format)
@@ -72,16 +76,20 @@ def main(config: Path | None = typer.Option(None, "--config", "-c", help="YAML s
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # the message as written
+def fail(message: str, code: int = EXIT_REFUSED) -> typer.Exit:
+    """One plain line on stderr (no markup: ``[a-z0-9]`` in a message stays as written)."""
+    sys.stderr.write(f"error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
     return typer.Exit(code)
 
 
 def settings() -> Settings:
-    try:
-        return load_settings(_state["config"])
-    except ConfigError as exc:
-        raise fail(f"bad configuration: {exc}", 2) from None
+    if _state["settings"] is None:
+        try:
+            _state["settings"] = load_settings(_state["config"])
+        except ConfigError as exc:
+            raise fail(f"bad configuration: {exc}", EXIT_USAGE) from None
+    return _state["settings"]
 
 
 TASK_HELP = "The task, MODULE:OBJECT (default fl.task; docs/tasks.md)."
@@ -102,27 +110,45 @@ def with_task(s: Settings, task: str | None) -> Settings:
 
 
 def run(coro: Coroutine) -> Any:
-    """Run ``coro``; turn the expected failures into one line and a non-zero exit."""
-    from broker.connection import BrokerUnavailable
+    """Run ``coro``; turn the expected failures into one line and an exit code."""
+    import aiormq.exceptions
+
+    from broker.connection import BrokerAccessRefused, BrokerUnavailable, refused
     from common.task import TaskError
-    from schemas.reasons import QflareError
+    from common.webserver import PortInUse
+    from schemas.reasons import QflareError, Reason
 
     try:
         return asyncio.run(coro)
-    except BrokerUnavailable as exc:
-        raise fail(str(exc)) from None
+    except (BrokerUnavailable, BrokerAccessRefused) as exc:
+        raise fail(str(exc), EXIT_BROKER) from None
     except TaskError as exc:
         raise fail(str(exc)) from None
+    except aiormq.exceptions.ChannelAccessRefused as exc:
+        raise fail(str(refused(settings(), exc)), EXIT_BROKER) from None
+    except aiormq.exceptions.ChannelNotFoundEntity as exc:
+        ns = settings().broker.namespace
+        raise fail(f"not_found: {_amqp_text(exc)} (namespace {ns!r}: is it spelled right, and has a coordinator "
+                   "run there? `qflare broker check` declares the topology)", EXIT_REFUSED) from None
     except QflareError as exc:
-        raise fail(f"{exc.reason.value}: {exc.detail}" if exc.detail else exc.reason.value) from None
+        code = EXIT_TIMEOUT if exc.reason == Reason.TIMEOUT else EXIT_REFUSED
+        raise fail(f"{exc.reason.value}: {exc.detail}" if exc.detail else exc.reason.value, code) from None
+    except PortInUse as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
     except FileNotFoundError as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except Exception as exc:
-        if logging.getLogger().isEnabledFor(logging.INFO):
+        if _state["verbose"]:
             raise
-        raise fail(f"{type(exc).__name__}: {exc} (run with -v for details)") from None
+        raise fail(f"internal: {type(exc).__name__}: {exc} (run with -v for details)") from None
+
+
+def _amqp_text(exc: BaseException) -> str:
+    """The broker's own words from an AMQP channel error, e.g. "no queue 'x' in vhost '/'"."""
+    text = str(exc.args[-1] if exc.args else exc)
+    return text.split(" - ", 1)[-1]
 
 
 def parse_duration(text: str) -> float:
@@ -514,7 +540,8 @@ def broker_status(json_out: bool = typer.Option(False, "--json")) -> None:
     s = settings()
 
     async def go():
-        async with await BrokerClient.open(s, name="qflare-status") as b:
+        # declare=False: looking must not create a topology (a typo'd namespace is an error)
+        async with await BrokerClient.open(s, name="qflare-status", declare=False) as b:
             n = b.names
             rows = []
             for q in (n.coordinator_queue, n.updates_queue, n.enclave_control_queue, n.dead_letter_queue):
@@ -547,7 +574,7 @@ def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="H
     s = settings()
 
     async def go():
-        async with await BrokerClient.open(s, name="qflare-dead-letters") as b:
+        async with await BrokerClient.open(s, name="qflare-dead-letters", declare=False) as b:
             ch = await b.connection.channel()
             await ch.set_qos(prefetch_count=limit)
             q = await ch.declare_queue(b.names.dead_letter_queue, passive=True)
@@ -588,7 +615,7 @@ def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 
     s = settings()
 
     async def go():
-        async with await BrokerClient.open(s, name="qflare-events") as b:
+        async with await BrokerClient.open(s, name="qflare-events", declare=False) as b:
             q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
             for key in binding or ["#"]:
                 await q.bind(b.names.events_exchange, key)
@@ -630,8 +657,8 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
          task: str | None = typer.Option(None, "--task", help=TASK_HELP),
          json_out: bool = typer.Option(False, "--json", help="Print one JSON document.")) -> None:
     """Coordinator, enclave and N devices over RabbitMQ: enroll, run rounds, show accuracy."""
-    from common.settings import BrokerSettings
     from common.attacks import NAMES as ATTACKS
+    from common.settings import BrokerSettings
     from ops.demo import new_namespace, run_demo
 
     if attack not in ATTACKS:
@@ -642,7 +669,7 @@ def demo(devices: int = typer.Option(5, min=1, max=5000, help="Simulated devices
         raise fail(f"--namespace {namespace!r}: 1-41 characters of a-z 0-9 _ -, starting with a letter or digit",
                    2) from None
     s = with_task(settings(), task)
-    err_console.print(f"demo namespace: {ns} (follow it: QFLARE_BROKER__NAMESPACE={ns} qflare events)",
+    err_console.print(f"demo namespace: {ns} (follow it: QFLARE_NAMESPACE={ns} qflare events)",
                       highlight=False, markup=False, soft_wrap=True)
     overrides = {k: v for k, v in (("aggregator", aggregator), ("partition", partition)) if v is not None}
     if overrides:
@@ -748,6 +775,8 @@ def task_check(spec: str = typer.Argument(..., metavar="MODULE:OBJECT", help="Th
 
 # --- benchmarks --------------------------------------------------------------------------
 
+WRITE_DOCS_HELP = "Record the figures in docs/benchmarks.md (otherwise they are only printed)."
+
 try:
     from ops.crypto_cmd import bench_crypto_cmd
 
@@ -758,18 +787,20 @@ except ImportError:  # pragma: no cover
 
 @bench_app.command("handshake")
 def bench_handshake(seconds: float = typer.Option(5.0, help="Time per measurement."),
-                    json_out: bool = typer.Option(False, "--json")) -> None:
+                    json_out: bool = typer.Option(False, "--json"),
+                    write_docs: bool = typer.Option(False, "--write-docs", help=WRITE_DOCS_HELP)) -> None:
     """Enrollments/s and sessions/s per algorithm suite (in-process and over the broker)."""
     from ops.bench_handshake import run_bench
 
-    result = run(run_bench(settings(), seconds=seconds))
+    result = run(run_bench(settings(), seconds=seconds, write_docs=write_docs))
     if json_out:
         print_json(result)
 
 
 @bench_app.command("fleet")
 def bench_fleet(sizes: str = typer.Option("100,500,1000", help="Fleet sizes, comma-separated."),
-                json_out: bool = typer.Option(False, "--json")) -> None:
+                json_out: bool = typer.Option(False, "--json"),
+                write_docs: bool = typer.Option(False, "--write-docs", help=WRITE_DOCS_HELP)) -> None:
     """Enrollments/s and round times for simulated fleets of growing size."""
     from ops.bench_fleet import run_bench
 
@@ -777,7 +808,7 @@ def bench_fleet(sizes: str = typer.Option("100,500,1000", help="Fleet sizes, com
         parsed = tuple(int(x) for x in sizes.split(","))
     except ValueError:
         raise fail(f"--sizes takes numbers like 100,500,1000, not {sizes!r}", 2) from None
-    result = run(run_bench(settings(), parsed))
+    result = run(run_bench(settings(), parsed, write_docs=write_docs))
     if json_out:
         print_json(result)
 
@@ -810,9 +841,7 @@ def bench_compression(devices: int = typer.Option(5, min=2, help="Devices in the
                       write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md."),
                       json_out: bool = typer.Option(False, "--json")) -> None:
     """Bytes per update and accuracy of int8 and top-k against float32 (the demo, per task and encoding)."""
-    from ops.bench_compression import run_bench
-
-    from ops.bench_compression import SHIPPED_TASKS
+    from ops.bench_compression import SHIPPED_TASKS, run_bench
 
     result = run(run_bench(settings(), devices=devices, rounds=rounds,
                            tasks=tuple(tasks.split(",")) if tasks else SHIPPED_TASKS, write_docs=write_docs))

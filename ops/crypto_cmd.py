@@ -38,19 +38,22 @@ def info(json_out: bool = typer.Option(False, "--json", help="machine-readable o
 
 
 def bench_crypto(json_out: bool = typer.Option(False, "--json", help="print the figures as JSON"),
-                 quick: bool = typer.Option(False, "--quick", help="fewer sizes, shorter timings")) -> None:
-    """Measure keygen/encaps/decaps/sign/verify per second and seal/open MB/s; record them."""
+                 quick: bool = typer.Option(False, "--quick", help="fewer sizes, shorter timings"),
+                 write_docs: bool = typer.Option(False, "--write-docs", help="record the figures in docs/benchmarks.md"),
+                 ) -> None:
+    """Measure keygen/encaps/decaps/sign/verify per second and seal/open MB/s."""
     from common.report import write_section
     from ops.bench_crypto import render_markdown, run_crypto_bench
 
     result = run_crypto_bench(quick=quick)
     md = render_markdown(result)
-    doc = write_section("crypto", md)
+    doc = write_section("crypto", md) if write_docs else None
     if json_out:
         typer.echo(json.dumps(result, indent=1))
     else:
         Console().print(md)
-        typer.echo(f"recorded in {doc}")
+        if doc:
+            typer.echo(f"recorded in {doc}")
 
 
 #: Mounted by ops.cli as ``qflare bench crypto``.
