@@ -137,8 +137,9 @@ def test_services_log_one_json_line_at_start_with_namespace_fingerprints_and_por
                          env={**sh.env, "QFLARE_COORDINATOR__HTTP_PORT": "0"}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     sh.procs.append(p)
-    line = json.loads(p.stderr.readline())
-    assert line["message"] == "coordinator started" and line["level"] == "info"
+    lines = [json.loads(p.stderr.readline()) for _ in range(2)]  # the simulated-platform warning, then the start
+    line = next(x for x in lines if x["message"] == "coordinator started")
+    assert line["level"] == "info" and all(x["logger"] == "qflare.coordinator" for x in lines)
     assert line["namespace"] == sh.env["QFLARE_BROKER__NAMESPACE"]
     assert len(line["sig_fp"]) == 64 and len(line["kem_fp"]) == 64 and line["http_port"] > 0
 
