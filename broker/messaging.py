@@ -20,6 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
 
 from broker.link import Link
+from common.events import EventFormat, envelope
 from common.metrics import DEAD_LETTERED, HANDLED
 from pqc.errors import QflareCryptoError
 from schemas.codec import CodecError, decode, encode
@@ -52,13 +53,17 @@ class Publisher:
 
     def __init__(self, channel: AbstractChannel, names: Names,
                  events_channel: AbstractChannel | None = None, *, dead_letter_body_bytes: int = 4096,
-                 user_id: str | None = None, link: Link | None = None) -> None:
+                 user_id: str | None = None, link: Link | None = None, source: str = "/qflare",
+                 events_format: EventFormat = "json") -> None:
         self.user_id = user_id  # the connection's user: RabbitMQ refuses any other
         self.channel = channel
         self.names = names
         self.events_channel = events_channel
         self.dead_letter_body_bytes = dead_letter_body_bytes
         self.link = link
+        #: CloudEvents ``source`` of this process's events, e.g. ``/qflare/<namespace>/qflare-enclave``.
+        self.source = source
+        self.events_format: EventFormat = events_format
         self._exchanges: dict[str, AbstractExchange] = {}
         self._events_exchange: AbstractExchange | None = None
 
@@ -73,13 +78,13 @@ class Publisher:
         self, exchange: str, routing_key: str, msg: Message | bytes, *,
         headers: dict[str, Any] | None = None, message_id: str | None = None,
         correlation_id: str | None = None, reply_to: str | None = None,
-        persistent: bool = True, mandatory: bool = False,
+        persistent: bool = True, mandatory: bool = False, content_type: str = "application/msgpack",
     ) -> None:
         """Publish and return once the broker confirmed it (raises if it was refused)."""
         body = msg if isinstance(msg, bytes) else encode(msg)
         message = aio_pika.Message(
             body, headers=headers or {}, message_id=message_id, correlation_id=correlation_id,
-            reply_to=reply_to, content_type="application/msgpack", user_id=self.user_id,
+            reply_to=reply_to, content_type=content_type, user_id=self.user_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         ex = await self.exchange(exchange)
@@ -110,28 +115,34 @@ class Publisher:
 
     async def event(self, type_: str, *, device_id: str | None = None, round_id: int | None = None,
                     reason: str | None = None, confirmed: bool = False, **detail: Scalar) -> None:
-        """Emit an event on the events topic exchange (routing key = event type).
+        """Emit an event on the events topic exchange (routing key = event type), as a CloudEvent.
 
+        Persistent, so the durable events stream keeps it for consumers that replay.
         ``confirmed`` events (those that end a round, which the coordinator waits for) go on
-        the confirming channel and are retried across outages; others are fire-and-forget.
+        the confirming channel and are retried across outages; others are fire-and-forget, on a
+        channel without confirms, so a handler does not wait a broker round trip per event.
         """
         detail = {k: v[:ERROR_DETAIL_MAX] if isinstance(v, str) else v for k, v in detail.items()}
         ev = Event(type=type_, at=time.time(), device_id=device_id, round_id=round_id,
                    reason=reason, detail=detail)
+        env = envelope(ev, self.source, self.events_format)
+        message = aio_pika.Message(
+            env.body, content_type=env.content_type, headers=env.headers, message_id=env.id, type=type_,
+            timestamp=ev.at, app_id=self.source.rsplit("/", 1)[-1], delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id)
         if confirmed:
-            await self.publish_until_confirmed(self.names.events_exchange, type_, ev, what=f"event {type_}",
-                                               persistent=False)
+            await self.publish_until_confirmed(self.names.events_exchange, type_, env.body, what=f"event {type_}",
+                                               headers=env.headers, message_id=env.id,
+                                               content_type=env.content_type)
             return
         if self.events_channel is None:
-            await self.publish(self.names.events_exchange, type_, ev, persistent=False)
-            return
-        # Events are notifications, not state: sent on a channel without publisher confirms
-        # so a handler does not wait a broker round trip per event.
-        if self._events_exchange is None:
-            self._events_exchange = await self.events_channel.get_exchange(self.names.events_exchange, ensure=False)
-        await self._events_exchange.publish(
-            aio_pika.Message(encode(ev), content_type="application/msgpack", user_id=self.user_id), type_,
-            mandatory=False)
+            ex = await self.exchange(self.names.events_exchange)
+        else:
+            if self._events_exchange is None:
+                self._events_exchange = await self.events_channel.get_exchange(self.names.events_exchange,
+                                                                               ensure=False)
+            ex = self._events_exchange
+        await ex.publish(message, type_, mandatory=False)
 
     async def dead_letter(self, message: AbstractIncomingMessage, queue: str, reason: str,
                           detail: str) -> None:
@@ -149,6 +160,10 @@ class Publisher:
         DEAD_LETTERED.labels(queue, reason).inc()
         log.warning("dead-lettered a message from %s: %s %s", queue, reason, detail)
         await message.ack()
+        try:
+            await self.event(f"dead_letter.{reason}", reason=str(reason), queue=queue, detail_text=detail[:200])
+        except TRANSIENT:
+            pass  # the dead letter itself is safe; its notification is best effort
 
 
 async def consume(

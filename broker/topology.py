@@ -66,13 +66,17 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
         arguments={"x-queue-type": "stream", "x-max-length-bytes": MODELS_STREAM_MAX_BYTES},
     )
     await stream.bind(ex[names.models_exchange])
+    events = await channel.declare_queue(
+        names.events_stream, durable=True,
+        arguments={"x-queue-type": "stream", "x-max-length-bytes": settings.events.stream_max_bytes})
+    await events.bind(ex[names.events_exchange], "#")
     return names
 
 
 async def delete_topology(channel: AbstractChannel, names: Names) -> None:
     """Remove everything :func:`declare_topology` made (tests, ``qflare broker reset``)."""
     for q in (names.coordinator_queue, names.operator_queue, names.updates_queue, names.enclave_control_queue,
-              names.models_stream, names.dead_letter_queue):
+              names.models_stream, names.events_stream, names.dead_letter_queue):
         await channel.queue_delete(q)
     for e in (names.rpc_exchange, names.updates_exchange, names.models_exchange,
               names.events_exchange, names.dlx, names.control_exchange, names.operator_exchange):

@@ -23,6 +23,7 @@ from broker.principals import limit_key, require_device, require_role
 from common import handshake, health, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
+from common.events import decode_event
 from common.settings import Settings
 from common.state import private_dir
 from coordinator import session_keys
@@ -234,7 +235,7 @@ class Coordinator:
 
     async def _on_round_event(self, message) -> None:
         try:
-            ev = decode(message.body, Event)
+            ev = decode_event(message.body, message.content_type)
         except CodecError:
             return
         if ev.round_id is not None:
@@ -492,7 +493,9 @@ class Coordinator:
         self.registry.set_meta(META_ENCLAVE_REPORT, req.report)
         self.registry.audit("coordinator", "enclave.admitted", measurement=report.measurement)
         await self._event("enclave.attested", measurement=report.measurement,
-                          kem_fp=pqc.fingerprint(report.kem_pk, report.kem_alg))
+                          kem_fp=pqc.fingerprint(report.kem_pk, report.kem_alg),
+                          sig_fp=pqc.fingerprint(report.sig_pk, report.sig_alg),
+                          platform_fp=pqc.fingerprint(req.platform_pk, req.platform_alg), platform="simulated")
         return self._sign(AttestAccept(measurement=report.measurement, coordinator_sig_alg=self.identity.sig_alg,
                                        coordinator_sig_pk=self.identity.sig_pk))
 

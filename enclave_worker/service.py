@@ -39,8 +39,8 @@ from schemas.messages import (
     CoordinatorKeys,
     Message,
     Revocation,
-    RoundAbort,
     RootData,
+    RoundAbort,
     RoundOpen,
     RoundResult,
     RoundSpec,
@@ -664,7 +664,7 @@ class Enclave:
                                               reason="cancelled", confirmed=True)
         else:
             await self.broker.publisher.event("round.failed", round_id=round_id, received=received,
-                                              reason="too_few_updates", confirmed=True)
+                                              reason=Reason.TOO_FEW_UPDATES.value, confirmed=True)
 
     async def _announce_closed(self, round_id: int, status: str) -> None:
         """Say again how a closed round ended, with its model (asked again after an outage)."""

@@ -26,13 +26,14 @@ import numpy as np
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
+from common.events import decode_event
 from common.report import md_table, write_section
 from common.settings import Settings
 from coordinator.service import META_ENCLAVE_REPORT, Coordinator
 from edge_agent import client, updates
 from enclave_worker.service import Enclave, close_round_streaming
 from enclave_worker.store import EnclaveStore
-from schemas.codec import CodecError, decode
+from schemas.codec import CodecError
 from schemas.messages import Event, RoundOpen, RoundSpec
 
 
@@ -127,7 +128,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
 
         async def on(message) -> None:
             try:
-                events.append((time.perf_counter(), decode(message.body, Event)))
+                events.append((time.perf_counter(), decode_event(message.body, message.content_type)))
             except CodecError:
                 pass
 

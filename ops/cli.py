@@ -606,24 +606,41 @@ def broker_dead_letters(limit: int = typer.Option(20, min=1, max=10_000, help="H
 @app.command()
 def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 'update.rejected.#' (default #)."),
            count: int = typer.Option(0, help="Stop after this many events (0: until interrupted)."),
-           json_out: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
-    """Follow the events exchange live: what an operator or another system sees."""
+           json_out: bool = typer.Option(False, "--json", help="One JSON object per line."),
+           from_: str | None = typer.Option(None, "--from", help="Replay the events stream from an offset: "
+                                            "first, last, next, or a number.")) -> None:
+    """Follow the events exchange live (or replay its stream): what an operator or another system sees."""
     from broker.client import BrokerClient
-    from schemas.codec import CodecError, decode
-    from schemas.messages import Event
+    from common.events import decode_event, topic_matches
+    from schemas.codec import CodecError
 
     s = settings()
+    offset: str | int | None = from_
+    if from_ is not None and from_ not in ("first", "last", "next"):
+        if not from_.isdigit():
+            raise fail(f"--from takes first, last, next or an offset number, not {from_!r}", EXIT_USAGE)
+        offset = int(from_)
+    keys = binding or ["#"]
 
     async def go():
         async with await BrokerClient.open(s, name="qflare-events", declare=False) as b:
-            q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
-            for key in binding or ["#"]:
-                await q.bind(b.names.events_exchange, key)
+            if offset is None:
+                q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
+                for key in keys:
+                    await q.bind(b.names.events_exchange, key)
+                stream_args, no_ack = None, True
+            else:  # a stream is read with acks and a prefetch, from the offset asked for
+                q = await b.channel.declare_queue(b.names.events_stream, passive=True)
+                stream_args, no_ack = {"x-stream-offset": offset}, False
             seen = 0
-            async with q.iterator(no_ack=True) as it:
+            async with q.iterator(no_ack=no_ack, arguments=stream_args) as it:
                 async for message in it:
+                    if not no_ack:
+                        await message.ack()
+                    if not any(topic_matches(k, message.routing_key or "") for k in keys):
+                        continue
                     try:
-                        ev = decode(message.body, Event)
+                        ev = decode_event(message.body, message.content_type)
                     except CodecError:
                         continue
                     if json_out:

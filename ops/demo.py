@@ -22,6 +22,7 @@ from broker.client import BrokerClient
 from broker.topology import delete_topology
 from common import attacks
 from common.data import Partition
+from common.events import decode_event
 from common.rootdata import digits_root
 from common.settings import Settings
 from common.task import DEFAULT_TASK
@@ -33,7 +34,7 @@ from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from enclave_worker.service import Enclave
 from ops.operator_client import OperatorClient, init_operator
-from schemas.codec import CodecError, decode
+from schemas.codec import CodecError
 from schemas.messages import Event, RoundStart, RoundStarted
 
 
@@ -105,7 +106,7 @@ async def round_events(broker: BrokerClient) -> asyncio.Queue[Event]:
 
     async def on_event(message) -> None:
         try:
-            await events.put(decode(message.body, Event))
+            await events.put(decode_event(message.body, message.content_type))
         except CodecError:
             pass
 

@@ -89,6 +89,11 @@ class Names:
         return self._n("models.latest")
 
     @property
+    def events_stream(self) -> str:
+        """Stream bound to the events exchange (``#``): consumers replay events from an offset."""
+        return self._n("events.log")
+
+    @property
     def dead_letter_queue(self) -> str:
         return self._n("dead-letters")
 

@@ -43,6 +43,7 @@ class Reason(StrEnum):
     TASK_FAILED = "task_failed"
     OUTLIER = "outlier"
     QUARANTINED = "quarantined"
+    TOO_FEW_UPDATES = "too_few_updates"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -91,6 +92,7 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.INCOMPLETE: "a chunked update's remaining chunks did not arrive in time (truncated)",
     Reason.BUSY: "the enclave is reassembling as many chunked updates as it allows; the update was refused",
     Reason.TASK_FAILED: "the task's own code (its data, training or evaluation) failed; nothing was sent",
+    Reason.TOO_FEW_UPDATES: "a round closed with fewer stored updates than its min_updates (round.failed)",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",

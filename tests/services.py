@@ -7,12 +7,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from broker.client import BrokerClient
+from common.events import decode_event
 from common.settings import Settings
 from coordinator.service import Coordinator
 from edge_agent import client
 from enclave_worker.service import Enclave
 from ops.operator_client import OperatorClient, init_operator
-from schemas.codec import CodecError, decode
+from schemas.codec import CodecError
 from schemas.messages import Event, RoundStart, RoundStarted
 
 
@@ -31,7 +32,7 @@ class EventLog:
 
         async def on(message) -> None:
             with contextlib.suppress(CodecError):
-                log.events.append(decode(message.body, Event))
+                log.events.append(decode_event(message.body, message.content_type))
 
         await q.consume(on, no_ack=True)
         return log

@@ -1,0 +1,142 @@
+"""Every event the services emit: its routing key, when it is sent, and its fields.
+
+The events exchange is for other systems, so this catalogue is the contract:
+``docs/asyncapi.yaml`` is generated from it (``python -m ops.asyncapi``), ``docs/protocol.md``
+describes it, and a test fails when a service emits an event type that is not listed here.
+Each event's body is the :class:`~schemas.messages.Event` fields (``type``, ``at``,
+``device_id``, ``round_id``, ``reason``, ``detail``); ``detail`` holds the fields of the
+event's ``Detail`` model below. A ``{reason}`` in a key is one of the reason codes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Detail(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class WithFingerprint(Detail):
+    sig_fp: str  # SHA3-256 fingerprint of the device's signature key
+
+
+class SessionOpened(Detail):
+    session_id: str
+
+
+class Refusal(Detail):
+    detail_text: str = ""  # what was wrong, for people (at most 200 characters)
+
+
+class EnclaveAttested(Detail):
+    measurement: str  # SHA3-256 of the enclave's code (hex)
+    kem_fp: str  # fingerprint of the enclave's KEM key, to which devices seal updates
+    sig_fp: str = ""  # fingerprint of the enclave's signature key, which signs global models
+    platform_fp: str = ""  # fingerprint of the platform key that signed the attestation report
+    platform: str = ""  # which platform attested: "simulated" until a real TEE quote is checked
+
+
+class RoundOpened(Detail):
+    deadline: float  # Unix time after which the round closes with what it has
+    min_updates: int
+    expected: int  # how many devices the round waits for (0: any)
+
+
+class UpdateAccepted(Detail):
+    update_id: str
+
+
+class UpdateRejected(Detail):
+    detail_text: str = ""
+    update_id: str = ""  # set when a filter refused a stored update at the round's close
+
+
+class RoundCompleted(Detail):
+    version: int  # the new global model's version
+    accepted: int
+    accuracy: float | None = None  # on the digits test split; None when fl.evaluate is off
+    rejected: str = ""  # "reason=count,..." over the whole round, e.g. "norm_bound=2,replay=1"
+
+
+class RoundFailed(Detail):
+    received: int  # updates stored when the round closed, fewer than its min_updates
+
+
+class RoundStalled(Detail):
+    remaining: int  # rounds of the plan that were cancelled with it
+
+
+class CoordinatorRotated(Detail):
+    old_fp: str
+    new_fp: str
+
+
+class DeadLettered(Detail):
+    queue: str  # the queue the refused message came from
+    detail_text: str = ""
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    key: str  # routing key and event type; "{reason}" stands for a reason code
+    summary: str
+    detail: type[Detail]
+    fields: tuple[str, ...] = ()  # which of device_id, round_id, reason the event sets
+    source: str = ""  # which service emits it
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(self.key).replace(r"\{reason\}", "[a-z_]+") + "$")
+
+    @property
+    def binding(self) -> str:
+        """The AMQP topic binding that matches this event (``update.rejected.*``)."""
+        return self.key.replace("{reason}", "*")
+
+
+EVENTS: tuple[EventSpec, ...] = (
+    EventSpec("device.enrolled", "A device enrolled with a one-time token.", WithFingerprint, ("device_id",),
+              "coordinator"),
+    EventSpec("device.revoked", "An operator revoked a device; its sessions and updates are refused from now on.",
+              WithFingerprint, ("device_id", "reason"), "operator"),
+    EventSpec("device.rotated", "A device rotated its keys (signed by the old key).", WithFingerprint,
+              ("device_id",), "coordinator"),
+    EventSpec("session.opened", "A device opened a forward-secret session.", SessionOpened, ("device_id",),
+              "coordinator"),
+    EventSpec("enrollment.rejected.{reason}", "An enrollment request was refused.", Refusal,
+              ("device_id", "reason"), "coordinator"),
+    EventSpec("session.rejected.{reason}", "A session request was refused.", Refusal, ("device_id", "reason"),
+              "coordinator"),
+    EventSpec("rotation.rejected.{reason}", "A device key rotation was refused.", Refusal, ("device_id", "reason"),
+              "coordinator"),
+    EventSpec("attestation.rejected.{reason}", "An enclave's attestation was refused.", Refusal, ("reason",),
+              "coordinator"),
+    EventSpec("enclave.attested", "The coordinator admitted an enclave (measurement allow-listed, platform trusted).",
+              EnclaveAttested, (), "coordinator"),
+    EventSpec("coordinator.rotated", "The coordinator's keys were rotated (the old key signed the new).",
+              CoordinatorRotated, (), "operator"),
+    EventSpec("round.opened", "The enclave opened a round and announced it on the models fanout.", RoundOpened,
+              ("round_id",), "enclave"),
+    EventSpec("update.accepted", "The enclave stored a device's update durably.", UpdateAccepted,
+              ("device_id", "round_id"), "enclave"),
+    EventSpec("update.rejected.{reason}", "The enclave refused an update, at intake or by a filter at the close.",
+              UpdateRejected, ("device_id", "round_id", "reason"), "enclave"),
+    EventSpec("round.completed", "A round closed: the new global model is signed and published.", RoundCompleted,
+              ("round_id",), "enclave"),
+    EventSpec("round.failed", "A round closed with fewer stored updates than its min_updates (at its deadline, or "
+              "when the next round opened first); reason `too_few_updates`. No model is published.", RoundFailed,
+              ("round_id", "reason"), "enclave"),
+    EventSpec("round.stalled", "No enclave closed a round within its deadline plus a grace period; the rest of "
+              "the plan is cancelled; reason `no_enclave`.", RoundStalled, ("round_id", "reason"), "coordinator"),
+    EventSpec("dead_letter.{reason}", "A consumer refused a message and copied it to the dead-letter queue.",
+              DeadLettered, ("reason",), "any"),
+)
+
+
+def spec_for(event_type: str) -> EventSpec | None:
+    """The catalogue entry whose key matches ``event_type`` (None: not a documented event)."""
+    return next((e for e in EVENTS if e.pattern.match(event_type)), None)
