@@ -59,7 +59,9 @@ def bind(host: str, port: int, setting: str) -> socket.socket:
 async def start(app: ASGIApp, host: str, port: int, setting: str) -> RunningServer:
     """Start serving ``app``; returns once the socket is bound."""
     sock = bind(host, port, setting)
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    # a short graceful shutdown: server-sent event streams never end by themselves
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                            timeout_graceful_shutdown=1)
     server = _EmbeddedServer(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     return RunningServer(server, task, host, sock.getsockname()[1])

@@ -658,6 +658,24 @@ def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 
     run(go())
 
 
+@app.command()
+def dashboard(host: str | None = typer.Option(None, help="Address to listen on (default dashboard.host)."),
+              port: int | None = typer.Option(None, help="Port (default dashboard.port; 0: any free port).")) -> None:
+    """A live, read-only web dashboard: fleet, rounds, queues, enclave, dead letters (needs dashboard.token)."""
+    from ops.dashboard.app import serve
+
+    s = settings()
+    if port is not None and not 0 <= port <= 65535:
+        raise fail(f"--port must be 0-65535 (got {port})", EXIT_USAGE)
+    update = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    s = s.model_copy(update={"dashboard": s.dashboard.model_copy(update=update)})
+    if s.dashboard.token is None or not s.dashboard.token.get_secret_value():
+        raise fail("dashboard.token: the operator credential is required (set QFLARE_DASHBOARD__TOKEN or "
+                   "dashboard.token in the config file)", EXIT_USAGE)
+    service_logs()
+    run(serve(s))
+
+
 # --- demo --------------------------------------------------------------------------------
 
 
