@@ -342,14 +342,14 @@ def unknown_env(environ: dict[str, str] | None = None) -> list[str]:
         parts = key[len(ENV_PREFIX):].lower().split("__")
         if parts[0] in ENV_EXTRA and len(parts) == 1:
             continue
-        field = Settings.model_fields.get(parts[0])
-        if field is None:
-            bad.append(key)
-            continue
-        section = field.annotation
-        if len(parts) > 1 and not (isinstance(section, type) and issubclass(section, BaseModel)
-                                   and parts[1] in section.model_fields and len(parts) == 2):
-            bad.append(key)
+        model: type[BaseModel] | None = Settings
+        for part in parts:
+            field = model.model_fields.get(part) if model is not None else None
+            if field is None:
+                bad.append(key)
+                break
+            ann = field.annotation
+            model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
     return sorted(bad)
 
 

@@ -325,6 +325,23 @@ def enclave_measurement() -> None:
     console.print(measurement())
 
 
+@enclave_app.command("platform-key")
+def enclave_platform_key(export: Path | None = typer.Option(
+        None, help="Also write the public key to this file (the coordinator's enclave.platform_key_file).")) -> None:
+    """Print (creating it on first use) the simulated platform's public key fingerprint."""
+    import shutil as _shutil
+
+    from common.attestation import platform_dir
+    from enclave_worker.attestation import platform_identity
+
+    s = settings()
+    ident = platform_identity(platform_dir(s), legacy=s.state_dir / "platform")
+    if export is not None:
+        export.parent.mkdir(parents=True, exist_ok=True)
+        _shutil.copyfile(platform_dir(s) / "public.json", export)
+    console.print(ident.sig_fp)
+
+
 # --- agent -------------------------------------------------------------------------------
 
 
@@ -462,6 +479,37 @@ def agent_run(device_id: str = typer.Option(..., "--device-id"),
         await run_agent(s, device_id, shard, of, attack, stop=stop, data=data)
 
     run(go())
+
+
+@agent_app.command("join")
+def agent_join(token_dir: Path = typer.Option(..., "--token-dir", help="Directory of token files "
+                                             "(`qflare token create --json`), one per device."),
+               attack: str | None = typer.Option(None, help="Simulate a malicious device (tests, demos).")) -> None:
+    """Claim one token from a shared directory, enroll with it (once), then run: for scaled services."""
+    import socket as _socket
+
+    from edge_agent import client
+    from edge_agent.agent import run_agent
+    from edge_agent.storage import save_device
+    from ops.claim import claim, remember
+
+    s = settings()
+    try:
+        c = claim(token_dir, s.state_dir, _socket.gethostname())
+    except FileNotFoundError as exc:
+        raise fail(str(exc)) from None
+    if not c.enrolled or not _exists(s, c.device_id):
+        async def go(broker, rpc):
+            return await client.enroll(rpc, broker.names, c.device_id, c.token, c.coordinator_fingerprint,
+                                       sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+
+        dev = run(_with_rpc(s, go, c.device_id))
+        save_device(s.state_dir, dev)
+        remember(s.state_dir, type(c)(**{**c.__dict__, "enrolled": True}))
+    from ops.logformat import services_say_what_they_do
+
+    services_say_what_they_do()
+    run(run_agent(s, c.device_id, c.shard, c.of, attack))
 
 
 # --- broker ------------------------------------------------------------------------------
@@ -672,7 +720,9 @@ def dashboard(host: str | None = typer.Option(None, help="Address to listen on (
     if s.dashboard.token is None or not s.dashboard.token.get_secret_value():
         raise fail("dashboard.token: the operator credential is required (set QFLARE_DASHBOARD__TOKEN or "
                    "dashboard.token in the config file)", EXIT_USAGE)
-    service_logs()
+    from ops.logformat import services_say_what_they_do
+
+    services_say_what_they_do()
     run(serve(s))
 
 

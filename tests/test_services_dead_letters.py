@@ -55,7 +55,7 @@ async def test_coordinator_and_enclave_survive_bad_messages_on_every_queue(broke
 
 
 async def test_metrics_count_outcomes(broker, settings):
-    from prometheus_client import REGISTRY
+    from common.metrics import COORDINATOR as REGISTRY  # the coordinator's own registry
 
     def value(name, **labels):
         return REGISTRY.get_sample_value(name, labels) or 0.0

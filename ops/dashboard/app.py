@@ -32,7 +32,6 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from common import webserver
-from common.logs import fields
 from common.settings import Settings
 from ops.dashboard.feed import Feed
 from ops.dashboard.state import FleetView
@@ -112,7 +111,7 @@ def build_app(view: FleetView, changed: asyncio.Event, credential: Credential) -
         body = await request.body()  # a urlencoded form; parsed here (no multipart dependency)
         token = urllib.parse.parse_qs(body[:4096].decode("utf-8", "replace")).get("token", [""])[0]
         if not credential.check(token):
-            log.warning("dashboard login refused", extra=fields(client=request.client.host if request.client else ""))
+            log.warning("dashboard login refused from %s", request.client.host if request.client else "?")
             return secured(RedirectResponse("/login?refused=1", status_code=303))
         resp = RedirectResponse("/", status_code=303)
         resp.set_cookie(COOKIE, credential.open_session(), httponly=True, samesite="strict", path="/")
@@ -169,7 +168,8 @@ async def serve(settings: Settings, ready: asyncio.Future | None = None) -> None
     app = build_app(view, feed.changed, Credential(d.token.get_secret_value()))
     server = await webserver.start(app, d.host, d.port, "dashboard.port")
     feed.start()
-    log.info("dashboard started", extra=fields(namespace=view.namespace, url=f"http://{d.host}:{server.port}/"))
+    log.info("dashboard started: namespace %s, http://%s:%d/", view.namespace, d.host, server.port,
+             extra={"namespace": view.namespace, "http_port": server.port})
     if ready is not None:
         ready.set_result(server.port)
     try:
