@@ -1,7 +1,6 @@
 """Queue figures from the RabbitMQ management API: depth, consumers and rates per queue.
 
-The API's address comes from settings (``broker.management_url``, else the AMQP host on
-port 15672, https for amqps), with the AMQP URL's user. Read-only.
+The API's address comes from settings (:meth:`ManagementApi.from_settings`). Read-only.
 """
 
 from __future__ import annotations
@@ -15,15 +14,7 @@ from common.settings import Settings
 
 def management_api(settings: Settings) -> ManagementApi:
     """The management API of the broker ``settings.amqp_url`` points at."""
-    api = ManagementApi.from_amqp_url(settings.amqp_url)
-    if settings.broker.management_url:
-        return ManagementApi(settings.broker.management_url.rstrip("/"), api.user, api.password)
-    return api
-
-
-def vhost_of(settings: Settings) -> str:
-    path = urllib.parse.urlsplit(settings.amqp_url).path
-    return urllib.parse.unquote(path[1:]) if path not in ("", "/") else "/"
+    return ManagementApi.from_settings(settings)
 
 
 def _rate(stats: dict, key: str) -> float:

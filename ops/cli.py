@@ -988,5 +988,27 @@ from ops.operator_cmd import register as _register_operator_commands
 
 _register_operator_commands(app, token_app, device_app, round_app, coordinator_app, sys.modules[__name__])
 
+def cli(argv: list[str] | None = None) -> None:
+    """The ``qflare`` entry point: a usage error (a bad option or value) is one line too."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+    from typer.exceptions import Abort
+
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        sys.stdout.write(exc.ctx.get_help() + "\n" if exc.ctx else "")
+        code = 0
+    except UsageError as exc:
+        where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
+        fail(f"{exc.format_message()}{where}", EXIT_USAGE)
+        code = EXIT_USAGE
+    except ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+        code = exc.exit_code
+    except Abort:
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    app()
+    cli()

@@ -66,6 +66,10 @@ class RoundFailed(Detail):
     received: int  # updates stored when the round closed, fewer than its min_updates
 
 
+class RoundCancelled(Detail):
+    received: int  # updates stored when the round was aborted (none are aggregated)
+
+
 class RoundStalled(Detail):
     remaining: int  # rounds of the plan that were cancelled with it
 
@@ -113,8 +117,10 @@ EVENTS: tuple[EventSpec, ...] = (
               "coordinator"),
     EventSpec("rotation.rejected.{reason}", "A device key rotation was refused.", Refusal, ("device_id", "reason"),
               "coordinator"),
-    EventSpec("attestation.rejected.{reason}", "An enclave's attestation was refused.", Refusal, ("reason",),
-              "coordinator"),
+    EventSpec("attestation.rejected.{reason}", "An enclave's attestation was refused (`forbidden`: not sent by "
+              "an enclave broker user).", Refusal, ("reason",), "coordinator"),
+    EventSpec("operator.rejected.{reason}", "A signed operator request was refused (`forbidden`, `not_operator`, "
+              "`bad_signature`, `stale`, `replay`, `invalid_field`, ...).", Refusal, ("reason",), "coordinator"),
     EventSpec("enclave.attested", "The coordinator admitted an enclave (measurement allow-listed, platform trusted).",
               EnclaveAttested, (), "coordinator"),
     EventSpec("coordinator.rotated", "The coordinator's keys were rotated (the old key signed the new).",
@@ -129,6 +135,9 @@ EVENTS: tuple[EventSpec, ...] = (
               ("round_id",), "enclave"),
     EventSpec("round.failed", "A round closed with fewer stored updates than its min_updates (at its deadline, or "
               "when the next round opened first); reason `too_few_updates`. No model is published.", RoundFailed,
+              ("round_id", "reason"), "enclave"),
+    EventSpec("round.cancelled", "The enclave closed a round at the coordinator's signed `round.abort` (an "
+              "operator's cancel, or a dropped plan); reason `cancelled`. No model is published.", RoundCancelled,
               ("round_id", "reason"), "enclave"),
     EventSpec("round.stalled", "No enclave closed a round within its deadline plus a grace period; the rest of "
               "the plan is cancelled; reason `no_enclave`.", RoundStalled, ("round_id", "reason"), "coordinator"),

@@ -150,3 +150,15 @@ def rabbit_node(tmp_path: Path):
     finally:
         for node in nodes:
             node.cleanup()
+
+
+@pytest.fixture
+def sh(amqp_url: str, tmp_path: Path):
+    """The real CLI in subprocesses, in a namespace and state directory of the test's own."""
+    from tests.test_cli_shell import Shell
+
+    shell = Shell(amqp_url, tmp_path / "state")
+    try:
+        yield shell
+    finally:
+        shell.close()

@@ -87,15 +87,6 @@ asyncio.run(main())
 """
 
 
-@pytest.fixture
-def sh(amqp_url, tmp_path):
-    shell = Shell(amqp_url, tmp_path / "state")
-    try:
-        yield shell
-    finally:
-        shell.close()
-
-
 def test_help_lists_every_command_group(sh):
     out = sh.run("--help").stdout
     for group in ("demo", "token", "device", "coordinator", "enclave", "agent", "round", "broker", "bench", "crypto"):

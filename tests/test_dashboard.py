@@ -21,8 +21,8 @@ from common import webserver
 from ops.dashboard.app import Credential, build_app
 from ops.dashboard.app import serve as serve_dashboard
 from ops.dashboard.state import FleetView
-from schemas.messages import Event, RoundStart
-from tests.services import coordinator, enclave, enrolled
+from schemas.messages import Event
+from tests.services import coordinator, enclave, enrolled, start_rounds
 from tests.test_rounds import honest_update, publish
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -164,9 +164,8 @@ async def test_a_browser_sees_a_running_round_and_then_its_result(settings, brok
                 _wait_text(driver, "#queues tbody", f"{ns}.enclave.updates")
 
             await asyncio.to_thread(log_in)
-            await coord.start_rounds(RoundStart(rounds=1, min_updates=2, deadline_seconds=300,
-                                                expected=[d.device_id for d in devices], epochs=1, lr=0.1,
-                                                batch_size=16))
+            await start_rounds(coord.settings, rounds=1, min_updates=2, deadline_seconds=300,
+                               expected=[d.device_id for d in devices], epochs=1, lr=0.1, batch_size=16)
             await asyncio.to_thread(_wait_text, driver, "#round-1 .status", "running")
             await asyncio.to_thread(driver.save_screenshot, str(tmp_path / "running.png"))
             for i, dev in enumerate(devices):

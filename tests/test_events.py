@@ -54,13 +54,25 @@ def _emitted_types() -> set[str]:
     return found
 
 
+def _refusal_kinds() -> set[str]:
+    """The ``kind`` of every ``_refuse("kind", ...)`` call: each makes ``<kind>.rejected.<reason>``."""
+    kinds = set()
+    for path in (ROOT / "coordinator").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_refuse"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                kinds.add(node.args[0].value)
+    return kinds
+
+
 def test_every_event_type_the_services_emit_is_in_the_asyncapi_document():
     doc = asyncapi.DOC.read_text()
     emitted = _emitted_types()
     assert {"round.completed", "update.accepted", "device.enrolled"} <= emitted, emitted  # the scan works
+    assert {"enrollment", "session", "attestation", "operator"} <= _refusal_kinds()
     for type_ in emitted:
         if type_.startswith("{x}."):  # the coordinator's f"{kind}.rejected.{reason}": each kind is listed
-            kinds = {"enrollment", "session", "rotation", "attestation"}
+            kinds = _refusal_kinds()
             assert all(spec_for(type_.replace("{x}", k, 1).replace("{x}", "replay")) for k in kinds), type_
             continue
         spec = spec_for(type_.replace("{x}", "norm_bound"))

@@ -15,7 +15,6 @@ import pytest
 
 from common import health, metrics
 from tests.services import coordinator
-from tests.test_cli_shell import Shell
 
 pytestmark = pytest.mark.broker
 
@@ -81,15 +80,6 @@ def wait_status(port: int, path: str, want: int, timeout: float = 60, has: str =
             pass
         time.sleep(0.2)
     raise AssertionError(f"{path} on {port} did not answer {want}; last {last}")
-
-
-@pytest.fixture
-def sh(amqp_url, tmp_path):
-    shell = Shell(amqp_url, tmp_path / "state")
-    try:
-        yield shell
-    finally:
-        shell.close()
 
 
 def test_coordinator_and_enclave_on_one_host_each_on_its_own_port(sh):

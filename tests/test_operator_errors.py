@@ -13,20 +13,9 @@ import sys
 
 import pytest
 
-from tests.test_cli_shell import Shell
-
 pytestmark = pytest.mark.broker
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_BROKER, EXIT_TIMEOUT = 1, 2, 3, 4
-
-
-@pytest.fixture
-def sh(amqp_url, tmp_path):
-    shell = Shell(amqp_url, tmp_path / "state")
-    try:
-        yield shell
-    finally:
-        shell.close()
 
 
 def one_line(res: subprocess.CompletedProcess) -> str:
@@ -39,14 +28,17 @@ def one_line(res: subprocess.CompletedProcess) -> str:
 def test_round_start_with_negative_rounds_is_one_line(sh):
     res = sh.run("round", "start", "--rounds", "-1", ok=False)
     assert res.returncode == EXIT_USAGE
-    assert one_line(res) == "error: --rounds must be at least 1 (got -1)"
+    line = one_line(res)
+    assert "--rounds" in line and "greater than or equal to 1" in line
 
 
 def test_revoking_an_unknown_device_names_it_instead_of_a_key_error(sh):
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
     res = sh.run("device", "revoke", "nope", ok=False)
     assert res.returncode == EXIT_REFUSED
     line = one_line(res)
-    assert "not_enrolled" in line and "'nope'" in line and "KeyError" not in line
+    assert "not_enrolled" in line and "nope" in line and "KeyError" not in line
 
 
 def test_a_wrong_broker_password_names_the_user_and_is_not_told_to_start_a_broker(sh, amqp_url):
@@ -63,7 +55,7 @@ def test_refused_broker_access_names_the_user(sh):
         res = sh.run("broker", "check", ok=False, env={"QFLARE_AMQP_URL": user["amqp_url"]})
         assert res.returncode == EXIT_BROKER
         line = one_line(res)
-        assert "access_refused" in line and "'qflare-device-cam-r'" in line
+        assert "access_refused" in line and "refused user" in line and "device.cam-r'" in line
     finally:
         sh.run("device", "broker-user", "cam-r", "--delete")
 
@@ -116,6 +108,8 @@ async def _exchange_exists(amqp_url: str, name: str) -> bool:
 
 
 def test_json_output_is_only_json(sh):
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
     for cmd in (("token", "create", "--device-id", "cam-j"), ("broker", "check"), ("broker", "status"),
                 ("device", "list")):
         res = sh.run(*cmd, "--json")
@@ -137,9 +131,10 @@ def test_services_log_one_json_line_at_start_with_namespace_fingerprints_and_por
                          env={**sh.env, "QFLARE_COORDINATOR__HTTP_PORT": "0"}, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     sh.procs.append(p)
-    lines = [json.loads(p.stderr.readline()) for _ in range(2)]  # the simulated-platform warning, then the start
-    line = next(x for x in lines if x["message"] == "coordinator started")
-    assert line["level"] == "info" and all(x["logger"] == "qflare.coordinator" for x in lines)
+    line = {}
+    while not line.get("message", "").startswith("coordinator started"):
+        line = json.loads(p.stderr.readline())  # after the simulated-platform and operator warnings
+    assert line["level"] == "info" and line["logger"] == "qflare.coordinator"
     assert line["namespace"] == sh.env["QFLARE_BROKER__NAMESPACE"]
     assert len(line["sig_fp"]) == 64 and len(line["kem_fp"]) == 64 and line["http_port"] > 0
 
@@ -149,6 +144,6 @@ def test_demo_prints_its_namespace_and_accepts_one(sh):
     out = json.loads(sh.run("demo", "--devices", "2", "--rounds", "1", "--namespace", ns, "--json").stdout)
     assert out["namespace"] == ns
     res = sh.run("demo", "--devices", "2", "--rounds", "1")
-    assert "demo in namespace demo-" in res.stderr
+    assert "demo namespace: demo-" in res.stderr
     bad = sh.run("demo", "--namespace", "No Good", ok=False)
     assert bad.returncode == EXIT_USAGE and "--namespace" in one_line(bad)

@@ -14,8 +14,8 @@ import logging
 from broker.client import BrokerClient
 from broker.connection import BrokerAccessRefused, BrokerUnavailable
 from broker.messaging import TRANSIENT
-from broker.queues import management_api, queue_figures, vhost_of
-from broker.users import BrokerAdminError
+from broker.queues import management_api, queue_figures
+from broker.users import BrokerAdminError, vhost_of
 from common.events import decode_event
 from common.settings import Settings
 from ops.dashboard.state import FleetView
@@ -101,12 +101,15 @@ class Feed:
 
     async def _poll_queues(self) -> None:
         api = management_api(self.settings)
-        vhost = vhost_of(self.settings)
+        vhost = vhost_of(self.settings.amqp_url)
         while True:
             try:
                 rows = await asyncio.to_thread(queue_figures, api, self.view.namespace, vhost)
                 self.view.set_queues(rows)
             except BrokerAdminError as exc:
                 self.view.set_queues(None, str(exc))
+            except Exception as exc:  # noqa: BLE001 - the page says so; the feed goes on
+                log.warning("queue figures failed: %s", exc)
+                self.view.set_queues(None, f"{type(exc).__name__}: {exc}")
             self._touch()
             await asyncio.sleep(QUEUE_POLL_SECONDS)

@@ -130,7 +130,7 @@ class FleetView:
             acc = d.get("accuracy")
             r.accuracy = float(acc) if isinstance(acc, int | float) else None
             r.version = int(d["version"]) if isinstance(d.get("version"), int) else None
-        elif t in ("round.failed", "round.stalled") and ev.round_id is not None:
+        elif t in ("round.failed", "round.stalled", "round.cancelled") and ev.round_id is not None:
             r = self._round(ev.round_id)
             r.status, r.closed_at = t.split(".")[1], ev.at
             if ev.reason:
