@@ -142,7 +142,7 @@ def service_permissions(names: Names, role: str) -> dict[str, str]:
     consumes = {
         "coordinator": (n.coordinator_queue, n.operator_queue),
         "enclave": (n.updates_queue, n.enclave_control_queue, n.models_stream),
-        "operator": (n.dead_letter_queue, n.models_stream),
+        "operator": (n.dead_letter_queue, n.models_stream, n.events_stream),  # the dashboard replays events
     }[role]
     return {
         "configure": _union(exchanges, queues, SERVER_NAMED),

@@ -107,7 +107,7 @@ class Names:
     def topology_queues(self) -> tuple[str, ...]:
         """Every durable queue of the namespace (the operator queue included)."""
         return (self.coordinator_queue, self.operator_queue, self.updates_queue, self.enclave_control_queue,
-                self.models_stream, self.dead_letter_queue)
+                self.models_stream, self.events_stream, self.dead_letter_queue)
 
     def private_queue(self, client_id: str, purpose: str, suffix: str) -> str:
         """An exclusive queue a client declares for itself (its model feed, its events).

@@ -26,12 +26,21 @@ def test_asyncapi_document_is_current(tmp_path):
     assert not asyncapi.update(copy), "docs/asyncapi.yaml is stale: run `python -m ops.asyncapi`"
 
 
+def _parse(path: Path) -> ast.Module:
+    """Parse in a fresh thread: CPython 3.11's AST builder can trip over a deep pytest stack
+    ("AST constructor recursion depth mismatch")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(ast.parse, path.read_text()).result()
+
+
 def _emitted_types() -> set[str]:
     """Every event type a service passes to ``event(...)``/``_event(...)``; f-string parts become ``{x}``."""
     found = set()
     for package in SERVICE_PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(_parse(path)):
                 if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr in ("event", "_event") and node.args):
                     continue
@@ -42,7 +51,7 @@ def _emitted_types() -> set[str]:
                     found.add("".join(v.value if isinstance(v, ast.Constant) else "{x}" for v in arg.values))
         # events built as dicts for a later publish (the enclave's batched intake events)
         for path in (ROOT / package).rglob("*.py"):
-            for node in ast.walk(ast.parse(path.read_text())):
+            for node in ast.walk(_parse(path)):
                 if isinstance(node, ast.Dict):
                     for k, v in zip(node.keys, node.values, strict=True):
                         if isinstance(k, ast.Constant) and k.value == "type_":
@@ -58,7 +67,7 @@ def _refusal_kinds() -> set[str]:
     """The ``kind`` of every ``_refuse("kind", ...)`` call: each makes ``<kind>.rejected.<reason>``."""
     kinds = set()
     for path in (ROOT / "coordinator").rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(_parse(path)):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_refuse"
                     and node.args and isinstance(node.args[0], ast.Constant)):
                 kinds.add(node.args[0].value)
