@@ -60,6 +60,7 @@ class RoundCompleted(Detail):
     accepted: int
     accuracy: float | None = None  # on the digits test split; None when fl.evaluate is off
     rejected: str = ""  # "reason=count,..." over the whole round, e.g. "norm_bound=2,replay=1"
+    metrics: str = ""  # the task's metrics of the new model, "name=value,...", e.g. "accuracy=0.91,loss=0.3"
 
 
 class RoundFailed(Detail):
