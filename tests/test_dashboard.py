@@ -171,7 +171,8 @@ async def test_a_browser_sees_a_running_round_and_then_its_result(settings, brok
             for i, dev in enumerate(devices):
                 _, key, body = honest_update(dev, enc, 1, i)
                 await publish(broker, key, body)
-            await asyncio.to_thread(_wait_text, driver, "#round-1 .status", "completed")
+            # training, the close and its evaluation run on a loaded 2-core machine: wait for them
+            await asyncio.to_thread(_wait_text, driver, "#round-1 .status", "completed", 240)
 
             def result() -> tuple[str, int]:
                 from selenium.webdriver.common.by import By
