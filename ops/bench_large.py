@@ -25,6 +25,7 @@ from broker.client import BrokerClient
 from broker.topology import delete_topology
 from common import compression
 from common.chunks import max_update_chunks
+from common.events import decode_event
 from common.report import md_table, write_section
 from common.settings import Settings
 from coordinator.service import META_ENCLAVE_REPORT, Coordinator
@@ -32,7 +33,7 @@ from edge_agent import client, updates
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from ops.bench_round import _enclave_process, _settings
-from schemas.codec import CodecError, decode
+from schemas.codec import CodecError
 from schemas.messages import Event, RoundOpen, RoundSpec
 
 PARAMS = 25_000_000
@@ -58,7 +59,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
 
         async def on(message) -> None:
             try:
-                events.append(decode(message.body, Event))
+                events.append(decode_event(message.body, message.content_type))
             except CodecError:
                 pass
 

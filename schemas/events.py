@@ -67,6 +67,10 @@ class RoundFailed(Detail):
     received: int  # updates stored when the round closed, fewer than its min_updates
 
 
+class Quarantined(Detail):
+    reputation: float  # the device's reputation (0-1) that fell below fl.quarantine_below
+
+
 class RoundCancelled(Detail):
     received: int  # updates stored when the round was aborted (none are aggregated)
 
@@ -126,6 +130,11 @@ EVENTS: tuple[EventSpec, ...] = (
               EnclaveAttested, (), "coordinator"),
     EventSpec("coordinator.rotated", "The coordinator's keys were rotated (the old key signed the new).",
               CoordinatorRotated, (), "operator"),
+    EventSpec("device.quarantined", "The enclave quarantined a device after repeated rejections: its updates are "
+              "judged but not aggregated until its reputation recovers.", Quarantined, ("device_id", "round_id"),
+              "enclave"),
+    EventSpec("enclave.root_data.rejected.{reason}", "The enclave refused the operator's sealed root data (the "
+              "clean reference its defences use).", Refusal, ("reason",), "enclave"),
     EventSpec("round.opened", "The enclave opened a round and announced it on the models fanout.", RoundOpened,
               ("round_id",), "enclave"),
     EventSpec("update.accepted", "The enclave stored a device's update durably.", UpdateAccepted,
