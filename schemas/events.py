@@ -71,6 +71,10 @@ class Quarantined(Detail):
     reputation: float  # the device's reputation (0-1) that fell below fl.quarantine_below
 
 
+class RootData(Detail):
+    samples: int  # how many labelled samples the root data holds
+
+
 class RoundCancelled(Detail):
     received: int  # updates stored when the round was aborted (none are aggregated)
 
@@ -133,6 +137,8 @@ EVENTS: tuple[EventSpec, ...] = (
     EventSpec("device.quarantined", "The enclave quarantined a device after repeated rejections: its updates are "
               "judged but not aggregated until its reputation recovers.", Quarantined, ("device_id", "round_id"),
               "enclave"),
+    EventSpec("enclave.root_data", "The enclave keeps the operator's sealed root data (the clean reference its "
+              "defences use).", RootData, (), "enclave"),
     EventSpec("enclave.root_data.rejected.{reason}", "The enclave refused the operator's sealed root data (the "
               "clean reference its defences use).", Refusal, ("reason",), "enclave"),
     EventSpec("round.opened", "The enclave opened a round and announced it on the models fanout.", RoundOpened,
