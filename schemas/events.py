@@ -80,7 +80,9 @@ class RoundCancelled(Detail):
 
 
 class RoundStalled(Detail):
-    remaining: int  # rounds of the plan that were cancelled with it
+    remaining: int  # rounds of the plan after this one
+    action: str = ""  # "waiting" (the round open is sent again) or "cancelled" (the plan is dropped)
+    waited: float = 0.0  # seconds waited past the deadline
 
 
 class CoordinatorRotated(Detail):
@@ -155,8 +157,10 @@ EVENTS: tuple[EventSpec, ...] = (
     EventSpec("round.cancelled", "The enclave closed a round at the coordinator's signed `round.abort` (an "
               "operator's cancel, or a dropped plan); reason `cancelled`. No model is published.", RoundCancelled,
               ("round_id", "reason"), "enclave"),
-    EventSpec("round.stalled", "No enclave closed a round within its deadline plus a grace period; the rest of "
-              "the plan is cancelled; reason `no_enclave`.", RoundStalled, ("round_id", "reason"), "coordinator"),
+    EventSpec("round.stalled", "No close was heard within a round's deadline plus recovery.stall_report_seconds: "
+              "a warning (`action=waiting`, the round open is sent again), then after "
+              "recovery.stall_limit_seconds the plan is cancelled (`action=cancelled`); reason `no_enclave`.",
+              RoundStalled, ("round_id", "reason"), "coordinator"),
     EventSpec("dead_letter.{reason}", "A consumer refused a message and copied it to the dead-letter queue.",
               DeadLettered, ("reason",), "any"),
 )
