@@ -58,6 +58,8 @@ def test_the_view_folds_fleet_rounds_rejections_enclave_and_dead_letters():
     assert snap["rejections"] == {"norm_bound": 1} and snap["dead_letters"] == {"malformed": 1}
     assert snap["enclave"]["measurement"] == "m" * 64 and snap["enclave"]["platform"] == "simulated"
     json.dumps(snap)  # what the page receives
+    view.apply(ev("update.accepted", device_id="a", round_id=1, update_id="u3"))  # overtaken by round.completed
+    assert view.snapshot()["rounds"][0]["accepted"] == 1
 
 
 def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tuple[int, str, dict]:

@@ -108,14 +108,16 @@ class FleetView:
             r.deadline, r.expected, r.min_updates = d.get("deadline"), int(d.get("expected") or 0), \
                 int(d.get("min_updates") or 0)
         elif t == "update.accepted":
-            if ev.round_id is not None:
+            # a round's end travels on a confirming channel, so it may overtake its last updates'
+            # events: once closed, the round's own figures are final
+            if ev.round_id is not None and self._round(ev.round_id).status == "running":
                 self._round(ev.round_id).accepted += 1
             if ev.device_id:
                 self._device(ev.device_id).accepted += 1
         elif t.startswith("update.rejected."):
             reason = ev.reason or t.rsplit(".", 1)[-1]
             self.rejections[reason] = self.rejections.get(reason, 0) + 1
-            if ev.round_id is not None:
+            if ev.round_id is not None and self._round(ev.round_id).status == "running":
                 r = self._round(ev.round_id)
                 r.rejected[reason] = r.rejected.get(reason, 0) + 1
                 if r.status == "running" and d.get("update_id"):
