@@ -88,7 +88,6 @@ def _geometric_median(gram: np.ndarray, votes: np.ndarray) -> np.ndarray:
     """Weights alpha with sum(alpha) = 1 such that sum_i alpha_i g_i is the ``votes``-weighted
     geometric median of the g_i (Weiszfeld's iteration, written on the Gram matrix so it costs
     O(k^2) a step)."""
-    k = gram.shape[0]
     alpha = votes / votes.sum()
     diag = np.diag(gram)
     for _ in range(WEISZFELD_ITERATIONS):
