@@ -172,6 +172,15 @@ class FLSettings(Section):
     #: with error feedback (what was dropped is added to the device's next update).
     compression: Literal["none", "int8", "topk"] = "none"
     topk_fraction: float = Field(0.1, gt=0, le=1)
+    #: ``sync``: rounds wait for their expected devices or their deadline. ``async`` (FedBuff):
+    #: a round is a window in which devices train whenever online on the latest model, and the
+    #: enclave publishes a new model every ``buffer_size`` accepted updates (docs/protocol.md).
+    mode: Literal["sync", "async"] = "sync"
+    #: Async: accepted updates per new model (the filters run on each buffer).
+    buffer_size: int = Field(5, ge=1, le=10_000)
+    #: Async: an update trained on a model more than this many versions old is refused
+    #: (``too_stale``); younger ones weigh 1/sqrt(1 + staleness).
+    max_staleness: int = Field(8, ge=0, le=10_000)
 
 
 class ChunkingSettings(Section):

@@ -646,15 +646,20 @@ class Coordinator:
         for round_id in range(start, first + req.rounds):
             if round_id != start and not self.registry.get_meta(META_PLAN):
                 return  # cancelled through another coordinator while the last round closed
+            fl = self.settings.fl  # fl.mode async: each round is a FedBuff window (docs/protocol.md)
             spec = resume if resume and round_id == resume.round_id else RoundSpec(
                 round_id=round_id, deadline=time.time() + req.deadline_seconds, min_updates=req.min_updates,
-                expected=req.expected, epochs=req.epochs, lr=req.lr, batch_size=req.batch_size)
+                expected=req.expected, epochs=req.epochs, lr=req.lr, batch_size=req.batch_size, mode=fl.mode,
+                buffer_size=fl.buffer_size if fl.mode == "async" else 1,
+                max_staleness=fl.max_staleness if fl.mode == "async" else 0)
             self.registry.set_meta(META_ROUND, str(round_id).encode())
             self.registry.set_meta(META_CURRENT, encode(spec))
             self.registry.record_round_opened(round_id, spec.deadline, spec.min_updates, len(spec.expected))
             await self._send_round_open(spec)
             self.registry.audit("coordinator", "round.opened", round_id=round_id)
-            log.info("round %d opened (plan %d..%d): deadline in %.0f s, min_updates %d, %s", round_id, first,
+            log.info("%sround %d opened (plan %d..%d): deadline in %.0f s, min_updates %d, %s",
+                     f"async (buffer {spec.buffer_size}, max staleness {spec.max_staleness}) "
+                     if spec.mode == "async" else "", round_id, first,
                      first + req.rounds - 1, spec.deadline - time.time(), spec.min_updates,
                      f"{len(spec.expected)} expected device(s)" if spec.expected else "any device",
                      extra={"round_id": round_id, "deadline": spec.deadline, "min_updates": spec.min_updates})

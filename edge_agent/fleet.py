@@ -45,6 +45,9 @@ class Member:
     #: What compression left out of earlier updates (error feedback), added to the next one.
     residual: np.ndarray | None = None
     train_seconds: float | None = None  # how long its last local training took
+    #: Async rounds: training now, and the (round, model version) it last trained on.
+    busy: bool = False
+    trained_on: tuple[int, int] = (0, -1)
 
 
 def verify_model(body: bytes, device: Device) -> GlobalModel:
@@ -170,36 +173,60 @@ class Fleet:
     def _dispatch(self, verdicts: dict[bytes, GlobalModel | None]) -> None:
         for m in list(self.members.values()):
             model = verdicts.get(m.device.enclave.sig_pk if m.device.enclave else b"")
-            if model is None or model.version < m.model_version:
-                continue  # unsigned, forged or older than what this device has
-            if model.version > m.model_version:
-                self._say("%s: model v%d verified (enclave signature) and applied", m.device.device_id,
-                          model.version)
-            m.model_version = model.version
-            if self.latest is None or model.version >= self.latest.version:
-                self.latest = model
-            spec = model.next_round
-            if spec is None or spec.round_id <= m.last_round:
-                continue
-            if spec.expected and m.device.device_id not in spec.expected:
-                continue
-            mismatch = self._layout_mismatch(model)
-            if mismatch:  # followed, but not trained: the device's task cannot load these weights
-                log.warning("round %d not joined by %s: %s", spec.round_id, m.device.device_id, mismatch)
-                if self.on_reject:
-                    self.on_reject(m.device.device_id, Reason.LAYOUT_MISMATCH.value)
-                continue
-            m.last_round = spec.round_id
-            left = spec.deadline - time.time()
-            need = (m.train_seconds or 0.0) + self.broker.settings.recovery.join_margin_seconds
-            if left < need:
-                self._say("%s: round %d closes in %.1f s, too soon to train and send (about %.1f s needed); "
-                          "waiting for the next round", m.device.device_id, spec.round_id, left, need)
-                continue
+            if model is not None:
+                self._offer(m, model)
+
+    def _offer(self, m: Member, model: GlobalModel) -> None:
+        """A model verified for ``m``: apply it, and train on it if its round wants this device."""
+        if model.version < m.model_version:
+            return  # older than what this device has
+        if model.version > m.model_version:
+            self._say("%s: model v%d verified (enclave signature) and applied", m.device.device_id, model.version)
+        m.model_version = model.version
+        if self.latest is None or model.version >= self.latest.version:
+            self.latest = model
+        spec = model.next_round
+        if spec is None:
+            return
+        if spec.mode == "async":
+            # FedBuff: train whenever online and idle, once per model version
+            if m.busy or (spec.round_id, model.version) <= m.trained_on:
+                return
+        elif spec.round_id <= m.last_round:
+            return
+        if spec.expected and m.device.device_id not in spec.expected:
+            return
+        mismatch = self._layout_mismatch(model)
+        if mismatch:  # followed, but not trained: the device's task cannot load these weights
+            log.warning("round %d not joined by %s: %s", spec.round_id, m.device.device_id, mismatch)
+            if self.on_reject:
+                self.on_reject(m.device.device_id, Reason.LAYOUT_MISMATCH.value)
+            return
+        m.last_round = spec.round_id
+        m.trained_on = (spec.round_id, model.version)
+        left = spec.deadline - time.time()
+        need = (m.train_seconds or 0.0) + self.broker.settings.recovery.join_margin_seconds
+        if left < need:
+            self._say("%s: round %d closes in %.1f s, too soon to train and send (about %.1f s needed); "
+                      "waiting for the next round", m.device.device_id, spec.round_id, left, need)
+            return
+        if spec.mode == "async":
+            self._say("%s: training on model v%d in async round %d (closes in %.0f s)", m.device.device_id,
+                      model.version, spec.round_id, left)
+            m.busy = True
+        else:
             self._say("%s: joined round %d (closes in %.0f s)", m.device.device_id, spec.round_id, left)
-            task = asyncio.create_task(self._train_and_send(m, model))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        task = asyncio.create_task(self._train_and_send(m, model))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if spec.mode == "async":
+            task.add_done_callback(lambda _t, m=m: self._idle(m))
+
+    def _idle(self, m: Member) -> None:
+        """An async device done with its update trains again on the latest model, if newer."""
+        m.busy = False
+        if m.device.device_id in self.members and self.latest is not None and self.latest.version == m.model_version:
+            self._offer(m, self.latest)
 
     def _layout_mismatch(self, model: GlobalModel) -> str | None:
         """Why this device's task cannot train ``model`` (another task, or another version of it), if so."""
@@ -211,7 +238,8 @@ class Fleet:
     async def _train_and_send(self, m: Member, model: GlobalModel) -> None:
         spec = model.next_round
         base = np.frombuffer(model.params, dtype="<f4").copy()
-        seed = zlib.crc32(f"{m.device.device_id}/{spec.round_id}".encode())
+        seed = zlib.crc32((f"{m.device.device_id}/{spec.round_id}" if spec.mode == "sync" else
+                           f"{m.device.device_id}/{spec.round_id}/{model.version}").encode())
         config = TrainConfig(epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=seed)
         t0 = time.monotonic()
         try:

@@ -16,6 +16,7 @@ import numpy as np
 import pqc
 from common import compression
 from common.updates import signed_parts, update_aad
+from enclave_worker import staleness
 from schemas import signing
 from schemas.codec import CodecError, decode
 from schemas.messages import SessionGrant, Signed, Update, UpdateHeader
@@ -36,6 +37,9 @@ class IntakeContext:
     revoked: frozenset[str]
     policy: pqc.Policy
     now: float
+    #: The current model version, and the open round's staleness bound (None: a sync round).
+    version: int = 0
+    max_staleness: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, s
         raise QflareError(Reason.WRONG_ROUND, f"round {header.round_id} is not open (open: {ctx.open_round})")
     if seen:
         raise QflareError(Reason.REPLAY, f"update {header.update_id} was already received")
+    staleness.check_base(header.base_version, ctx.version, ctx.max_staleness)
     if header.device_id in ctx.revoked:
         raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
     try:

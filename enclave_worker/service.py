@@ -28,7 +28,16 @@ from common.state import private_dir
 from common.task import TaskError
 from common.training import TaskRunner, runner_for
 from enclave_worker import aggregate as agg
-from enclave_worker import attestation, deadline, filters, intake, publisher, reputation, rootdata
+from enclave_worker import (
+    attestation,
+    deadline,
+    filters,
+    intake,
+    publisher,
+    reputation,
+    rootdata,
+    staleness,
+)
 from enclave_worker.defend import Defence, DefenceState, defend
 from enclave_worker.reassembly import ChunkIntake
 from enclave_worker.store import EnclaveStore
@@ -352,6 +361,8 @@ class Enclave:
         if self._deadline:
             self._deadline.cancel()
         self._deadline = asyncio.create_task(self._deadline_timer(spec))
+        if self._buffer_ready(spec):  # a restart between storing a buffer's last update and its model
+            await self._fold(spec)
         if self._complete(spec):
             await self._finish(spec)
 
@@ -386,7 +397,12 @@ class Enclave:
         return self._senders[round_id]
 
     def _complete(self, spec: RoundSpec) -> bool:
-        return bool(spec.expected) and set(spec.expected) <= self.senders(spec.round_id)
+        """A sync round is complete once every expected device sent (an async one runs to its deadline)."""
+        return spec.mode == "sync" and bool(spec.expected) and set(spec.expected) <= self.senders(spec.round_id)
+
+    def _buffer_ready(self, spec: RoundSpec) -> bool:
+        return spec.mode == "async" and staleness.buffer_full(len(self.store.buffered_updates(spec.round_id)),
+                                                              self._buffer_size(spec))
 
     # --- intake --------------------------------------------------------------------------
 
@@ -396,7 +412,17 @@ class Enclave:
             kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
             open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
             n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
-            now=time.time())
+            now=time.time(), version=self.version, max_staleness=self._max_staleness(self.round))
+
+    def _max_staleness(self, spec: RoundSpec | None) -> int | None:
+        """The staleness bound of an async round (None: a sync round, or none open)."""
+        if spec is None or spec.mode != "async":
+            return None
+        return staleness.max_staleness_for(spec.max_staleness, self.settings.fl.max_staleness)
+
+    @staticmethod
+    def _buffer_size(spec: RoundSpec) -> int:
+        return staleness.buffer_size_for(spec.buffer_size, spec.min_updates)
 
     async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
         if isinstance(msg, UpdateChunk):
@@ -464,18 +490,30 @@ class Enclave:
                     raise QflareError(Reason.REPLAY, f"update {header.update_id} was already received")
                 if header.device_id in self._revoked:
                     raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
-                if header.device_id in self.senders(header.round_id):
+                # again under the lock: a model may have been published while it was opened
+                staleness.check_base(header.base_version, self.version, self._max_staleness(self.round))
+                if not self.store.has_model(header.base_version):
+                    raise QflareError(Reason.UNKNOWN_BASE, f"base version {header.base_version} was never published")
+                if self.round.mode == "async":
+                    if self.store.sent_on_base(header.round_id, header.device_id, header.base_version):
+                        raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update on "
+                                          f"model v{header.base_version}")
+                elif header.device_id in self.senders(header.round_id):
                     raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
             except QflareError as err:
                 return await self._reject(raw, header, routed, err)
             self.store.begin()
             # the segment write off the event loop (the lock still orders the store's writers)
             await asyncio.to_thread(self._timed, "store", self.store.add_update, header.round_id, header.update_id,
-                                    header.device_id, header.num_samples, opened.delta, opened.norm)
+                                    header.device_id, header.num_samples, opened.delta, opened.norm,
+                                    header.base_version)
             self.senders(header.round_id).add(header.device_id)
             metrics.UPDATES.labels("accepted").inc()
             self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
                                         "round_id": header.round_id, "update_id": header.update_id}))
+            if self._buffer_ready(self.round):
+                await self._fold(self.round)  # flushes the batch first
+                return DEFERRED
             if self._complete(self.round):
                 await self._finish(self.round)  # flushes the batch first
                 return DEFERRED
@@ -598,6 +636,9 @@ class Enclave:
         rejected = self.store.rejections(spec.round_id)
         if self._deadline and not forced and asyncio.current_task() is not self._deadline:
             self._deadline.cancel()
+        if spec.mode == "async":
+            await self._finish_async(spec, t0)
+            return
         self.round = None
         if len(stored) < spec.min_updates:
             result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected, seconds=round(time.time() - t0, 4),
@@ -611,21 +652,8 @@ class Enclave:
         # The close reads every delta and can take seconds: off the event loop, so acks and
         # heartbeats go on. The lock is held, so nothing writes the store meanwhile.
         combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights, spec)
-        for u, reason in zip(stored, verdict.reasons, strict=True):
-            if reason is not None:
-                reason = getattr(reason, "value", reason)  # a Reason from defend, a str from the filters
-                metrics.UPDATES.labels(reason).inc()
-                rejected[reason] = rejected.get(reason, 0) + 1
-                await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
-                                                  round_id=spec.round_id, reason=reason, update_id=u.update_id,
-                                                  confirmed=True)
-        if isinstance(verdict, Defence):
-            self.defence_state = verdict.state
-            reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below)
-            for device in verdict.newly_quarantined:
-                log.warning("device %s quarantined: repeated rejections", device)
-                await self.broker.publisher.event("device.quarantined", device_id=device, round_id=spec.round_id,
-                                                  reputation=round(verdict.state.reputations[device], 4))
+        for reason, count in (await self._judged(stored, verdict, spec)).items():
+            rejected[reason] = rejected.get(reason, 0) + count
         accepted = int(verdict.accepted.sum())
         new_params = self.params + combined if combined is not None else self.params
         scores = await asyncio.to_thread(self._evaluate, new_params)
@@ -650,6 +678,110 @@ class Enclave:
         log.info("round %d completed: %d accepted, rejected %s, metrics %s", spec.round_id, accepted, rejected,
                  scores)
 
+
+    async def _judged(self, stored: list, verdict: filters.ScreenResult | Defence, spec: RoundSpec) -> dict[str, int]:
+        """Announce what the filters refused and keep the defence's new state; the refusals by reason."""
+        rejected: dict[str, int] = {}
+        for u, reason in zip(stored, verdict.reasons, strict=True):
+            if reason is not None:
+                reason = getattr(reason, "value", reason)  # a Reason from defend, a str from the filters
+                metrics.UPDATES.labels(reason).inc()
+                rejected[reason] = rejected.get(reason, 0) + 1
+                await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
+                                                  round_id=spec.round_id, reason=reason, update_id=u.update_id,
+                                                  confirmed=True)
+        if isinstance(verdict, Defence):
+            self.defence_state = verdict.state
+            reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below)
+            for device in verdict.newly_quarantined:
+                log.warning("device %s quarantined: repeated rejections", device)
+                await self.broker.publisher.event("device.quarantined", device_id=device, round_id=spec.round_id,
+                                                  reputation=round(verdict.state.reputations[device], 4))
+        return rejected
+
+    # --- asynchronous rounds (FedBuff; enclave_worker/staleness.py) -----------------------
+
+    async def _fold(self, spec: RoundSpec, *, last: bool = False) -> bool:
+        """Turn an async round's buffer into the next model: filters on the buffer, each update
+        weighed by its staleness, signed, recorded with the buffer's updates, then published
+        (announcing the round again unless ``last``). False when the buffer was empty."""
+        await self._flush()
+        await self._acked()
+        t0 = time.time()
+        buffered = self.store.buffered_updates(spec.round_id)
+        if not buffered:
+            return False
+        stale = [staleness.staleness(self.version, u.base_version) for u in buffered]
+        weights = staleness.buffer_weights([u.num_samples for u in buffered], [u.base_version for u in buffered],
+                                           self.version)
+        combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, buffered, weights, spec)
+        rejected = await self._judged(buffered, verdict, spec)
+        accepted = int(verdict.accepted.sum())
+        new_params = self.params + combined if combined is not None else self.params
+        scores = await asyncio.to_thread(self._evaluate, new_params)
+        result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected,
+                             accuracy=scores.get("accuracy"), metrics=scores, seconds=round(time.time() - t0, 4),
+                             status="completed")
+        version = self.version + 1
+        messages = publisher.build_model_messages(self.identity, version, self.layout_id, new_params,
+                                                  self.settings.chunking.chunk_bytes, result=result,
+                                                  next_round=None if last else spec)
+        kept = [u.update_id for u, ok in zip(buffered, verdict.accepted, strict=True) if ok]
+        dropped = [u.update_id for u, ok in zip(buffered, verdict.accepted, strict=True) if not ok]
+        self.store.begin()  # the model and the buffer it consumed are durable together, or neither
+        self.store.save_model(version, spec.round_id, new_params, messages[0])
+        self.store.fold(kept, version)
+        self.store.fold(dropped, -1)
+        for reason, count in rejected.items():
+            for _ in range(count):
+                self.store.count_rejection(spec.round_id, reason)
+        self.store.commit()
+        self.version, self.params = version, new_params
+        await publisher.publish_model(self.broker.publisher, messages, version)
+        metrics.MODEL.version, metrics.MODEL.accuracy = version, result.accuracy
+        await self.broker.publisher.event(
+            "model.published", round_id=spec.round_id, version=version, accepted=accepted,
+            accuracy=result.accuracy, staleness_max=max(stale), staleness_mean=round(sum(stale) / len(stale), 4),
+            rejected=",".join(f"{k}={v}" for k, v in sorted(rejected.items())),
+            metrics=",".join(f"{k}={v:.6g}" for k, v in sorted(scores.items())), confirmed=True)
+        log.info("async round %d: model v%d from a buffer of %d (%d accepted, staleness max %d), metrics %s",
+                 spec.round_id, version, len(buffered), accepted, max(stale), scores)
+        return True
+
+    async def _finish_async(self, spec: RoundSpec, t0: float) -> None:
+        """An async round's deadline: a last model from the buffer if it holds ``min_updates``
+        (else its updates are dropped, counted as ``too_few_updates``), then the round's end."""
+        leftover = self.store.buffered_updates(spec.round_id)
+        if leftover and staleness.closes_with_leftover(len(leftover), spec.min_updates):
+            await self._fold(spec, last=True)
+        elif leftover:
+            self.store.begin()
+            self.store.fold([u.update_id for u in leftover], -1)
+            for _ in leftover:
+                self.store.count_rejection(spec.round_id, Reason.TOO_FEW_UPDATES.value)
+            self.store.commit()
+        self.round = None
+        versions = self.store.versions_of_round(spec.round_id)
+        rejected = self.store.rejections(spec.round_id)
+        if not versions:
+            result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected,
+                                 seconds=round(time.time() - t0, 4), status="failed")
+            self.store.close_round(spec.round_id, "failed", result.model_dump())
+            await self._round_event("failed", spec.round_id, result,
+                                    received=len(self.store.round_updates(spec.round_id)))
+            metrics.ROUNDS.labels("failed").inc()
+            log.warning("async round %d failed: no buffer of %d updates filled", spec.round_id,
+                        self._buffer_size(spec))
+            return
+        scores = await asyncio.to_thread(self._evaluate, self.params)
+        result = RoundResult(round_id=spec.round_id, accepted=self.store.folded_count(spec.round_id),
+                             rejected=rejected, accuracy=scores.get("accuracy"), metrics=scores,
+                             seconds=round(time.time() - t0, 4), status="completed")
+        self.store.close_round(spec.round_id, "completed", result.model_dump())
+        metrics.ROUNDS.labels("completed").inc()
+        await self._round_event("completed", spec.round_id, result, version=self.version)
+        log.info("async round %d completed: models v%d..v%d, %d updates aggregated, rejected %s", spec.round_id,
+                 versions[0], versions[-1], result.accepted, rejected)
 
     async def _round_event(self, status: str, round_id: int, result: RoundResult, *, version: int | None = None,
                            received: int | None = None) -> None:

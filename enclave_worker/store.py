@@ -29,12 +29,15 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
   update_id TEXT PRIMARY KEY, round_id INTEGER NOT NULL, device_id TEXT NOT NULL,
   num_samples INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL, norm REAL NOT NULL,
-  at REAL NOT NULL);
+  at REAL NOT NULL, base_version INTEGER NOT NULL DEFAULT 0, folded INTEGER);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round_id);
 CREATE TABLE IF NOT EXISTS revoked (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
   version INTEGER PRIMARY KEY, round_id INTEGER, params BLOB NOT NULL, signed BLOB, created_at REAL NOT NULL);
 """
+#: Columns added since the first schema (async rounds): added to an older store at open.
+#: ``folded``: the model version an async round's update went into (NULL: still buffered).
+ADDED_COLUMNS = {"updates": (("base_version", "INTEGER NOT NULL DEFAULT 0"), ("folded", "INTEGER"))}
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class StoredUpdate:
     offset: int
     length: int
     norm: float
+    base_version: int = 0
 
 
 class EnclaveStore:
@@ -56,6 +60,11 @@ class EnclaveStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        for table, columns in ADDED_COLUMNS.items():
+            have = {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in columns:
+                if name not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         self.lock = threading.RLock()
         self._segments: dict[int, object] = {}  # round id -> open append handle
         private_dir(self.dir / "rounds")
@@ -128,9 +137,9 @@ class EnclaveStore:
                 path.unlink(missing_ok=True)
 
     def closed_round(self, round_id: int) -> tuple[dict, int | None]:
-        """(stored round result, version of the model it produced, if any)."""
+        """(stored round result, version of the (last) model it produced, if any)."""
         row = self.db.execute("SELECT result FROM rounds WHERE round_id=?", (round_id,)).fetchone()
-        model = self.db.execute("SELECT version FROM models WHERE round_id=?", (round_id,)).fetchone()
+        model = self.db.execute("SELECT MAX(version) FROM models WHERE round_id=?", (round_id,)).fetchone()
         return json.loads(row[0]), model[0] if model else None
 
     def count_rejection(self, round_id: int, reason: str) -> None:
@@ -151,7 +160,7 @@ class EnclaveStore:
         return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
 
     def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray,
-                   norm: float | None = None) -> bool:
+                   norm: float | None = None, base_version: int = 0) -> bool:
         """Append the delta to the round's segment and index it; durable at :meth:`commit`.
 
         Outside a batch the write commits at once. False if the id was already stored.
@@ -165,16 +174,45 @@ class EnclaveStore:
             fh.write(data)
             if norm is None:
                 norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
-            self.db.execute("INSERT INTO updates VALUES (?,?,?,?,?,?,?,?)",
-                            (update_id, round_id, device_id, num_samples, offset, data.nbytes, norm, time.time()))
+            self.db.execute("INSERT INTO updates(update_id, round_id, device_id, num_samples, offset, length, norm, "
+                            "at, base_version) VALUES (?,?,?,?,?,?,?,?,?)",
+                            (update_id, round_id, device_id, num_samples, offset, data.nbytes, norm, time.time(),
+                             base_version))
             if not self.db.in_transaction:
                 self.commit()
             return True
 
     def round_updates(self, round_id: int) -> list[StoredUpdate]:
-        rows = self.db.execute("SELECT update_id, device_id, num_samples, round_id, offset, length, norm FROM updates "
-                               "WHERE round_id=? ORDER BY at", (round_id,)).fetchall()
+        rows = self.db.execute("SELECT update_id, device_id, num_samples, round_id, offset, length, norm, base_version "
+                               "FROM updates WHERE round_id=? ORDER BY at", (round_id,)).fetchall()
         return [StoredUpdate(*r) for r in rows]
+
+    def buffered_updates(self, round_id: int) -> list[StoredUpdate]:
+        """An async round's accepted updates not yet folded into a model, oldest first."""
+        rows = self.db.execute("SELECT update_id, device_id, num_samples, round_id, offset, length, norm, base_version "
+                               "FROM updates WHERE round_id=? AND folded IS NULL ORDER BY at, rowid",
+                               (round_id,)).fetchall()
+        return [StoredUpdate(*r) for r in rows]
+
+    def fold(self, update_ids: list[str], version: int) -> None:
+        """Record that these buffered updates went into model ``version`` (in the caller's batch)."""
+        with self.lock:
+            self.db.executemany("UPDATE updates SET folded=? WHERE update_id=?", [(version, u) for u in update_ids])
+
+    def folded_count(self, round_id: int) -> int:
+        """How many of an async round's updates went into a model (-1: judged and dropped)."""
+        return self.db.execute("SELECT COUNT(*) FROM updates WHERE round_id=? AND folded > 0",
+                               (round_id,)).fetchone()[0]
+
+    def versions_of_round(self, round_id: int) -> list[int]:
+        """The model versions a round produced (several for an async round), in order."""
+        return [r[0] for r in self.db.execute("SELECT version FROM models WHERE round_id=? ORDER BY version",
+                                              (round_id,))]
+
+    def sent_on_base(self, round_id: int, device_id: str, base_version: int) -> bool:
+        """Whether the device already has an update on this base version in the round (async)."""
+        return self.db.execute("SELECT 1 FROM updates WHERE round_id=? AND device_id=? AND base_version=?",
+                               (round_id, device_id, base_version)).fetchone() is not None
 
     def devices_in_round(self, round_id: int) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT device_id FROM updates WHERE round_id=?", (round_id,))}
@@ -208,6 +246,10 @@ class EnclaveStore:
         """(parameters, the signed model message as published) of ``version``."""
         row = self.db.execute("SELECT params, signed FROM models WHERE version=?", (version,)).fetchone()
         return (np.frombuffer(row[0], dtype="<f4").copy(), row[1]) if row else None
+
+    def has_model(self, version: int) -> bool:
+        """Whether this enclave made (and so published) model ``version``."""
+        return self.db.execute("SELECT 1 FROM models WHERE version=?", (version,)).fetchone() is not None
 
     def latest_model(self) -> tuple[int, np.ndarray] | None:
         row = self.db.execute("SELECT version, params FROM models ORDER BY version DESC LIMIT 1").fetchone()

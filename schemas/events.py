@@ -63,6 +63,16 @@ class RoundCompleted(Detail):
     metrics: str = ""  # the task's metrics of the new model, "name=value,...", e.g. "accuracy=0.91,loss=0.3"
 
 
+class ModelPublished(Detail):
+    version: int  # the new global model's version
+    accepted: int  # updates of the buffer the model aggregates
+    accuracy: float | None = None  # the task's accuracy of the new model; None when fl.evaluate is off
+    staleness_max: int = 0  # versions between the oldest buffered update's base model and the previous model
+    staleness_mean: float = 0.0
+    rejected: str = ""  # "reason=count,..." of this buffer, e.g. "low_cosine=1"
+    metrics: str = ""  # the task's metrics of the new model, "name=value,..."
+
+
 class RoundFailed(Detail):
     received: int  # updates stored when the round closed, fewer than its min_updates
 
@@ -151,6 +161,9 @@ EVENTS: tuple[EventSpec, ...] = (
               UpdateRejected, ("device_id", "round_id", "reason"), "enclave"),
     EventSpec("round.completed", "A round closed: the new global model is signed and published.", RoundCompleted,
               ("round_id",), "enclave"),
+    EventSpec("model.published", "An async round's buffer (fl.buffer_size accepted updates, weighed by "
+              "1/sqrt(1 + staleness)) passed the filters and made a new global model, signed and published; the "
+              "round stays open.", ModelPublished, ("round_id",), "enclave"),
     EventSpec("round.failed", "A round closed with fewer stored updates than its min_updates (at its deadline, or "
               "when the next round opened first); reason `too_few_updates`. No model is published.", RoundFailed,
               ("round_id", "reason"), "enclave"),

@@ -295,6 +295,12 @@ class RoundSpec(Message):
     epochs: Annotated[int, Field(ge=1, le=100)]
     lr: Annotated[float, Field(gt=0, le=10)]
     batch_size: Annotated[int, Field(ge=1, le=100_000)]
+    #: ``async``: FedBuff (docs/protocol.md, "Asynchronous rounds"): a new model every
+    #: ``buffer_size`` accepted updates until the deadline; updates on a model more than
+    #: ``max_staleness`` versions old are refused.
+    mode: Literal["sync", "async"] = "sync"
+    buffer_size: Annotated[int, Field(ge=1, le=10_000)] = 1
+    max_staleness: Annotated[int, Field(ge=0, le=10_000)] = 0
 
 
 class RoundOpen(Message):

@@ -44,6 +44,8 @@ class Reason(StrEnum):
     OUTLIER = "outlier"
     QUARANTINED = "quarantined"
     TOO_FEW_UPDATES = "too_few_updates"
+    UNKNOWN_BASE = "unknown_base"
+    TOO_STALE = "too_stale"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -93,6 +95,9 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.BUSY: "the enclave is reassembling as many chunked updates as it allows; the update was refused",
     Reason.TASK_FAILED: "the task's own code (its data, training or evaluation) failed; nothing was sent",
     Reason.TOO_FEW_UPDATES: "a round closed with fewer stored updates than its min_updates (round.failed)",
+    Reason.UNKNOWN_BASE: "the update names a base model version this enclave never published",
+    Reason.TOO_STALE: "async rounds: the update's base model is more than max_staleness versions behind the "
+                      "current one",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",
