@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from broker.client import BrokerClient
 from broker.messaging import TRANSIENT
 from common import compression
+from common.settings import Settings
 from common.task import TaskError, TrainConfig
 from common.training import Attack, TaskRunner, runner_for
 from edge_agent import updates
@@ -48,6 +49,8 @@ class Member:
     #: Async rounds: training now, and the (round, model version) it last trained on.
     busy: bool = False
     trained_on: tuple[int, int] = (0, -1)
+    #: Simulated hardware (edge_agent/availability.py): local training takes at least this long.
+    pace_seconds: float = 0.0
 
 
 def verify_model(body: bytes, device: Device) -> GlobalModel:
@@ -65,12 +68,15 @@ class Fleet:
     def __init__(self, broker: BrokerClient, outbox: Outbox, *, on_sent: Callable[[str, int], None] | None = None,
                  on_reject: Callable[[str, str], None] | None = None, task: TaskRunner | None = None,
                  attacker: Callable[[Member, np.ndarray, RoundSpec, int], np.ndarray] | None = None,
-                 narrate: bool = False) -> None:
+                 narrate: bool = False, settings: Settings | None = None) -> None:
         """``attacker(member, base, spec, seed)`` makes a malicious member's delta (the demo's
         attack library); without it ``Member.attack`` is one of the task runner's attacks."""
         self.broker = broker
+        self._settings = settings
+        #: Offline (edge_agent/availability.py): no connection; models are not offered, sends wait in the outbox.
+        self.paused = False
         #: What the devices train: ``fl.task`` unless given.
-        self.task = task or runner_for(broker.settings.fl.task)
+        self.task = task or runner_for((settings or broker.settings).fl.task)
         self.outbox = outbox
         self.members: dict[str, Member] = {}
         self.latest: GlobalModel | None = None
@@ -85,6 +91,11 @@ class Fleet:
         self._level = logging.INFO if narrate else logging.DEBUG
         self._warm = False
         self._hooked: object | None = None  # the connection whose reconnects we follow
+
+    @property
+    def settings(self) -> Settings:
+        """The settings devices follow: the broker's, else those given (a fleet that starts offline)."""
+        return self.broker.settings if self.broker is not None else self._settings  # type: ignore[return-value]
 
     def _say(self, msg: str, *args: object) -> None:
         log.log(self._level, msg, *args)
@@ -178,6 +189,8 @@ class Fleet:
 
     def _offer(self, m: Member, model: GlobalModel) -> None:
         """A model verified for ``m``: apply it, and train on it if its round wants this device."""
+        if self.paused:
+            return
         if model.version < m.model_version:
             return  # older than what this device has
         if model.version > m.model_version:
@@ -205,7 +218,7 @@ class Fleet:
         m.last_round = spec.round_id
         m.trained_on = (spec.round_id, model.version)
         left = spec.deadline - time.time()
-        need = (m.train_seconds or 0.0) + self.broker.settings.recovery.join_margin_seconds
+        need = (m.train_seconds or 0.0) + self.settings.recovery.join_margin_seconds
         if left < need:
             self._say("%s: round %d closes in %.1f s, too soon to train and send (about %.1f s needed); "
                       "waiting for the next round", m.device.device_id, spec.round_id, left, need)
@@ -252,10 +265,12 @@ class Fleet:
             if self.on_reject:
                 self.on_reject(m.device.device_id, Reason.TASK_FAILED.value)
             return
+        if m.pace_seconds > time.monotonic() - t0:  # a slower device than this machine's core
+            await asyncio.sleep(m.pace_seconds - (time.monotonic() - t0))
         m.train_seconds = time.monotonic() - t0
         self._say("%s: trained for round %d on %d samples in %.1f s", m.device.device_id, spec.round_id, n,
                   m.train_seconds)
-        s = self.broker.settings
+        s = self.settings
         encoded, m.residual = compression.encode_with_feedback(
             delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,
             s.fl.topk_fraction)
@@ -285,6 +300,8 @@ class Fleet:
         A chunked update's messages go in order on this one channel, so they reach the
         updates queue in order; resending sends them all again (the enclave starts over).
         """
+        if self.broker is None or self.paused:
+            return False  # offline: it stays in the outbox until the device is back
         self.outbox.attempt(update_id)
         try:
             # mandatory: an update no queue takes comes back as an error, never vanishes

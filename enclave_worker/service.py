@@ -717,7 +717,20 @@ class Enclave:
         combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, buffered, weights, spec)
         rejected = await self._judged(buffered, verdict, spec)
         accepted = int(verdict.accepted.sum())
-        new_params = self.params + combined if combined is not None else self.params
+        kept = [u for u, ok in zip(buffered, verdict.accepted, strict=True) if ok]
+        dropped = [u.update_id for u, ok in zip(buffered, verdict.accepted, strict=True) if not ok]
+        if combined is None:  # the filters refused the whole buffer: no new model
+            self.store.begin()
+            self.store.fold(dropped, -1)
+            for reason, count in rejected.items():
+                for _ in range(count):
+                    self.store.count_rejection(spec.round_id, reason)
+            self.store.commit()
+            log.warning("async round %d: the filters refused the whole buffer of %d (%s); no new model",
+                        spec.round_id, len(buffered), rejected)
+            return False
+        scale = staleness.step_scale([u.num_samples for u in kept], [u.base_version for u in kept], self.version)
+        new_params = self.params + np.float32(scale) * combined
         scores = await asyncio.to_thread(self._evaluate, new_params)
         result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected,
                              accuracy=scores.get("accuracy"), metrics=scores, seconds=round(time.time() - t0, 4),
@@ -726,11 +739,9 @@ class Enclave:
         messages = publisher.build_model_messages(self.identity, version, self.layout_id, new_params,
                                                   self.settings.chunking.chunk_bytes, result=result,
                                                   next_round=None if last else spec)
-        kept = [u.update_id for u, ok in zip(buffered, verdict.accepted, strict=True) if ok]
-        dropped = [u.update_id for u, ok in zip(buffered, verdict.accepted, strict=True) if not ok]
         self.store.begin()  # the model and the buffer it consumed are durable together, or neither
         self.store.save_model(version, spec.round_id, new_params, messages[0])
-        self.store.fold(kept, version)
+        self.store.fold([u.update_id for u in kept], version)
         self.store.fold(dropped, -1)
         for reason, count in rejected.items():
             for _ in range(count):
@@ -744,8 +755,9 @@ class Enclave:
             accuracy=result.accuracy, staleness_max=max(stale), staleness_mean=round(sum(stale) / len(stale), 4),
             rejected=",".join(f"{k}={v}" for k, v in sorted(rejected.items())),
             metrics=",".join(f"{k}={v:.6g}" for k, v in sorted(scores.items())), confirmed=True)
-        log.info("async round %d: model v%d from a buffer of %d (%d accepted, staleness max %d), metrics %s",
-                 spec.round_id, version, len(buffered), accepted, max(stale), scores)
+        log.info("async round %d: model v%d from a buffer of %d (%d accepted, rejected %s, staleness max %d, "
+                 "step x%.3f), metrics %s", spec.round_id, version, len(buffered), accepted, rejected, max(stale),
+                 scale, scores)
         return True
 
     async def _finish_async(self, spec: RoundSpec, t0: float) -> None:

@@ -53,6 +53,17 @@ def buffer_weights(num_samples: Sequence[float], bases: Sequence[int], current: 
                     dtype=np.float64)
 
 
+def step_scale(num_samples: Sequence[float], bases: Sequence[int], current: int) -> float:
+    """How much a buffer's aggregate is shrunk for its staleness: sum(n_i s_i) / sum(n_i) over
+    the updates aggregated. The filters average with normalised weights, so without it a
+    buffer of equally stale updates would move the model as far as a fresh one; with it the
+    step is FedBuff's sum of staleness-weighted updates (1 when every update is fresh)."""
+    n = np.asarray(num_samples, dtype=np.float64)
+    if n.size == 0 or n.sum() <= 0:
+        return 1.0
+    return float(buffer_weights(n, bases, current).sum() / n.sum())
+
+
 def buffer_full(buffered: int, buffer_size: int) -> bool:
     """Whether a buffer holding ``buffered`` accepted updates makes a new model now."""
     return buffered >= buffer_size

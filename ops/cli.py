@@ -984,6 +984,51 @@ def bench_robust(json_out: bool = typer.Option(False, "--json", help="Print only
 
 
 
+@bench_app.command("intermittent")
+def bench_intermittent(json_out: bool = typer.Option(False, "--json", help="Print only JSON."),
+                       devices: int = typer.Option(20, min=2, help="Simulated devices."),
+                       offline: float = typer.Option(0.5, min=0.0, max=0.95,
+                                                     help="Share of devices offline at any moment."),
+                       mean_online: float = typer.Option(10.0, min=0.1, help="Mean online period (s), exponential."),
+                       seconds: float = typer.Option(90.0, min=5, help="Length of each mode's run (s)."),
+                       deadline: float = typer.Option(10.0, min=1, help="Sync: each round's deadline (s)."),
+                       buffer_size: int = typer.Option(5, min=1, help="Async: fl.buffer_size."),
+                       max_staleness: int = typer.Option(4, min=0, help="Async: fl.max_staleness."),
+                       target: float = typer.Option(0.9, min=0.0, max=1.0, help="Target test accuracy."),
+                       seed: int = typer.Option(0, help="Seed of the trace and the data."),
+                       train_seconds: float = typer.Option(2.0, min=0.0, help="Mean time a simulated device's "
+                                                           "training takes (slower hardware than this machine)."),
+                       trace: Path | None = typer.Option(None, help="A trace file (JSON: {\"horizon\": s, "
+                                                                    "\"devices\": [[[start, end], ...], ...]}) "
+                                                                    "instead of the exponential one."),
+                       write_docs: bool = typer.Option(False, "--write-docs", help="Write the table and the plot "
+                                                                                   "into docs/benchmarks.md.")) -> None:
+    """Sync rounds against async (FedBuff) on a fleet whose devices come and go: time to a target
+    accuracy, updates sent and wasted, bytes, and a plot of accuracy against time."""
+    from edge_agent.availability import TraceError
+    from ops.bench_intermittent import run_bench
+
+    try:
+        result = run(run_bench(settings(), devices=devices, offline_fraction=offline, mean_online=mean_online,
+                               budget=seconds, deadline=deadline, buffer_size=buffer_size,
+                               max_staleness=max_staleness, target=target, seed=seed, trace_file=trace,
+                               train_seconds=train_seconds,
+                               write_docs=write_docs))
+    except TraceError as exc:
+        raise fail(str(exc), 2) from None
+    if json_out:
+        print_json(result)
+        return
+    for mode in ("sync", "async"):
+        r = result[mode]
+        reached = "never" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f} s"
+        console.print(f"{mode:>5}: target {target:g} reached {reached}, final accuracy {r['final_accuracy']:.3f}, "
+                      f"{r['models']} models, {r['updates_sent']} updates sent, {r['updates_wasted']} wasted, "
+                      f"{r['update_bytes']:,} bytes")
+    console.print(f"speed-up {result['speedup']}x, accuracy {result['accuracy_change_points']:+.2f} points: goal "
+                  f"{'met' if result['goal_met'] else 'not met'}")
+
+
 from ops.operator_cmd import register as _register_operator_commands
 
 _register_operator_commands(app, token_app, device_app, round_app, coordinator_app, sys.modules[__name__])
