@@ -188,6 +188,8 @@ async def run_bench(base: Settings, *, devices: int = 20, offline_fraction: floa
                     budget: float = 90.0, deadline: float = 10.0, buffer_size: int = 5, max_staleness: int = 4,
                     target: float = 0.9, seed: int = 0, trace_file: Path | None = None, train_seconds: float = 2.0,
                     write_docs: bool = False) -> dict:
+    """``trace_file``: a trace (edge_agent/availability.py) instead of the exponential one; a bad
+    file raises :class:`availability.TraceError` before anything starts."""
     if trace_file is not None:
         trace = availability.load(trace_file, devices)
     else:

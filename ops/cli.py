@@ -1005,10 +1005,12 @@ def bench_intermittent(json_out: bool = typer.Option(False, "--json", help="Prin
                                                                                    "into docs/benchmarks.md.")) -> None:
     """Sync rounds against async (FedBuff) on a fleet whose devices come and go: time to a target
     accuracy, updates sent and wasted, bytes, and a plot of accuracy against time."""
-    from edge_agent.availability import TraceError
+    from edge_agent.availability import TraceError, load
     from ops.bench_intermittent import run_bench
 
     try:
+        if trace is not None:
+            load(trace, devices)  # a bad file is a usage error, before any service starts
         result = run(run_bench(settings(), devices=devices, offline_fraction=offline, mean_online=mean_online,
                                budget=seconds, deadline=deadline, buffer_size=buffer_size,
                                max_staleness=max_staleness, target=target, seed=seed, trace_file=trace,

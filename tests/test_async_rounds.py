@@ -168,3 +168,28 @@ async def test_an_offline_fleet_keeps_its_update_until_it_is_back(broker, settin
             assert got[0].device_id == "z" and fleet.outbox.pending() == []
         finally:
             await sim.stop()
+
+
+@pytest.mark.slow
+def test_bench_intermittent_json_prints_only_json_and_leaves_the_docs_alone(sh, tmp_path):
+    import json
+
+    from common.report import DOC
+
+    before = DOC.read_text()
+    res = sh.run("bench", "intermittent", "--json", "--devices", "4", "--seconds", "10", "--deadline", "5",
+                 "--mean-online", "4", "--train-seconds", "0.3", "--target", "0.5")
+    out = json.loads(res.stdout)
+    assert out["target_accuracy"] == 0.5
+    for mode in ("sync", "async"):
+        r = out[mode]
+        assert r["time_to_target_s"] is None or r["time_to_target_s"] >= 0
+        assert 0 <= r["final_accuracy"] <= 1 and r["updates_sent"] >= r["updates_wasted"] >= 0
+        assert r["curve"][0][0] == 0.0
+    assert out["sync"]["models"] <= out["sync"]["rounds"] == 2 and out["async"]["rounds"] == 1
+    assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
+    # a trace file for another fleet: one line, a usage error
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"horizon": 10, "devices": [[[0, 10]]]}))
+    bad = sh.run("bench", "intermittent", "--json", "--devices", "4", "--trace", str(trace), ok=False)
+    assert bad.returncode == 2 and "describes 1 devices, not 4" in bad.stderr
