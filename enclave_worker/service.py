@@ -498,6 +498,9 @@ class Enclave:
                     if self.store.sent_on_base(header.round_id, header.device_id, header.base_version):
                         raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update on "
                                           f"model v{header.base_version}")
+                    if self.store.in_buffer(header.round_id, header.device_id):  # one vote per buffer
+                        raise QflareError(Reason.REPLAY, f"device {header.device_id} already has an update in the "
+                                          "buffer")
                 elif header.device_id in self.senders(header.round_id):
                     raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
             except QflareError as err:

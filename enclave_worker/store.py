@@ -209,6 +209,11 @@ class EnclaveStore:
         return [r[0] for r in self.db.execute("SELECT version FROM models WHERE round_id=? ORDER BY version",
                                               (round_id,))]
 
+    def in_buffer(self, round_id: int, device_id: str) -> bool:
+        """Whether the device has an update in the async round's buffer (not yet folded)."""
+        return self.db.execute("SELECT 1 FROM updates WHERE round_id=? AND device_id=? AND folded IS NULL",
+                               (round_id, device_id)).fetchone() is not None
+
     def sent_on_base(self, round_id: int, device_id: str, base_version: int) -> bool:
         """Whether the device already has an update on this base version in the round (async)."""
         return self.db.execute("SELECT 1 FROM updates WHERE round_id=? AND device_id=? AND base_version=?",

@@ -75,7 +75,8 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.REVOKED: "the device is revoked",
     Reason.NOT_ENROLLED: "the device is not enrolled",
     Reason.STALE: "timestamp outside the freshness window (clock skew or a delayed replay)",
-    Reason.REPLAY: "seen before: a nonce, an update id, a call sequence number, or a second update this round",
+    Reason.REPLAY: "seen before: a nonce, an update id, a call sequence number, a second update this round, "
+                   "or (async rounds) a second one on the same base version or in the same buffer",
     Reason.SESSION_UNKNOWN: "no such session (the coordinator restarted?): open a new one",
     Reason.SESSION_EXPIRED: "the session has expired: open a new one",
     Reason.BAD_GRANT: "the session grant is missing, forged, or for another device",

@@ -193,3 +193,25 @@ def test_bench_intermittent_json_prints_only_json_and_leaves_the_docs_alone(sh, 
     trace.write_text(json.dumps({"horizon": 10, "devices": [[[0, 10]]]}))
     bad = sh.run("bench", "intermittent", "--json", "--devices", "4", "--trace", str(trace), ok=False)
     assert bad.returncode == 2 and "describes 1 devices, not 4" in bad.stderr
+
+
+async def test_a_device_has_one_update_in_a_buffer(broker, settings):
+    s = async_settings(settings, buffer_size=2, max_staleness=2)
+    async with coordinator(s) as coord, enclave(s) as enc:
+        events = await EventLog.bind(broker, "update.#", "model.published", "round.*")
+        a, b, c = [await enrolled(broker, coord, d) for d in ("a", "b", "c")]
+        await open_async_round(coord, broker, 1, buffer_size=2, max_staleness=2)
+        await events.wait("round.opened")
+        v0 = enc.params.copy()
+        for dev, i in ((a, 0), (b, 1)):
+            _, key, body = update_on(dev, enc, v0, 0, i)
+            await publish(broker, key, body)
+        await events.wait("model.published", 1)
+        _, key, body = update_on(c, enc, v0, 0, 2)  # c on v0, one version behind: in the buffer
+        await publish(broker, key, body)
+        await events.wait("update.accepted", 3)
+        _, key, body = update_on(c, enc, enc.params.copy(), 1, 3)  # c again, on v1: c is in the buffer already
+        await publish(broker, key, body)
+        refused = await events.wait("update.rejected.replay")
+        assert "already has an update in the buffer" in refused[0].detail["detail_text"]
+        assert enc.version == 1 and len(enc.store.buffered_updates(1)) == 1
