@@ -6,7 +6,8 @@ model every ``buffer_size`` of them. An update is trained on some model version,
 minus base version). Staler updates point the model where it was, so they weigh less,
 ``1/sqrt(1 + staleness)`` (the polynomial rule of FedBuff and FedAsync), and past
 ``max_staleness`` they are refused. Only a version this enclave published is a base: one
-from the future is refused, whatever the mode.
+from the future is refused. (A sync round accepts only its own model version: ``stale_base``,
+enclave_worker/intake.py.)
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ def staleness_weight(s: int) -> float:
 
 def check_base(base: int, current: int, max_staleness: int | None) -> int:
     """The update's staleness, or raise: ``unknown_base`` for a version never published
-    (newer than the current one), ``too_stale`` past ``max_staleness`` (None: sync rounds,
-    where only the first check applies)."""
+    (newer than the current one), ``too_stale`` past ``max_staleness`` (None: no bound)."""
     if base > current:
         raise QflareError(Reason.UNKNOWN_BASE, f"base version {base} was never published (current: {current})")
     s = staleness(current, base)
@@ -70,8 +70,9 @@ def buffer_full(buffered: int, buffer_size: int) -> bool:
 
 
 def buffer_size_for(requested: int, min_updates: int) -> int:
-    """The buffer the enclave uses: never smaller than the round's ``min_updates`` (a buffer of
-    one would let a single device move the model, with no filter able to compare it)."""
+    """The buffer the enclave uses: never smaller than ``min_updates`` (the round's, or the
+    enclave's ``fl.min_accepted`` floor: a buffer of one would let a single device move the
+    model, with no filter able to compare it)."""
     return max(requested, min_updates, 1)
 
 

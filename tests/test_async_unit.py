@@ -48,7 +48,7 @@ def test_check_base_accepts_exactly_the_published_versions_within_the_bound(base
 
 
 @given(versions, versions)
-def test_sync_rounds_refuse_only_a_version_never_published(base, current):
+def test_without_a_bound_only_a_version_never_published_is_refused(base, current):
     if base > current:
         with pytest.raises(QflareError):
             staleness.check_base(base, current, None)
