@@ -303,13 +303,21 @@ class Fleet:
         if self.broker is None or self.paused:
             return False  # offline: it stays in the outbox until the device is back
         self.outbox.attempt(update_id)
+        broker = self.broker
         try:
             # mandatory: an update no queue takes comes back as an error, never vanishes
             for part in body if isinstance(body, list) else [body]:
-                await self.broker.publisher.publish(self.broker.names.updates_exchange, routing_key, part,
-                                                    message_id=update_id, mandatory=True)
+                await broker.publisher.publish(broker.names.updates_exchange, routing_key, part,
+                                               message_id=update_id, mandatory=True)
         except TRANSIENT as exc:
             log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
+            return False
+        except Exception as exc:
+            if self.broker is broker and not self.paused:
+                raise
+            # the device went offline mid-publish (its connection closed under it)
+            log.info("update %s not confirmed: the device went offline (%s); kept in the outbox", update_id,
+                     type(exc).__name__)
             return False
         self.outbox.confirmed(update_id)
         self._say("update %s confirmed by the broker", update_id)
