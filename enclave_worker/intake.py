@@ -7,6 +7,7 @@ signature, then decryption and the payload's shape. Any failure raises
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 import pqc
-from common import compression
+from common import compression, handshake
 from common.updates import signed_parts, update_aad
 from schemas import signing
 from schemas.codec import CodecError, decode
-from schemas.messages import SessionGrant, Signed, Update, UpdateHeader
+from schemas.messages import GrantMac, SessionGrant, Signed, Update, UpdateHeader
 from schemas.reasons import QflareError, Reason
 
 
@@ -36,6 +37,11 @@ class IntakeContext:
     revoked: frozenset[str]
     policy: pqc.Policy
     now: float
+    #: Grant keys (handshake kem-v2) by key id, each given by the coordinator for this
+    #: enclave's admitted report; empty until admitted.
+    grant_keys: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
+    #: SHA3-256 of the report this enclave was admitted with: a MACed grant must name it.
+    report_digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,33 @@ def verified_grant(grant: bytes, alg: str, pk: bytes) -> SessionGrant:
     return signing.verify(decode(grant, Signed), SessionGrant, alg, pk)
 
 
+@functools.lru_cache(maxsize=65536)
+def maced_grant(grant: bytes, key_id: bytes, key: bytes) -> SessionGrant:
+    """A grant whose HMAC under the grant key ``key`` (named ``key_id``) verified, cached
+    like :func:`verified_grant`; a forged or altered grant raises and is never cached."""
+    mac = decode(grant, GrantMac)
+    if mac.key_id != key_id or not handshake.tags_equal(handshake.grant_tag(key, mac.body), mac.tag):
+        raise QflareError(Reason.BAD_GRANT, "grant MAC does not verify")
+    return decode(mac.body, SessionGrant)
+
+
+def grant_of(raw: bytes, ctx: IntakeContext) -> SessionGrant:
+    """The grant an update presents, authenticated by signature (sig-v1) or MAC (kem-v2)."""
+    outer = decode(raw, (Signed, GrantMac))
+    if isinstance(outer, GrantMac):
+        key = ctx.grant_keys.get(outer.key_id)
+        if key is None:
+            raise QflareError(Reason.BAD_GRANT, "grant MACed under a key this enclave was not given")
+        grant = maced_grant(raw, outer.key_id, key)
+        if ctx.report_digest is None or grant.enclave_digest != ctx.report_digest:
+            raise QflareError(Reason.BAD_GRANT, "grant issued for another enclave")
+        return grant
+    key_pair = ctx.coordinator_keys.get(outer.signer)
+    if key_pair is None:
+        raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
+    return verified_grant(raw, *key_pair)
+
+
 def read_header(update: Update) -> UpdateHeader:
     try:
         return decode(update.header, UpdateHeader)
@@ -74,11 +107,7 @@ def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, s
     if header.device_id in ctx.revoked:
         raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
     try:
-        signed_grant = decode(header.grant, Signed)
-        key = ctx.coordinator_keys.get(signed_grant.signer)
-        if key is None:
-            raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
-        grant = verified_grant(header.grant, *key)
+        grant = grant_of(header.grant, ctx)
     except (QflareError, CodecError) as err:
         raise QflareError(Reason.BAD_GRANT, err.detail) from None
     if grant.device_id != header.device_id:

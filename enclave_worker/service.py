@@ -19,7 +19,7 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from broker.principals import require_role
-from common import health, metrics
+from common import handshake, health, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
@@ -37,6 +37,7 @@ from schemas.codec import decode, encode
 from schemas.messages import (
     AttestAccept,
     CoordinatorKeys,
+    GrantKey,
     Message,
     Revocation,
     RootData,
@@ -151,6 +152,10 @@ class Enclave:
         #: Trusted coordinator signature keys by fingerprint: the admitted one, plus each key
         #: it rotated to (grants signed by the previous key stay valid until they expire).
         self.coordinator_keys: dict[str, tuple[str, bytes]] = {}
+        #: Grant keys (handshake kem-v2) by key id, for the report this enclave was admitted
+        #: with (``report_digest``): from the admission, then from each coordinator start.
+        self.grant_keys: dict[bytes, bytes] = {}
+        self.report_digest: bytes | None = None
         self.broker: BrokerClient | None = None
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
         self.http_port: int | None = None
@@ -236,6 +241,25 @@ class Enclave:
         accept = signing.unverified(signed, AttestAccept)
         signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
         self._trust(accept.coordinator_sig_alg, accept.coordinator_sig_pk)
+        self.report_digest = handshake.enclave_digest(req.report)
+        self.grant_keys.clear()  # keys for an earlier report name grants no longer valid here
+        if accept.grant_key is not None:
+            self._take_grant_key(self.report_digest, accept.grant_key)
+
+    def _take_grant_key(self, digest: bytes, sealed: bytes) -> None:
+        """Keep a grant key the (verified) coordinator sealed to this enclave for its report."""
+        if digest != self.report_digest:
+            log.info("grant key for another report ignored (this enclave re-attested since)")
+            return
+        try:
+            key = pqc.open_sealed(self.identity.kem_sk, sealed, handshake.grant_key_aad(digest), policy=self.policy)
+        except pqc.errors.QflareCryptoError as exc:
+            log.warning("grant key from the coordinator does not open: %s", type(exc).__name__)
+            return
+        key_id = handshake.grant_key_id(key)
+        if key_id not in self.grant_keys:
+            self.grant_keys[key_id] = key
+            log.info("grant key %s accepted (handshake kem-v2)", key_id.hex())
 
     def _trust(self, alg: str, pk: bytes) -> None:
         self.coordinator_keys[pqc.fingerprint(pk, alg)] = (alg, pk)
@@ -272,8 +296,12 @@ class Enclave:
 
     async def _on_control(self, signed: Signed, raw) -> None:
         require_role(self.settings, "coordinator", raw.user_id)  # broker-verified sender, before any crypto
-        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData))
+        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData,
+                                                 GrantKey))
         msg = self._verify_coordinator(signed, type(inner_type))
+        if isinstance(msg, GrantKey):
+            self._take_grant_key(msg.enclave_digest, msg.sealed)
+            return
         if isinstance(msg, RootData):
             await self._take_root_data(msg)
             return
@@ -396,7 +424,7 @@ class Enclave:
             kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
             open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
             n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
-            now=time.time())
+            now=time.time(), grant_keys=dict(self.grant_keys), report_digest=self.report_digest)
 
     async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
         if isinstance(msg, UpdateChunk):
