@@ -171,9 +171,16 @@ def grant_root(kem_sk: bytes) -> bytes:
     return pqc.hkdf_sha256(kem_sk, b"", GRANT_ROOT_INFO, 32)
 
 
-def grant_key(root: bytes, report: bytes) -> bytes:
-    """The MAC key of grants for the enclave whose encoded, signed report is ``report``."""
-    return pqc.hkdf_sha256(root, hashlib.sha3_256(report).digest(), GRANT_KEY_INFO, 32)
+def enclave_identity(measurement: str, kem_alg: str, kem_pk: bytes, sig_alg: str, sig_pk: bytes) -> bytes:
+    """SHA3-256 naming one enclave across restarts: its code and its (sealed, kept) keys, not
+    the report's nonce and time, so a restarted enclave keeps honouring its grants."""
+    return hashlib.sha3_256(b"qflare/v2/enclave\0" + _lp(measurement.encode(), kem_alg.encode(), kem_pk,
+                                                          sig_alg.encode(), sig_pk)).digest()
+
+
+def grant_key(root: bytes, enclave: bytes) -> bytes:
+    """The MAC key of grants for the enclave named ``enclave`` (:func:`enclave_identity`)."""
+    return pqc.hkdf_sha256(root, enclave, GRANT_KEY_INFO, 32)
 
 
 def grant_key_id(key: bytes) -> bytes:
@@ -181,9 +188,9 @@ def grant_key_id(key: bytes) -> bytes:
     return hashlib.sha3_256(b"qflare/v2/grant-key-id\0" + key).digest()[:16]
 
 
-def grant_key_aad(report_digest: bytes) -> bytes:
-    """Associated data of the sealed grant key: it opens only as the key for this report."""
-    return GRANT_KEY_INFO + b"\0" + report_digest
+def grant_key_aad(enclave: bytes) -> bytes:
+    """Associated data of the sealed grant key: it opens only as the key for this enclave."""
+    return GRANT_KEY_INFO + b"\0" + enclave
 
 
 def grant_tag(key: bytes, body: bytes) -> bytes:

@@ -170,7 +170,8 @@ class Coordinator:
         #: Grant keys (handshake kem-v2) derive from this and the admitted enclave report, so
         #: every coordinator of the identity computes the same key without storing it.
         self.grant_root = handshake.grant_root(self.identity.kem_sk)
-        self._grant_key: tuple[bytes, bytes, bytes, bytes | None] | None = None  # (report, key, id, digest)
+        #: (report, key, key id, report digest, enclave identity) for the admitted report
+        self._grant_key: tuple[bytes, bytes, bytes, bytes | None, bytes] | None = None
         self._kems: dict[str, pqc.Kem] = {}  # by algorithm name: no lookup per handshake
         self._session_seconds = metrics.HANDSHAKE_SECONDS.labels("session")
         self._sessions_ok = metrics.SESSIONS.labels("ok")
@@ -509,18 +510,25 @@ class Coordinator:
 
     # --- sessions, handshake kem-v2 (docs/crypto.md, "KEM handshake") -----------------------
 
-    def grant_key_for(self, report: bytes | None) -> tuple[bytes, bytes, bytes | None]:
-        """(key, key id, report digest) for grants to the enclave of ``report`` (kem-v2).
+    def grant_key_for(self, report: bytes | None) -> tuple[bytes, bytes, bytes | None, bytes]:
+        """(key, key id, report digest, enclave identity) for grants to the enclave of
+        ``report`` (kem-v2). The key is per enclave (code and kept keys), not per report, so a
+        restarted enclave keeps honouring grants issued before its restart.
 
         With no enclave admitted the key is one no enclave will ever be given: such grants
-        are refused by any enclave, as signed grants naming no enclave report are.
+        are refused by any enclave.
         """
         cached = self._grant_key
         if cached is None or cached[0] != (report or b""):
-            key = handshake.grant_key(self.grant_root, report or b"")
+            if report:
+                r = signing.unverified(decode(report, Signed), AttestationReport)
+                enclave = handshake.enclave_identity(r.measurement, r.kem_alg, r.kem_pk, r.sig_alg, r.sig_pk)
+            else:
+                enclave = b""
+            key = handshake.grant_key(self.grant_root, enclave)
             cached = self._grant_key = (report or b"", key, handshake.grant_key_id(key),
-                                        handshake.enclave_digest(report))
-        return cached[1], cached[2], cached[3]
+                                        handshake.enclave_digest(report), enclave)
+        return cached[1], cached[2], cached[3], cached[4]
 
     def _kem(self, alg: str) -> pqc.Kem:
         kem = self._kems.get(alg)
@@ -529,11 +537,10 @@ class Coordinator:
         return kem
 
     def _sealed_grant_key(self, report: bytes) -> tuple[bytes, bytes]:
-        """(report digest, grant key sealed to the reported enclave's KEM key)."""
+        """(enclave identity, grant key sealed to the reported enclave's KEM key)."""
         r = signing.unverified(decode(report, Signed), AttestationReport)
-        key, _, digest = self.grant_key_for(report)
-        assert digest is not None
-        return digest, pqc.seal(r.kem_alg, r.kem_pk, key, handshake.grant_key_aad(digest))
+        key, _, _, enclave = self.grant_key_for(report)
+        return enclave, pqc.seal(r.kem_alg, r.kem_pk, key, handshake.grant_key_aad(enclave))
 
     async def _send_grant_key(self) -> None:
         """Give the admitted enclave (if any) this identity's grant key, signed, on its control
@@ -541,9 +548,9 @@ class Coordinator:
         report = self.registry.get_meta(META_ENCLAVE_REPORT)
         if not report or self.broker is None or handshake.KEM_V2 not in self.accepted_handshakes:
             return
-        digest, sealed = self._sealed_grant_key(report)
+        enclave, sealed = self._sealed_grant_key(report)
         await self.broker.publisher.publish(self.broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY,
-                                            self._sign(GrantKey(enclave_digest=digest, sealed=sealed,
+                                            self._sign(GrantKey(enclave=enclave, sealed=sealed,
                                                                 issued_at=time.time())))
 
     async def open_kem_session(self, hello: SessionHello, caller: str | None = None) -> SessionConfirm:
@@ -589,7 +596,7 @@ class Coordinator:
         not_after = now + self.settings.crypto.session_ttl_seconds
         transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct, nonce, session_id)
         report = self.registry.get_meta(META_ENCLAVE_REPORT)
-        gkey, key_id, digest = self.grant_key_for(report)
+        gkey, key_id, digest, _ = self.grant_key_for(report)
         # model_construct: every field is ours or the registry's, already valid (no re-validation)
         body = encode(SessionGrant.model_construct(
             device_id=device.device_id, session_id=session_id, sig_alg=device.sig_alg, sig_pk=device.sig_pk,

@@ -152,10 +152,12 @@ class Enclave:
         #: Trusted coordinator signature keys by fingerprint: the admitted one, plus each key
         #: it rotated to (grants signed by the previous key stay valid until they expire).
         self.coordinator_keys: dict[str, tuple[str, bytes]] = {}
-        #: Grant keys (handshake kem-v2) by key id, for the report this enclave was admitted
-        #: with (``report_digest``): from the admission, then from each coordinator start.
+        #: Grant keys (handshake kem-v2) by key id, for this enclave (its code and kept keys):
+        #: from the admission, then from each coordinator start (a rotated coordinator key
+        #: derives another; grants under the previous one stay valid until they expire).
         self.grant_keys: dict[bytes, bytes] = {}
-        self.report_digest: bytes | None = None
+        self.enclave_identity = handshake.enclave_identity(self.code, self.identity.kem_alg, self.identity.kem_pk,
+                                                           self.identity.sig_alg, self.identity.sig_pk)
         self.broker: BrokerClient | None = None
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
         self.http_port: int | None = None
@@ -241,18 +243,16 @@ class Enclave:
         accept = signing.unverified(signed, AttestAccept)
         signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
         self._trust(accept.coordinator_sig_alg, accept.coordinator_sig_pk)
-        self.report_digest = handshake.enclave_digest(req.report)
-        self.grant_keys.clear()  # keys for an earlier report name grants no longer valid here
         if accept.grant_key is not None:
-            self._take_grant_key(self.report_digest, accept.grant_key)
+            self._take_grant_key(self.enclave_identity, accept.grant_key)
 
-    def _take_grant_key(self, digest: bytes, sealed: bytes) -> None:
-        """Keep a grant key the (verified) coordinator sealed to this enclave for its report."""
-        if digest != self.report_digest:
-            log.info("grant key for another report ignored (this enclave re-attested since)")
+    def _take_grant_key(self, enclave: bytes, sealed: bytes) -> None:
+        """Keep a grant key the (verified) coordinator sealed to this enclave."""
+        if enclave != self.enclave_identity:
+            log.info("grant key for another enclave ignored")
             return
         try:
-            key = pqc.open_sealed(self.identity.kem_sk, sealed, handshake.grant_key_aad(digest), policy=self.policy)
+            key = pqc.open_sealed(self.identity.kem_sk, sealed, handshake.grant_key_aad(enclave), policy=self.policy)
         except pqc.errors.QflareCryptoError as exc:
             log.warning("grant key from the coordinator does not open: %s", type(exc).__name__)
             return
@@ -300,7 +300,7 @@ class Enclave:
                                                  GrantKey))
         msg = self._verify_coordinator(signed, type(inner_type))
         if isinstance(msg, GrantKey):
-            self._take_grant_key(msg.enclave_digest, msg.sealed)
+            self._take_grant_key(msg.enclave, msg.sealed)
             return
         if isinstance(msg, RootData):
             await self._take_root_data(msg)
@@ -424,7 +424,7 @@ class Enclave:
             kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
             open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
             n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
-            now=time.time(), grant_keys=dict(self.grant_keys), report_digest=self.report_digest)
+            now=time.time(), grant_keys=dict(self.grant_keys))
 
     async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
         if isinstance(msg, UpdateChunk):

@@ -236,12 +236,12 @@ class GrantMac(Message):
 
 
 class GrantKey(Message):
-    """Coordinator → enclave, signed: the grant key for the enclave's admitted report, sealed
-    to its KEM key. Sent at every coordinator start (a rotated coordinator key derives
+    """Coordinator → enclave, signed: the grant key for the admitted enclave, sealed to its
+    KEM key. Sent at every coordinator start (a rotated coordinator key derives
     another grant key); the same key also travels in :class:`AttestAccept` at admission."""
 
     TYPE: ClassVar[str] = "enclave.grant_key"
-    enclave_digest: Sha256
+    enclave: Sha256  # the enclave it is for (common/handshake.py: enclave_identity)
     sealed: Annotated[bytes, Field(min_length=1, max_length=64 * 1024)]
     issued_at: float
 
@@ -353,7 +353,7 @@ class AttestRequest(Message):
 
 class AttestAccept(Message):
     """Signed by the coordinator. ``grant_key``: the key grants of handshake ``kem-v2`` are
-    MACed under, sealed to the admitted report's KEM key (associated data
+    MACed under, sealed to the admitted enclave's KEM key (associated data
     common/handshake.py: grant_key_aad)."""
 
     TYPE: ClassVar[str] = "attest.accept"
