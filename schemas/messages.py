@@ -344,22 +344,39 @@ class AttestationReport(Message):
     created_at: float
 
 
+class AttestChallengeRequest(Message):
+    """Enclave → coordinator: a fresh challenge to put in the next attestation report."""
+
+    TYPE: ClassVar[str] = "attest.challenge.request"
+
+
+class AttestChallenge(Message):
+    """Coordinator → enclave: single-use, short-lived (common/attestation.py, ``new_challenge``)."""
+
+    TYPE: ClassVar[str] = "attest.challenge"
+    challenge: Nonce
+    expires_at: float
+
+
 class AttestRequest(Message):
     TYPE: ClassVar[str] = "attest.request"
-    report: Encoded  # Signed(AttestationReport)
+    report: Encoded  # Signed(AttestationReport); its nonce is an AttestChallenge's challenge
     platform_pk: Key
     platform_alg: AlgName
 
 
 class AttestAccept(Message):
-    """Signed by the coordinator. ``grant_key``: the key grants of handshake ``kem-v2`` are
-    MACed under, sealed to the admitted enclave's KEM key (associated data
-    common/handshake.py: grant_key_aad)."""
+    """Coordinator → enclave, signed by the coordinator key the enclave pins: binds the exact
+    report admitted (its SHA-256) and the challenge it answered. ``grant_key``: the key grants
+    of handshake ``kem-v2`` are MACed under, sealed to the admitted enclave's KEM key
+    (associated data common/handshake.py: grant_key_aad)."""
 
     TYPE: ClassVar[str] = "attest.accept"
     measurement: Measurement
     coordinator_sig_alg: AlgName
     coordinator_sig_pk: Key
+    report_digest: Sha256
+    challenge: Nonce
     grant_key: Annotated[bytes, Field(max_length=64 * 1024)] | None = None
 
 
@@ -576,6 +593,16 @@ class Revocation(Message):
     revoked_at: float
 
 
+class KeyEpoch(Message):
+    """Coordinator → enclave, signed: the device replaced its keys at ``not_before``; grants
+    issued before it are refused (``superseded``), so a rotated-out key can sign nothing."""
+
+    TYPE: ClassVar[str] = "device.key_epoch"
+    device_id: DeviceId
+    not_before: float
+    sig_fp: Fingerprint  # the device's new signature key
+
+
 class RootData(Message):
     """Operator (coordinator key) → enclave, signed: clean root data for the enclave's trusted
     reference update, sealed to the attested enclave's KEM key (docs/robustness.md).
@@ -650,6 +677,7 @@ class RoundResult(Message):
     metrics: Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)], float], Field(max_length=16)] = {}
     seconds: float
     status: Label  # "completed" | "failed" | "cancelled"
+    reason: Label | None = None  # why a round failed: too_few_updates or too_few_accepted
 
 
 class GlobalModel(Message):
@@ -691,10 +719,11 @@ class Event(Message):
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Signed, ErrorReply, Ping, Pong,
     EnrollClaim, EnrollRequest, EnrollAccept, EnrollConfirm,
-    SessionRequest, SessionGrant, SessionAccept, SessionHello, SessionConfirm, GrantMac, GrantKey, SessionCall, StatusRequest, StatusReply,
+    SessionRequest, SessionGrant, SessionAccept, SessionHello, SessionConfirm, GrantMac, GrantKey, SessionCall,
+    StatusRequest, StatusReply,
     KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
-    AttestationReport, AttestRequest, AttestAccept,
-    RoundSpec, RoundOpen, RoundAbort, Revocation, RootData,
+    AttestationReport, AttestChallengeRequest, AttestChallenge, AttestRequest, AttestAccept,
+    RoundSpec, RoundOpen, RoundAbort, Revocation, KeyEpoch, RootData,
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked,
