@@ -154,7 +154,8 @@ class World:
     def context(self, **over) -> intake.IntakeContext:
         fields = dict(coordinator_keys={}, kem_alg=self.enclave.kem_alg, kem_sk=self.enclave.kem_sk,
                       kem_fp=self.enclave.kem_fp, open_round=1, layout_id="L", n_params=4, revoked=frozenset(),
-                      policy=pqc.Policy(), now=time.time(), grant_keys={handshake.grant_key_id(self.key): self.key})
+                      policy=pqc.Policy(), now=time.time(), report_digests=frozenset({self.digest}),
+                      grant_keys={handshake.grant_key_id(self.key): intake.GrantKeyEntry(self.key)})
         fields.update(over)
         return intake.IntakeContext(**fields)
 
@@ -206,11 +207,28 @@ def test_a_grant_for_another_enclave_is_refused():
 
 
 def test_a_grant_issued_before_this_enclave_restarted_is_admitted():
-    """The key names the enclave (code and kept keys), not one report: a restart (new report,
-    same enclave) keeps its devices' grants, as signed grants were kept."""
+    """The key names the enclave (code and kept keys), not one report: a restart (a new report
+    of the same enclave, the earlier one still among its admitted reports) keeps its devices'
+    grants, as signed grants are kept."""
     w = World()
-    earlier = w.grant(enclave_digest=hashlib.sha3_256(b"the report before the restart").digest())
-    assert intake.admit(w.header(earlier), "cam-1", w.context(), seen=False).device_id == "cam-1"
+    before = hashlib.sha3_256(b"the report before the restart").digest()
+    earlier = w.grant(enclave_digest=before)
+    ctx = w.context(report_digests=frozenset({w.digest, before}))
+    assert intake.admit(w.header(earlier), "cam-1", ctx, seen=False).device_id == "cam-1"
+    refused(w, w.grant(enclave_digest=hashlib.sha3_256(b"a report never admitted").digest()), Reason.BAD_GRANT)
+
+
+def test_a_grant_key_rotated_out_vouches_only_for_earlier_grants():
+    w = World()
+    retired = {handshake.grant_key_id(w.key): intake.GrantKeyEntry(w.key, rotated_at=time.time() - 60)}
+    refused(w, w.grant(), Reason.BAD_GRANT, grant_keys=retired)  # issued after the rotation
+    older = w.grant(issued_at=time.time() - 120)
+    assert intake.admit(w.header(older), "cam-1", w.context(grant_keys=retired), seen=False)
+
+
+def test_a_grant_from_before_the_devices_key_change_is_superseded():
+    w = World()
+    refused(w, w.grant(issued_at=time.time() - 10), Reason.SUPERSEDED, key_epochs={"cam-1": time.time() - 5})
 
 
 def test_an_expired_grant_or_one_for_another_device_is_refused():
