@@ -114,7 +114,7 @@ class GroupCommit:
 
     #: How long the first step waits for others: a fraction of one fsync, so a lone
     #: enrolment is barely delayed while a burst of them shares the disk's cost.
-    WAIT = 0.001
+    WAIT = 0.004
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry

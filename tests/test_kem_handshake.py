@@ -10,7 +10,9 @@ import secrets
 import time
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 import pqc
 from common import handshake
@@ -152,17 +154,17 @@ class World:
         return handshake.enclave_identity(code, ident.kem_alg, ident.kem_pk, ident.sig_alg, ident.sig_pk)
 
     def context(self, **over) -> intake.IntakeContext:
-        fields = dict(coordinator_keys={}, kem_alg=self.enclave.kem_alg, kem_sk=self.enclave.kem_sk,
-                      kem_fp=self.enclave.kem_fp, open_round=1, layout_id="L", n_params=4, revoked=frozenset(),
-                      policy=pqc.Policy(), now=time.time(), report_digests=frozenset({self.digest}),
-                      grant_keys={handshake.grant_key_id(self.key): intake.GrantKeyEntry(self.key)})
+        fields = {"coordinator_keys": {}, "kem_alg": self.enclave.kem_alg, "kem_sk": self.enclave.kem_sk,
+                      "kem_fp": self.enclave.kem_fp, "open_round": 1, "layout_id": "L", "n_params": 4, "revoked": frozenset(),
+                      "policy": pqc.Policy(), "now": time.time(), "report_digests": frozenset({self.digest}),
+                      "grant_keys": {handshake.grant_key_id(self.key): intake.GrantKeyEntry(self.key)}}
         fields.update(over)
         return intake.IntakeContext(**fields)
 
     def grant(self, *, key: bytes | None = None, tag: bytes | None = None, **over) -> bytes:
-        fields = dict(device_id="cam-1", session_id="s" * 32, sig_alg=self.device.sig_alg, sig_pk=self.device.sig_pk,
-                      sig_fp=self.device.sig_fp, issued_at=time.time(), not_after=time.time() + 600,
-                      transcript=bytes(32), enclave_digest=self.digest)
+        fields = {"device_id": "cam-1", "session_id": "s" * 32, "sig_alg": self.device.sig_alg, "sig_pk": self.device.sig_pk,
+                      "sig_fp": self.device.sig_fp, "issued_at": time.time(), "not_after": time.time() + 600,
+                      "transcript": bytes(32), "enclave_digest": self.digest}
         fields.update(over)
         body = encode(SessionGrant(**fields))
         key = key or self.key
@@ -202,8 +204,8 @@ def test_a_grant_for_another_enclave_is_refused():
     w = World()
     another_enclave = World.name(Identity.generate("ML-DSA-44", "ML-KEM-768"))
     other_code_same_keys = World.name(w.enclave, code="d" * 64)
-    for enclave in (another_enclave, other_code_same_keys, b""):  # b"": issued before any admission
-        refused(w, w.grant(key=handshake.grant_key(w.root, enclave)), Reason.BAD_GRANT)
+    for name in (another_enclave, other_code_same_keys, b""):  # b"": issued before any admission
+        refused(w, w.grant(key=handshake.grant_key(w.root, name)), Reason.BAD_GRANT)
 
 
 def test_a_grant_issued_before_this_enclave_restarted_is_admitted():
@@ -250,9 +252,9 @@ async def hello_for(dev: client.Device, **over) -> SessionHello:
     kem = pqc.get_kem("ML-KEM-768")
     eph_pk, _ = kem.generate_keypair()
     ct, _ = pqc.get_kem(dev.coordinator_kem_alg).encapsulate(dev.coordinator_kem_pk)
-    fields = dict(suite="kem-v2", device_id=dev.device_id, coordinator_kem_fp=pqc.fingerprint(
-        dev.coordinator_kem_pk, dev.coordinator_kem_alg), static_ct=ct, eph_kem_alg=kem.name, eph_pk=eph_pk,
-        nonce=secrets.token_bytes(32), timestamp=time.time())
+    fields = {"suite": "kem-v2", "device_id": dev.device_id, "coordinator_kem_fp": pqc.fingerprint(
+        dev.coordinator_kem_pk, dev.coordinator_kem_alg), "static_ct": ct, "eph_kem_alg": kem.name, "eph_pk": eph_pk,
+        "nonce": secrets.token_bytes(32), "timestamp": time.time()}
     fields.update(over)
     return SessionHello(**fields)
 
