@@ -112,7 +112,7 @@ class GroupCommit:
     nobody is answered before the commit. The batch is committed once the event loop has gone
     ``ROUNDS`` times through the requests that were ready with the first step (those the
     broker delivered meanwhile join it): a lone enrolment waits microseconds, a burst shares
-    the disk's cost (batches of 2-8 at 32 enrolments in flight here).
+    the disk's cost (batches of 1-6 at 32 enrolments in flight over the broker here).
     """
 
     #: Event-loop iterations the first step waits for ready requests to reach their commit.
