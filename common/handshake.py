@@ -7,6 +7,8 @@ compute exactly the same values and tests can check them without a broker.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import secrets
 from typing import TYPE_CHECKING
 
 import pqc
@@ -116,3 +118,114 @@ def walk_key_chain(chain_current: bytes, rotations: list[bytes],
     if pqc.fingerprint(keys.sig_pk, keys.sig_alg) != fp:
         raise QflareError(Reason.BAD_SIGNATURE, "coordinator key does not match the pinned fingerprint")
     return signing.verify(current, CoordinatorKeys, keys.sig_alg, keys.sig_pk), retired
+
+
+# --- handshake suites (docs/crypto.md, "KEM handshake") -----------------------------------
+
+SIG_V1 = "sig-v1"  # a device-signed SessionRequest, a coordinator-signed grant
+KEM_V2 = "kem-v2"  # KEM authentication both ways, key confirmation, a MACed grant
+SUITES = (KEM_V2, SIG_V1)
+DEFAULT_SUITE = KEM_V2
+
+KEM_V2_KEYS_INFO = b"qflare/v2/session-keys"
+CONFIRM_LABEL = b"qflare/v2/coordinator-finished"
+GRANT_ROOT_INFO = b"qflare/v2/grant-root"
+GRANT_KEY_INFO = b"qflare/v2/grant-key"
+GRANT_TAG_LABEL = b"qflare/v2/grant\0"
+ENROLL_REPLY_AAD = b"qflare/v2/enroll-accept\0"
+
+
+def _lp(*parts: bytes) -> bytes:
+    """Length-prefixed concatenation (8-byte big-endian lengths): no two inputs collide."""
+    return b"".join(len(p).to_bytes(8, "big") + p for p in parts)
+
+
+def kem_transcript(hello: bytes, eph_ct: bytes, device_ct: bytes, coordinator_nonce: bytes, session_id: str) -> bytes:
+    """SHA3-256 over the ``kem-v2`` exchange before the grant: the encoded hello, both
+    ciphertexts, the coordinator's nonce and the session id. The grant carries it."""
+    return hashlib.sha3_256(_lp(hello, eph_ct, device_ct, coordinator_nonce, session_id.encode())).digest()
+
+
+def kem_final_transcript(transcript: bytes, grant: bytes, report_digest: bytes | None) -> bytes:
+    """SHA3-256 over the pre-grant transcript, the encoded GrantMac and the enclave report's
+    digest: what the session keys and the key confirmation cover."""
+    return hashlib.sha3_256(_lp(transcript, grant, report_digest or b"")).digest()
+
+
+def kem_session_id(device_nonce: bytes) -> str:
+    """A kem-v2 session's id, from the device's nonce: the registry keeps each id once, so a
+    replayed hello cannot open a second session (sessions rows outlive the freshness window)."""
+    return hashlib.sha3_256(b"qflare/v2/session-id\0" + device_nonce).hexdigest()[:32]
+
+
+def kem_session_keys(ss_eph: bytes, ss_static: bytes, ss_device: bytes, device_nonce: bytes,
+                     coordinator_nonce: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(session key, confirmation key): HKDF-SHA-256 over all three KEM secrets.
+
+    ``ss_eph`` (to the device's discarded ephemeral key) gives forward secrecy, ``ss_static``
+    (to the coordinator's static key) authenticates the coordinator, ``ss_device`` (to the
+    device's enrolled key) the device: a party missing any one cannot compute either key.
+    """
+    okm = pqc.hkdf_sha256(_lp(ss_eph, ss_static, ss_device), device_nonce + coordinator_nonce,
+                          KEM_V2_KEYS_INFO + transcript, 2 * SESSION_KEY_BYTES)
+    return okm[:SESSION_KEY_BYTES], okm[SESSION_KEY_BYTES:]
+
+
+def confirm_tag(confirm_key: bytes, transcript: bytes) -> bytes:
+    """The coordinator's key confirmation: HMAC-SHA-256(confirm key, label ‖ transcript)."""
+    return hmac.new(confirm_key, CONFIRM_LABEL + transcript, hashlib.sha256).digest()
+
+
+def grant_root(kem_sk: bytes) -> bytes:
+    """The secret every coordinator of one identity derives grant keys from (no storage needed)."""
+    return pqc.hkdf_sha256(kem_sk, b"", GRANT_ROOT_INFO, 32)
+
+
+def enclave_identity(measurement: str, kem_alg: str, kem_pk: bytes, sig_alg: str, sig_pk: bytes) -> bytes:
+    """SHA3-256 naming one enclave across restarts: its code and its (sealed, kept) keys, not
+    the report's nonce and time, so a restarted enclave keeps honouring its grants."""
+    return hashlib.sha3_256(b"qflare/v2/enclave\0" + _lp(measurement.encode(), kem_alg.encode(), kem_pk,
+                                                          sig_alg.encode(), sig_pk)).digest()
+
+
+def grant_key(root: bytes, enclave: bytes) -> bytes:
+    """The MAC key of grants for the enclave named ``enclave`` (:func:`enclave_identity`)."""
+    return pqc.hkdf_sha256(root, enclave, GRANT_KEY_INFO, 32)
+
+
+def grant_key_id(key: bytes) -> bytes:
+    """The 16-byte name of a grant key (a grant says which key MACed it, never the key)."""
+    return hashlib.sha3_256(b"qflare/v2/grant-key-id\0" + key).digest()[:16]
+
+
+def grant_key_aad(enclave: bytes) -> bytes:
+    """Associated data of the sealed grant key: it opens only as the key for this enclave."""
+    return GRANT_KEY_INFO + b"\0" + enclave
+
+
+def grant_tag(key: bytes, body: bytes) -> bytes:
+    """HMAC-SHA-256 of an encoded SessionGrant under the enclave's grant key."""
+    return hmac.new(key, GRANT_TAG_LABEL + body, hashlib.sha256).digest()
+
+
+def tags_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def seal_enroll_accept(reply_key: bytes, device_id: str, accept: bytes) -> bytes:
+    """AES-256-GCM of an encoded EnrollAccept under the claim's reply key (random nonce first)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(reply_key).encrypt(nonce, accept, ENROLL_REPLY_AAD + device_id.encode())
+
+
+def open_enroll_accept(reply_key: bytes, device_id: str, sealed: bytes) -> bytes | None:
+    """The encoded EnrollAccept, or None when it was not sealed under ``reply_key`` for ``device_id``."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        return AESGCM(reply_key).decrypt(sealed[:12], sealed[12:], ENROLL_REPLY_AAD + device_id.encode())
+    except (InvalidTag, ValueError):
+        return None

@@ -113,6 +113,12 @@ class CryptoSettings(Section):
     #: FrodoKEM-640-AES without liboqs). Off by default: that backend is not constant time
     #: (docs/crypto.md); the demo turns it on.
     allow_pure_backends: bool = False
+    #: The session handshake a device asks for (docs/crypto.md, "KEM handshake"): ``kem-v2``
+    #: (KEM authentication, key confirmation, a MACed grant; no coordinator signature per
+    #: session) or ``sig-v1`` (a signed request, a coordinator-signed grant).
+    handshake: Literal["kem-v2", "sig-v1"] = "kem-v2"
+    #: The handshakes the coordinator answers; a request for another is refused.
+    accepted_handshakes: list[Literal["kem-v2", "sig-v1"]] = Field(["kem-v2", "sig-v1"], min_length=1)
 
     @field_validator("kem")
     @classmethod
@@ -241,6 +247,9 @@ class EventsSettings(Section):
     format: Literal["json", "msgpack"] = "json"
     #: Bytes of event history the durable events stream keeps for consumers that replay.
     stream_max_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    #: Sessions are announced together: one ``sessions.opened`` event per this many seconds
+    #: (when any opened), not one per session, which would cost more than the handshake.
+    sessions_every_seconds: float = Field(1.0, gt=0, le=3600)
 
 
 class DashboardSettings(Section):

@@ -17,7 +17,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -158,11 +158,12 @@ class RegistryStore(Protocol):
     def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
                            now: float | None = None) -> Device: ...
     def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None,
-                       wrapped_key: bytes | None = None) -> None: ...
+                       wrapped_key: bytes | None = None) -> bool: ...
     def get_session(self, session_id: str) -> SessionRecord | None: ...
     def advance_session(self, session_id: str, seq: int) -> bool: ...
     def claim_identity(self, namespace: str, fingerprint: str) -> str: ...
     def transaction(self) -> contextlib.AbstractContextManager[None]: ...
+    def commit_group(self, steps: list[Callable[[], object]]) -> list[object]: ...
     def claim_lease(self, name: str, holder: str, ttl_seconds: float, now: float | None = None) -> bool: ...
     def release_lease(self, name: str, holder: str) -> None: ...
     def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
@@ -229,6 +230,25 @@ class Registry:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+    def commit_group(self, steps: list[Callable[[], object]]) -> list[object]:
+        """Run each step (statements on ``db``) in its own savepoint, all in one transaction.
+
+        One commit, so one fsync, for the steps of many concurrent requests (group commit,
+        coordinator/service.py: GroupCommit). A step that raises is undone alone and its
+        exception is returned in its place; the others commit together or not at all.
+        """
+        out: list[object] = []
+        with self.transaction():
+            for i, step in enumerate(steps):
+                self.db.execute(f"SAVEPOINT step{i}")
+                try:
+                    out.append(step())
+                except Exception as exc:  # noqa: BLE001 - handed back to its own request
+                    self.db.execute(f"ROLLBACK TO SAVEPOINT step{i}")
+                    out.append(exc)
+                self.db.execute(f"RELEASE SAVEPOINT step{i}")
+        return out
 
     def close(self) -> None:
         if self.fast is not self.db:
@@ -362,13 +382,16 @@ class Registry:
     # --- sessions and nonces -------------------------------------------------------------
 
     def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None,
-                       wrapped_key: bytes | None = None) -> None:
+                       wrapped_key: bytes | None = None) -> bool:
+        """Keep a new session; False (and nothing changed) when ``session_id`` exists already:
+        handshake kem-v2 derives the id from the request's nonce, so this is its replay check."""
         now = time.time() if now is None else now
         with self.lock:
-            self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?,?,0)",
-                              (session_id, device_id, now, not_after, wrapped_key))
+            cur = self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?,?,0) ON CONFLICT DO NOTHING",
+                                    (session_id, device_id, now, not_after, wrapped_key))
             if secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
                 self.forget_expired_session_keys(now)
+            return cur.rowcount == 1
 
     def forget_expired_session_keys(self, now: float | None = None) -> int:
         """Erase the wrapped keys of expired (and revoked) sessions: forward secrecy for them

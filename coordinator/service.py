@@ -9,6 +9,7 @@ any expensive crypto.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import secrets
 import time
@@ -43,8 +44,11 @@ from schemas.messages import (
     CoordinatorKeys,
     EnrollAccept,
     EnrollClaim,
+    EnrollConfirm,
     EnrollRequest,
     Event,
+    GrantKey,
+    GrantMac,
     KeyChain,
     KeyEpoch,
     KeyRotation,
@@ -61,7 +65,9 @@ from schemas.messages import (
     RoundStart,
     SessionAccept,
     SessionCall,
+    SessionConfirm,
     SessionGrant,
+    SessionHello,
     SessionRequest,
     Signed,
     StatusReply,
@@ -76,7 +82,7 @@ VERSION = "0.1.0"
 #: What the coordinator's request queue accepts (the broker dead-letters anything else).
 #: Devices can write this queue, so nothing here steers rounds: operator requests have their
 #: own queue (coordinator/operator.py).
-REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed, RotationRequest,
+REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed, SessionHello, RotationRequest,
                                        AttestChallengeRequest, AttestRequest, SessionCall)
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
@@ -97,6 +103,57 @@ ROUND_LEASE_SECONDS = 15.0
 ROTATE_PING_SECONDS = 2.0
 
 
+class GroupCommit:
+    """Durable registry steps of concurrent requests, committed together.
+
+    Every enrolment must reach the disk (``synchronous=FULL``: one fsync per commit, 2-5 ms
+    here) before it is answered. Steps share one transaction and one fsync
+    (:meth:`Registry.commit_group`), each in a savepoint of its own (its own outcome), and
+    nobody is answered before the commit. The batch is committed once the event loop has gone
+    ``ROUNDS`` times through the requests that were ready with the first step (those the
+    broker delivered meanwhile join it): a lone enrolment waits microseconds, a burst shares
+    the disk's cost (batches of 1-6 at 32 enrolments in flight over the broker here).
+    """
+
+    #: Event-loop iterations the first step waits for ready requests to reach their commit.
+    ROUNDS = 3
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._pending: list[tuple[object, asyncio.Future]] = []
+        self._scheduled = False
+
+    async def run(self, step):
+        """``step()``'s result once committed with the others (its exception if it raised)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((step, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._later, self.ROUNDS - 1)
+        return await fut
+
+    def _later(self, rounds: int) -> None:
+        if rounds > 0:
+            asyncio.get_running_loop().call_soon(self._later, rounds - 1)
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        try:
+            results = self.registry.commit_group([step for step, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every step with it
+            results = [exc] * len(batch)
+        for (_, fut), result in zip(batch, results, strict=True):
+            if fut.done():
+                continue  # its request was cancelled meanwhile
+            if isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+
+
 def coordinator_dir(settings: Settings) -> Path:
     return settings.state_dir / "coordinator"
 
@@ -113,6 +170,7 @@ class Coordinator:
         private_dir(settings.state_dir)
         self.identity = load_identity(settings)
         self.registry = registry or open_registry(settings)
+        self.commits = GroupCommit(self.registry)
         self.policy = live_policy(settings.crypto)
         rl = settings.rate_limits
         self.enroll_limits = RateLimiter(rl.enroll_per_device_per_s, rl.enroll_per_device_burst,
@@ -124,12 +182,25 @@ class Coordinator:
         #: Session keys live in the registry, wrapped under this key (coordinator/session_keys.py),
         #: so every coordinator of the namespace serves every session, and a restart keeps them.
         self.session_wrap = session_keys.wrapping_key(self.identity.kem_sk)
+        #: Grant keys (handshake kem-v2) derive from this and the admitted enclave report, so
+        #: every coordinator of the identity computes the same key without storing it.
+        self.grant_root = handshake.grant_root(self.identity.kem_sk)
+        #: (report, key, key id, report digest, enclave identity) for the admitted report
+        self._grant_key: tuple[bytes, bytes, bytes, bytes | None, bytes] | None = None
+        self._kems: dict[str, pqc.Kem] = {}  # by algorithm name: no lookup per handshake
+        self._session_seconds = metrics.HANDSHAKE_SECONDS.labels("session")
+        self._sessions_ok = metrics.SESSIONS.labels("ok")
+        self.accepted_handshakes = frozenset(settings.crypto.accepted_handshakes)
         #: MACs the attestation challenges (the same in every coordinator sharing the identity).
         self.challenge_key = attestation_rules.challenge_key(self.identity.kem_sk)
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
         self.http_port: int | None = None
         self._rounds_task: asyncio.Task | None = None
         self._watch_task: asyncio.Task | None = None
+        #: Sessions opened since the last ``sessions.opened`` event, by handshake.
+        self._opened: collections.Counter[str] = collections.Counter()
+        self._opened_since = time.monotonic()
+        self._sessions_task: asyncio.Task | None = None
         #: This process among the coordinators sharing the registry (holder of leases).
         self.instance = f"{VERSION}-{secrets.token_hex(8)}"
         self._round_done: asyncio.Queue[Event] = asyncio.Queue()
@@ -226,6 +297,8 @@ class Coordinator:
             if not self._driving():
                 self.registry.release_lease(ROUND_LEASE, self.instance)
         self._watch_task = asyncio.create_task(self._watch_plan())
+        self._sessions_task = asyncio.create_task(self._announce_sessions())
+        await self._send_grant_key()
         log.warning(SIMULATED_WARNING, platform_dir(self.settings))
         if not self.operator_desk.pinned:
             log.warning("no operator key is pinned (operator.pinned_fingerprints): every operator request "
@@ -262,7 +335,24 @@ class Coordinator:
             rejected=_parse_counts(d.get("rejected")), accuracy=accuracy if isinstance(accuracy, float) else None,
             version=version if isinstance(version, int) else None, reason=ev.reason)
 
+    async def _announce_sessions(self) -> None:
+        """Every ``events.sessions_every_seconds``: one ``sessions.opened`` with the count."""
+        while True:
+            await asyncio.sleep(self.settings.events.sessions_every_seconds)
+            await self._flush_sessions_event()
+
+    async def _flush_sessions_event(self) -> None:
+        opened, self._opened = self._opened, collections.Counter()
+        now = time.monotonic()
+        since, self._opened_since = self._opened_since, now
+        if opened:
+            await self._event("sessions.opened", count=sum(opened.values()), kem_v2=opened[handshake.KEM_V2],
+                              sig_v1=opened[handshake.SIG_V1], seconds=round(now - since, 3))
+
     async def stop(self) -> None:
+        if self._sessions_task:
+            self._sessions_task.cancel()
+            await self._flush_sessions_event()
         for task in (self._watch_task, self._rounds_task):
             if task:
                 task.cancel()
@@ -289,6 +379,8 @@ class Coordinator:
             return await self.enroll(msg, caller)
         if isinstance(msg, Signed):
             return await self.open_session(msg, caller)
+        if isinstance(msg, SessionHello):
+            return await self.open_kem_session(msg, caller)
         handlers = {
             Ping: self.ping, KeysRequest: self.keys, RotationRequest: self.rotate, AttestRequest: self.admit_enclave,
             AttestChallengeRequest: self.attest_challenge, SessionCall: self.session_call,
@@ -303,14 +395,14 @@ class Coordinator:
 
     # --- enrollment (docs/architecture.md step 2) ---------------------------------------------------
 
-    async def enroll(self, req: EnrollRequest, caller: str | None = None) -> Signed:
+    async def enroll(self, req: EnrollRequest, caller: str | None = None) -> Signed | EnrollConfirm:
         with metrics.HANDSHAKE_SECONDS.labels("enrollment").time():
             try:
                 return await self._enroll(req, caller)
             except QflareError as err:
                 raise await self._refuse("enrollment", err, req.device_id) from None
 
-    async def _enroll(self, req: EnrollRequest, caller: str | None) -> Signed:
+    async def _enroll(self, req: EnrollRequest, caller: str | None) -> Signed | EnrollConfirm:
         require_device(self.broker_names, caller, req.device_id)
         if not self.enroll_limits.allow(limit_key(caller, req.device_id), time.monotonic()):
             raise QflareError(Reason.RATE_LIMITED, "too many enrollment requests")
@@ -331,6 +423,8 @@ class Coordinator:
         self.policy.check_kem(claim.kem_alg)
         if not handshake.is_fresh(claim.timestamp, time.time(), self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "enrollment timestamp outside the freshness window")
+        if claim.reply_key is not None and handshake.KEM_V2 not in self.accepted_handshakes:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "handshake kem-v2 is not accepted here (crypto.accepted_handshakes)")
         existing = self.registry.get_device(claim.device_id)
         if existing is not None and existing.status == "revoked":
             raise QflareError(Reason.REVOKED, f"device {claim.device_id} is revoked")
@@ -352,23 +446,32 @@ class Coordinator:
             return self._enroll_accept(existing, claim)
         if not self.registry.remember_nonce(claim.nonce, window_seconds=self.settings.crypto.freshness_seconds * 2):
             raise QflareError(Reason.REPLAY, "enrollment nonce seen before")
-        with self.registry.transaction():  # the burn and the enrolment it pays for, together
+
+        def burn_and_enroll():  # the burn and the enrolment it pays for, together
             outcome = self.registry.consume_token(claim.token, claim.device_id)  # atomic burn: the final word
             if outcome != "ok":
                 raise QflareError(Reason(outcome), "token refused")
-            device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
-                                                 claim.kem_pk)
+            return self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
+                                               claim.kem_pk)
+
+        device = await self.commits.run(burn_and_enroll)  # committed with concurrent enrolments
         metrics.ENROLLMENTS.labels("ok").inc()
         if existing is not None:  # re-enrolled with new keys: grants of the old ones end
             await self._key_epoch(device.device_id, device.enrolled_at, device.sig_fp)
         await self._event("device.enrolled", device_id=device.device_id, sig_fp=device.sig_fp)
         return self._enroll_accept(device, claim)
 
-    def _enroll_accept(self, device, claim: EnrollClaim) -> Signed:
-        return self._sign(EnrollAccept(
+    def _enroll_accept(self, device, claim: EnrollClaim) -> Signed | EnrollConfirm:
+        """Signed (sig-v1), or sealed under the claim's reply key (kem-v2): only this
+        coordinator's KEM key opened the claim, so only it can answer under that key."""
+        accept = EnrollAccept(
             device_id=device.device_id, request_nonce=claim.nonce, sig_fp=device.sig_fp,
             coordinator_sig_alg=self.identity.sig_alg, coordinator_sig_pk=self.identity.sig_pk,
-            enclave_report=self.registry.get_meta(META_ENCLAVE_REPORT)))
+            enclave_report=self.registry.get_meta(META_ENCLAVE_REPORT))
+        if claim.reply_key is None:
+            return self._sign(accept)
+        return EnrollConfirm(device_id=device.device_id, sealed=handshake.seal_enroll_accept(
+            claim.reply_key, device.device_id, encode(accept)))
 
     # --- sessions (step 3) ---------------------------------------------------------------
 
@@ -389,6 +492,8 @@ class Coordinator:
         require_device(self.broker_names, caller, req.device_id)
         if not self.session_limits.allow(limit_key(caller, req.device_id), time.monotonic()):
             raise QflareError(Reason.RATE_LIMITED, "too many session requests")
+        if handshake.SIG_V1 not in self.accepted_handshakes:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "handshake sig-v1 is not accepted here (crypto.accepted_handshakes)")
         device = self.registry.get_device(req.device_id)
         if device is None:
             raise QflareError(Reason.NOT_ENROLLED, f"device {req.device_id} is not enrolled")
@@ -418,9 +523,114 @@ class Coordinator:
         self.registry.record_session(session_id, device.device_id, not_after, now,
                                      wrapped_key=session_keys.wrap(self.session_wrap, session_id, key))
         metrics.SESSIONS.labels("ok").inc()
-        await self._event("session.opened", device_id=device.device_id, session_id=session_id)
+        self._opened[handshake.SIG_V1] += 1
         return SessionAccept(device_id=device.device_id, session_id=session_id, ciphertext=ct, nonce=nonce,
                              grant=encode(grant), enclave_report=report)
+
+    # --- sessions, handshake kem-v2 (docs/crypto.md, "KEM handshake") -----------------------
+
+    def grant_key_for(self, report: bytes | None) -> tuple[bytes, bytes, bytes | None, bytes]:
+        """(key, key id, report digest, enclave identity) for grants to the enclave of
+        ``report`` (kem-v2). The key is per enclave (code and kept keys), not per report, so a
+        restarted enclave keeps honouring grants issued before its restart.
+
+        With no enclave admitted the key is one no enclave will ever be given: such grants
+        are refused by any enclave.
+        """
+        cached = self._grant_key
+        if cached is None or cached[0] != (report or b""):
+            if report:
+                r = signing.unverified(decode(report, Signed), AttestationReport)
+                enclave = handshake.enclave_identity(r.measurement, r.kem_alg, r.kem_pk, r.sig_alg, r.sig_pk)
+            else:
+                enclave = b""
+            key = handshake.grant_key(self.grant_root, enclave)
+            cached = self._grant_key = (report or b"", key, handshake.grant_key_id(key),
+                                        handshake.enclave_digest(report), enclave)
+        return cached[1], cached[2], cached[3], cached[4]
+
+    def _kem(self, alg: str) -> pqc.Kem:
+        kem = self._kems.get(alg)
+        if kem is None:
+            kem = self._kems[alg] = pqc.get_kem(alg)
+        return kem
+
+    def _sealed_grant_key(self, report: bytes) -> tuple[bytes, bytes]:
+        """(enclave identity, grant key sealed to the reported enclave's KEM key)."""
+        r = signing.unverified(decode(report, Signed), AttestationReport)
+        key, _, _, enclave = self.grant_key_for(report)
+        return enclave, pqc.seal(r.kem_alg, r.kem_pk, key, handshake.grant_key_aad(enclave))
+
+    async def _send_grant_key(self) -> None:
+        """Give the admitted enclave (if any) this identity's grant key, signed, on its control
+        queue: after a coordinator key rotation the key differs from the one it was admitted with."""
+        report = self.registry.get_meta(META_ENCLAVE_REPORT)
+        if not report or self.broker is None or handshake.KEM_V2 not in self.accepted_handshakes:
+            return
+        enclave, sealed = self._sealed_grant_key(report)
+        await self.broker.publisher.publish(self.broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY,
+                                            self._sign(GrantKey(enclave=enclave, sealed=sealed,
+                                                                issued_at=time.time())))
+
+    async def open_kem_session(self, hello: SessionHello, caller: str | None = None) -> SessionConfirm:
+        with self._session_seconds.time():
+            try:
+                return await self._open_kem_session(hello, caller)
+            except QflareError as err:
+                raise await self._refuse("session", err, hello.device_id) from None
+
+    async def _open_kem_session(self, hello: SessionHello, caller: str | None) -> SessionConfirm:
+        """KEM authentication both ways and key confirmation; no signature made or checked.
+
+        The coordinator decapsulates ``static_ct`` (only its static key can), encapsulates to
+        the device's ephemeral key (forward secrecy) and to its enrolled KEM key (only the
+        enrolled device can decapsulate), and proves itself by a MAC under a key from all
+        three secrets. The grant is MACed under the attested enclave's grant key.
+        """
+        now = time.time()
+        require_device(self.broker_names, caller, hello.device_id)
+        if not self.session_limits.allow(limit_key(caller, hello.device_id), time.monotonic()):
+            raise QflareError(Reason.RATE_LIMITED, "too many session requests")
+        if hello.suite not in self.accepted_handshakes:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, f"handshake {hello.suite} is not accepted here "
+                              "(crypto.accepted_handshakes)")
+        if hello.coordinator_kem_fp != self.identity.kem_fp:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "encapsulated to a key this coordinator does not hold")
+        device = self.registry.get_device(hello.device_id)
+        if device is None:
+            raise QflareError(Reason.NOT_ENROLLED, f"device {hello.device_id} is not enrolled")
+        if device.status != "active":
+            raise QflareError(Reason.REVOKED, f"device {hello.device_id} is revoked")
+        self.policy.check_kem(hello.eph_kem_alg)
+        if not handshake.is_fresh(hello.timestamp, now, self.settings.crypto.freshness_seconds):
+            raise QflareError(Reason.STALE, "session request outside the freshness window")
+        try:
+            ss_static = self._kem(self.identity.kem_alg).decapsulate(self.identity.kem_sk, hello.static_ct)
+            eph_ct, ss_eph = self._kem(hello.eph_kem_alg).encapsulate(hello.eph_pk)
+            device_ct, ss_device = self._kem(device.kem_alg).encapsulate(device.kem_pk)
+        except (ValueError, pqc.errors.QflareCryptoError) as exc:
+            raise QflareError(Reason.MALFORMED, f"KEM input refused: {exc}") from None
+        session_id = handshake.kem_session_id(hello.nonce)
+        nonce = secrets.token_bytes(32)
+        not_after = now + self.settings.crypto.session_ttl_seconds
+        transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct, nonce, session_id)
+        report = self.registry.get_meta(META_ENCLAVE_REPORT)
+        gkey, key_id, digest, _ = self.grant_key_for(report)
+        # model_construct: every field is ours or the registry's, already valid (no re-validation)
+        body = encode(SessionGrant.model_construct(
+            device_id=device.device_id, session_id=session_id, sig_alg=device.sig_alg, sig_pk=device.sig_pk,
+            sig_fp=device.sig_fp, issued_at=now, not_after=not_after, transcript=transcript, enclave_digest=digest))
+        grant = encode(GrantMac.model_construct(body=body, key_id=key_id, tag=handshake.grant_tag(gkey, body)))
+        final = handshake.kem_final_transcript(transcript, grant, digest)
+        key, confirm_key = handshake.kem_session_keys(ss_eph, ss_static, ss_device, hello.nonce, nonce, final)
+        if not self.registry.record_session(session_id, device.device_id, not_after, now,
+                                            wrapped_key=session_keys.wrap(self.session_wrap, session_id, key)):
+            raise QflareError(Reason.REPLAY, "session request seen before")  # its nonce names a session
+        self._sessions_ok.inc()
+        self._opened[hello.suite] += 1
+        return SessionConfirm.model_construct(
+            suite=hello.suite, device_id=device.device_id, session_id=session_id, eph_ct=eph_ct, device_ct=device_ct,
+            nonce=nonce, grant=grant, enclave_report=report, confirm=handshake.confirm_tag(confirm_key, final))
 
     # --- control traffic under the session key ----------------------------------------
 
@@ -532,6 +742,8 @@ class Coordinator:
             raise await self._refuse("attestation", err, None) from None
         self.registry.set_meta(META_ENCLAVE_REPORT, req.report)
         self.registry.audit("coordinator", "enclave.admitted", measurement=report.measurement)
+        grant_key = (self._sealed_grant_key(req.report)[1] if handshake.KEM_V2 in self.accepted_handshakes
+                     else None)
         await self._event("enclave.attested", measurement=report.measurement,
                           kem_fp=pqc.fingerprint(report.kem_pk, report.kem_alg),
                           sig_fp=pqc.fingerprint(report.sig_pk, report.sig_alg),
@@ -539,7 +751,7 @@ class Coordinator:
         return self._sign(AttestAccept(measurement=report.measurement, coordinator_sig_alg=self.identity.sig_alg,
                                        coordinator_sig_pk=self.identity.sig_pk,
                                        report_digest=attestation_rules.report_digest(req.report),
-                                       challenge=report.nonce))
+                                       challenge=report.nonce, grant_key=grant_key))
 
     # --- revocation ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ hold the identity's key material, all derive the same wrapping key.
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 from cryptography.exceptions import InvalidTag
@@ -23,9 +24,14 @@ def wrapping_key(kem_sk: bytes) -> bytes:
     return pqc.hkdf_sha256(kem_sk, b"", WRAP_INFO, 32)
 
 
+@functools.lru_cache(maxsize=8)
+def _aead(wrapping: bytes) -> AESGCM:
+    return AESGCM(wrapping)
+
+
 def wrap(wrapping: bytes, session_id: str, key: bytes) -> bytes:
     nonce = secrets.token_bytes(12)
-    return nonce + AESGCM(wrapping).encrypt(nonce, key, _AAD + session_id.encode())
+    return nonce + _aead(wrapping).encrypt(nonce, key, _AAD + session_id.encode())
 
 
 def unwrap(wrapping: bytes, session_id: str, blob: bytes) -> bytes | None:

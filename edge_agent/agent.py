@@ -56,7 +56,7 @@ async def _session(broker: BrokerClient, device: Device, settings: Settings, sto
     while True:
         try:
             await client.open_session(rpc, broker.names, device, kem_alg=settings.crypto.kem,
-                                      timeout=settings.broker.rpc_timeout)
+                                      timeout=settings.broker.rpc_timeout, suite=settings.crypto.handshake)
         except QflareError as err:
             if err.reason in FINAL:
                 raise Stopped(f"device {device.device_id} is {FINAL[err.reason]} ({err.detail}); stopping") from None

@@ -22,7 +22,9 @@ from schemas.messages import (
     CoordinatorKeys,
     EnrollAccept,
     EnrollClaim,
+    EnrollConfirm,
     EnrollRequest,
+    GrantMac,
     KeyChain,
     KeyRotation,
     KeysRequest,
@@ -30,7 +32,9 @@ from schemas.messages import (
     RotationRequest,
     SessionAccept,
     SessionCall,
+    SessionConfirm,
     SessionGrant,
+    SessionHello,
     SessionRequest,
     Signed,
     StatusReply,
@@ -44,7 +48,7 @@ from schemas.reasons import QflareError, Reason
 class Session:
     session_id: str
     key: bytes
-    grant: bytes  # encoded Signed(SessionGrant), presented with every update
+    grant: bytes  # encoded Signed(SessionGrant) or GrantMac(SessionGrant), presented with every update
     not_after: float
     seq: int = 0
 
@@ -59,6 +63,10 @@ class Device:
     coordinator_sig_pk: bytes
     enclave: AttestationReport | None = None
     session: Session | None = field(default=None, repr=False)
+    #: The coordinator's static KEM key (handshake kem-v2 encapsulates to it), reached from the
+    #: pinned signature key through the key chain; None until first learnt.
+    coordinator_kem_alg: str | None = None
+    coordinator_kem_pk: bytes | None = None
 
 
 def _enclave_report(raw: bytes | None) -> AttestationReport | None:
@@ -78,33 +86,106 @@ async def refresh_coordinator_key(rpc: RpcClient, names: Names, device: Device, 
     """Follow a coordinator key rotation from the device's pinned key; True if it changed."""
     keys = await coordinator_keys(rpc, names, pqc.fingerprint(device.coordinator_sig_pk, device.coordinator_sig_alg),
                                   timeout)
-    changed = keys.sig_pk != device.coordinator_sig_pk
+    changed = keys.sig_pk != device.coordinator_sig_pk or keys.kem_pk != device.coordinator_kem_pk
     device.coordinator_sig_alg, device.coordinator_sig_pk = keys.sig_alg, keys.sig_pk
+    device.coordinator_kem_alg, device.coordinator_kem_pk = keys.kem_alg, keys.kem_pk
     return changed
 
 
 async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coordinator_fp: str, *,
-                 sig_alg: str, kem_alg: str, timeout: float = 15.0, identity: Identity | None = None) -> Device:
-    """Enroll with a one-time token: new keys, proof of possession, sealed to the coordinator."""
-    keys = await coordinator_keys(rpc, names, coordinator_fp, timeout)
+                 sig_alg: str, kem_alg: str, timeout: float = 15.0, identity: Identity | None = None,
+                 suite: str = handshake.DEFAULT_SUITE, keys: CoordinatorKeys | None = None) -> Device:
+    """Enroll with a one-time token: new keys, proof of possession, sealed to the coordinator.
+
+    ``suite`` kem-v2: the sealed claim carries a fresh reply key and the coordinator answers
+    sealed under it (key confirmation) instead of signing. ``keys``: the coordinator's keys,
+    already reached from ``coordinator_fp`` (:func:`coordinator_keys`), e.g. shared by the
+    devices of one simulated fleet; fetched and checked here when None.
+    """
+    if keys is None or pqc.fingerprint(keys.sig_pk, keys.sig_alg) != coordinator_fp:
+        keys = await coordinator_keys(rpc, names, coordinator_fp, timeout)
     ident = identity or Identity.generate(sig_alg, kem_alg)
+    reply_key = secrets.token_bytes(32) if suite == handshake.KEM_V2 else None
     claim = EnrollClaim(device_id=device_id, token=token, sig_alg=ident.sig_alg, sig_pk=ident.sig_pk,
                         kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32),
-                        timestamp=time.time())
+                        timestamp=time.time(), reply_key=reply_key)
     signed = signing.sign(claim, ident.sig_alg, ident.sig_sk, ident.sig_pk)
     sealed = pqc.seal(keys.kem_alg, keys.kem_pk, encode(signed), handshake.enroll_aad(device_id))
     req = EnrollRequest(device_id=device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=pqc.fingerprint(keys.kem_pk, keys.kem_alg),
                         sealed=sealed)
-    reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, timeout)
-    accept = signing.verify(reply, EnrollAccept, keys.sig_alg, keys.sig_pk)
+    if reply_key is None:
+        reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, timeout)
+        accept = signing.verify(reply, EnrollAccept, keys.sig_alg, keys.sig_pk)
+    else:
+        confirm = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, req, EnrollConfirm, timeout)
+        plain = handshake.open_enroll_accept(reply_key, device_id, confirm.sealed)
+        if plain is None or confirm.device_id != device_id:
+            raise QflareError(Reason.BAD_SIGNATURE, "enrollment reply is not sealed under this request's reply key")
+        accept = decode(plain, EnrollAccept)
     if accept.request_nonce != claim.nonce or accept.device_id != device_id or accept.sig_fp != ident.sig_fp:
         raise QflareError(Reason.BAD_SIGNATURE, "enrollment reply does not answer this request")
-    return Device(device_id, ident, keys.sig_alg, keys.sig_pk, _enclave_report(accept.enclave_report))
+    return Device(device_id, ident, keys.sig_alg, keys.sig_pk, _enclave_report(accept.enclave_report),
+                  coordinator_kem_alg=keys.kem_alg, coordinator_kem_pk=keys.kem_pk)
 
 
 async def open_session(rpc: RpcClient, names: Names, device: Device, *, kem_alg: str = pqc.ids.DEFAULT_KEM,
-                       timeout: float = 15.0) -> Session:
-    """Open a forward-secret session; the ephemeral secret key is dropped before returning."""
+                       timeout: float = 15.0, suite: str = handshake.DEFAULT_SUITE) -> Session:
+    """Open a forward-secret session with handshake ``suite`` (kem-v2 or sig-v1)."""
+    if suite == handshake.SIG_V1:
+        return await _open_signed_session(rpc, names, device, kem_alg, timeout)
+    if suite != handshake.KEM_V2:
+        raise QflareError(Reason.UNSUPPORTED_ALGORITHM, f"unknown handshake {suite!r} (kem-v2 or sig-v1)")
+    if device.coordinator_kem_pk is None:  # enrolled before kem-v2: learn the KEM key from the chain
+        await refresh_coordinator_key(rpc, names, device, timeout)
+    try:
+        return await _open_kem_session(rpc, names, device, kem_alg, timeout)
+    except QflareError as err:
+        # the coordinator holds another KEM key: it rotated; follow the chain and try once more
+        if err.reason != Reason.UNSUPPORTED_ALGORITHM or not await refresh_coordinator_key(rpc, names, device,
+                                                                                            timeout):
+            raise
+        return await _open_kem_session(rpc, names, device, kem_alg, timeout)
+
+
+async def _open_kem_session(rpc: RpcClient, names: Names, device: Device, kem_alg: str, timeout: float) -> Session:
+    """Handshake kem-v2 (docs/crypto.md): encapsulate to the pinned coordinator KEM key, check
+    its key confirmation; the ephemeral secret key is dropped before returning."""
+    assert device.coordinator_kem_alg is not None and device.coordinator_kem_pk is not None
+    kem = pqc.get_kem(kem_alg)
+    eph_pk, eph_sk = kem.generate_keypair()
+    static_ct, ss_static = pqc.get_kem(device.coordinator_kem_alg).encapsulate(device.coordinator_kem_pk)
+    hello = SessionHello(suite=handshake.KEM_V2, device_id=device.device_id,
+                         coordinator_kem_fp=pqc.fingerprint(device.coordinator_kem_pk, device.coordinator_kem_alg),
+                         static_ct=static_ct, eph_kem_alg=kem.name, eph_pk=eph_pk, nonce=secrets.token_bytes(32),
+                         timestamp=time.time())
+    reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, hello, SessionConfirm, timeout)
+    ident = device.identity
+    try:
+        ss_eph = kem.decapsulate(eph_sk, reply.eph_ct)
+        ss_device = pqc.get_kem(ident.kem_alg).decapsulate(ident.kem_sk, reply.device_ct)
+    except (ValueError, pqc.errors.QflareCryptoError):
+        raise QflareError(Reason.BAD_SIGNATURE, "session reply carries malformed ciphertexts") from None
+    del eph_sk  # forward secrecy: nothing kept can recompute ss_eph
+    transcript = handshake.kem_transcript(encode(hello), reply.eph_ct, reply.device_ct, reply.nonce, reply.session_id)
+    digest = handshake.enclave_digest(reply.enclave_report)
+    final = handshake.kem_final_transcript(transcript, reply.grant, digest)
+    key, confirm_key = handshake.kem_session_keys(ss_eph, ss_static, ss_device, hello.nonce, reply.nonce, final)
+    if not handshake.tags_equal(handshake.confirm_tag(confirm_key, final), reply.confirm):
+        raise QflareError(Reason.BAD_SIGNATURE, "session reply fails key confirmation (not the pinned coordinator)")
+    grant = decode(decode(reply.grant, GrantMac).body, SessionGrant)
+    if (grant.transcript != transcript or grant.device_id != device.device_id or reply.device_id != device.device_id
+            or grant.session_id != reply.session_id or grant.sig_fp != ident.sig_fp or grant.enclave_digest != digest):
+        raise QflareError(Reason.BAD_SIGNATURE, "session reply does not match its grant")
+    if reply.enclave_report:
+        device.enclave = _enclave_report(reply.enclave_report)
+    device.session = Session(reply.session_id, key, reply.grant, grant.not_after)
+    return device.session
+
+
+async def _open_signed_session(rpc: RpcClient, names: Names, device: Device, kem_alg: str,
+                               timeout: float) -> Session:
+    """Handshake sig-v1: a signed request, a coordinator-signed grant; the ephemeral secret
+    key is dropped before returning."""
     kem = pqc.get_kem(kem_alg)
     eph_pk, eph_sk = kem.generate_keypair()
     req = SessionRequest(device_id=device.device_id, eph_kem_alg=kem.name, eph_pk=eph_pk,

@@ -22,7 +22,10 @@ def save_device(state_dir: Path, device: Device) -> Path:
     device.identity.save(d / "keys")
     meta = {"device_id": device.device_id, "coordinator_sig_alg": device.coordinator_sig_alg,
             "coordinator_sig_pk": base64.b64encode(device.coordinator_sig_pk).decode(),
-            "enclave": base64.b64encode(encode(device.enclave)).decode() if device.enclave else None}
+            "enclave": base64.b64encode(encode(device.enclave)).decode() if device.enclave else None,
+            "coordinator_kem_alg": device.coordinator_kem_alg,
+            "coordinator_kem_pk": base64.b64encode(device.coordinator_kem_pk).decode() if device.coordinator_kem_pk
+            else None}
     tmp = d / "device.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, d / "device.json")
@@ -35,5 +38,8 @@ def load_device(state_dir: Path, device_id: str) -> Device:
         raise FileNotFoundError(f"device {device_id} is not enrolled here ({d}); run `qflare agent enroll` first")
     meta = json.loads((d / "device.json").read_text())
     enclave = decode(base64.b64decode(meta["enclave"]), AttestationReport) if meta["enclave"] else None
+    kem_pk = meta.get("coordinator_kem_pk")  # absent when saved before handshake kem-v2
     return Device(device_id, Identity.load(d / "keys"), meta["coordinator_sig_alg"],
-                  base64.b64decode(meta["coordinator_sig_pk"]), enclave)
+                  base64.b64decode(meta["coordinator_sig_pk"]), enclave,
+                  coordinator_kem_alg=meta.get("coordinator_kem_alg"),
+                  coordinator_kem_pk=base64.b64decode(kem_pk) if kem_pk else None)

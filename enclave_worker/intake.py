@@ -18,13 +18,20 @@ from typing import NamedTuple
 import numpy as np
 
 import pqc
-from common import compression
+from common import compression, handshake
 from common.updates import signed_parts, update_aad
 from enclave_worker import staleness
 from schemas import signing
 from schemas.codec import CodecError, decode
-from schemas.messages import SessionGrant, Signed, Update, UpdateHeader
+from schemas.messages import GrantMac, SessionGrant, Signed, Update, UpdateHeader
 from schemas.reasons import QflareError, Reason
+
+
+class GrantKeyEntry(NamedTuple):
+    """A grant key (kem-v2) the enclave was given; ``rotated_at`` as for :class:`CoordinatorKey`."""
+
+    key: bytes
+    rotated_at: float | None = None
 
 
 class CoordinatorKey(NamedTuple):
@@ -64,6 +71,9 @@ class IntakeContext:
     key_epochs: Mapping[str, float] = dataclasses.field(default_factory=dict)
     #: SHA3-256 digests of this enclave's admitted reports: a grant must name one of them.
     report_digests: frozenset[bytes] = frozenset()
+    #: Grant keys (handshake kem-v2) by key id, each given by the coordinator for this enclave
+    #: alone; one replaced at ``rotated_at`` vouches only for grants issued before then.
+    grant_keys: Mapping[bytes, GrantKeyEntry] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,31 @@ def verified_grant(grant: bytes, alg: str, pk: bytes) -> SessionGrant:
     Failures raise and are never cached.
     """
     return signing.verify(decode(grant, Signed), SessionGrant, alg, pk)
+
+
+@functools.lru_cache(maxsize=65536)
+def maced_grant(grant: bytes, key_id: bytes, key: bytes) -> SessionGrant:
+    """A grant whose HMAC under the grant key ``key`` (named ``key_id``) verified, cached
+    like :func:`verified_grant`; a forged or altered grant raises and is never cached."""
+    mac = decode(grant, GrantMac)
+    if mac.key_id != key_id or not handshake.tags_equal(handshake.grant_tag(key, mac.body), mac.tag):
+        raise QflareError(Reason.BAD_GRANT, "grant MAC does not verify")
+    return decode(mac.body, SessionGrant)
+
+
+def grant_of(raw: bytes, ctx: IntakeContext) -> tuple[SessionGrant, float | None]:
+    """The grant an update presents, authenticated by signature (sig-v1) or MAC (kem-v2),
+    and when the key that vouches for it was rotated out (None: it was not)."""
+    outer = decode(raw, (Signed, GrantMac))
+    if isinstance(outer, GrantMac):
+        entry = ctx.grant_keys.get(outer.key_id)
+        if entry is None:
+            raise QflareError(Reason.BAD_GRANT, "grant MACed under a key this enclave was not given")
+        return maced_grant(raw, outer.key_id, entry.key), entry.rotated_at  # the key is this enclave's
+    key = ctx.coordinator_keys.get(outer.signer)
+    if key is None:
+        raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
+    return verified_grant(raw, key.alg, key.pk), key.rotated_at
 
 
 def read_header(update: Update) -> UpdateHeader:
@@ -110,14 +145,10 @@ def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, s
     if header.device_id in ctx.revoked:
         raise QflareError(Reason.REVOKED, f"device {header.device_id} is revoked")
     try:
-        signed_grant = decode(header.grant, Signed)
-        key = ctx.coordinator_keys.get(signed_grant.signer)
-        if key is None:
-            raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
-        grant = verified_grant(header.grant, key.alg, key.pk)
+        grant, rotated_at = grant_of(header.grant, ctx)
     except (QflareError, CodecError) as err:
         raise QflareError(Reason.BAD_GRANT, err.detail) from None
-    if key.rotated_at is not None and grant.issued_at >= key.rotated_at:
+    if rotated_at is not None and grant.issued_at >= rotated_at:
         raise QflareError(Reason.BAD_GRANT, "grant issued by a coordinator key after it was rotated out")
     if grant.device_id != header.device_id:
         raise QflareError(Reason.BAD_GRANT, "grant issued to another device")

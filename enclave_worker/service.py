@@ -44,9 +44,11 @@ from enclave_worker.store import EnclaveStore
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
+    AttestAccept,
     AttestChallenge,
     AttestChallengeRequest,
     CoordinatorKeys,
+    GrantKey,
     KeyChain,
     KeyEpoch,
     KeysRequest,
@@ -175,6 +177,12 @@ class Enclave:
         self.report_digests: frozenset[bytes] = frozenset(self.store.reports(self.identity.kem_fp))
         self._last_round_open = 0.0  # issued_at of the newest RoundOpen obeyed
         self._round_opened_at: float | None = None  # when the open round opened (store time)
+        #: Grant keys (handshake kem-v2) by key id, for this enclave (its code and kept keys):
+        #: from the admission, then from each coordinator start (a rotated coordinator key
+        #: derives another; the previous one then vouches only for grants issued before).
+        self.grant_keys: dict[bytes, intake.GrantKeyEntry] = {}
+        self.enclave_identity = handshake.enclave_identity(self.code, self.identity.kem_alg, self.identity.kem_pk,
+                                                           self.identity.sig_alg, self.identity.sig_pk)
         self.broker: BrokerClient | None = None
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
         self.http_port: int | None = None
@@ -271,6 +279,31 @@ class Enclave:
         self.store.add_report(digest, self.identity.kem_fp)
         self.report_digests = self.report_digests | {digest}
         log.info("admitted by coordinator %s (pinned %s)", self.current_coordinator[:16], self.pinned_coordinator[:16])
+        accept = signing.unverified(signed, AttestAccept)
+        if accept.grant_key is not None:
+            self._take_grant_key(self.enclave_identity, accept.grant_key, time.time())
+
+    def _take_grant_key(self, enclave: bytes, sealed: bytes, issued_at: float) -> None:
+        """Keep a grant key the (verified) coordinator sealed to this enclave; an earlier key
+        is retired at ``issued_at`` (it vouches only for grants issued before)."""
+        if enclave != self.enclave_identity:
+            log.info("grant key for another enclave ignored")
+            return
+        try:
+            key = pqc.open_sealed(self.identity.kem_sk, sealed, handshake.grant_key_aad(enclave), policy=self.policy)
+        except pqc.errors.QflareCryptoError as exc:
+            log.warning("grant key from the coordinator does not open: %s", type(exc).__name__)
+            return
+        key_id = handshake.grant_key_id(key)
+        if key_id in self.grant_keys:
+            return
+        for k, entry in list(self.grant_keys.items()):
+            if entry.rotated_at is None:
+                self.grant_keys[k] = entry._replace(rotated_at=issued_at)
+            elif entry.rotated_at + self.settings.crypto.session_ttl_seconds < time.time():
+                del self.grant_keys[k]  # every grant it vouched for has expired
+        self.grant_keys[key_id] = intake.GrantKeyEntry(key)
+        log.info("grant key %s accepted (handshake kem-v2)", key_id.hex())
 
     def _trust(self, alg: str, pk: bytes, *, rotated_at: float | None = None) -> None:
         """Make (alg, pk) the current coordinator key; the previous one is retired at ``rotated_at``."""
@@ -319,8 +352,11 @@ class Enclave:
     async def _on_control(self, signed: Signed, raw) -> None:
         require_role(self.settings, "coordinator", raw.user_id)  # broker-verified sender, before any crypto
         inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData,
-                                                 KeyEpoch))
+                                                 KeyEpoch, GrantKey))
         msg = self._verify_coordinator(signed, type(inner_type))
+        if isinstance(msg, GrantKey):
+            self._take_grant_key(msg.enclave, msg.sealed, msg.issued_at)
+            return
         if isinstance(msg, RootData):
             await self._take_root_data(msg)
             return
@@ -465,7 +501,8 @@ class Enclave:
             n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
             now=time.time(), base_version=self.version if self._max_staleness(self.round) is None else None,
             opened_at=self._round_opened_at, skew=self.settings.crypto.freshness_seconds, key_epochs=self.key_epochs,
-            report_digests=self.report_digests, version=self.version, max_staleness=self._max_staleness(self.round))
+            report_digests=self.report_digests, version=self.version, max_staleness=self._max_staleness(self.round),
+            grant_keys=dict(self.grant_keys))
 
     def _max_staleness(self, spec: RoundSpec | None) -> int | None:
         """The staleness bound of an async round (None: a sync round, or none open)."""

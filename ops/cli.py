@@ -364,7 +364,8 @@ def agent_enroll(device_id: str = typer.Option(..., "--device-id"), token: str =
 
     async def go(broker, rpc):
         return await client.enroll(rpc, broker.names, device_id, token, coordinator_fingerprint,
-                                   sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+                                   sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout,
+                                   suite=s.crypto.handshake)
 
     dev = run(_with_rpc(s, go, device_id))
     path = save_device(s.state_dir, dev)
@@ -384,7 +385,8 @@ def agent_session(device_id: str = typer.Option(..., "--device-id"),
         raise fail(f"device {device_id} is not enrolled here; run `qflare agent enroll` first")
 
     async def go(broker, rpc):
-        return await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+        return await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout,
+                                   suite=s.crypto.handshake)
 
     sess = run(_with_rpc(s, go, device_id))
     save_device(s.state_dir, dev)
@@ -414,7 +416,8 @@ def agent_status(device_id: str = typer.Option(..., "--device-id"),
     dev = load_device(s.state_dir, device_id)
 
     async def go(broker, rpc):
-        await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+        await client.open_session(rpc, broker.names, dev, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout,
+                                   suite=s.crypto.handshake)
         return await client.status(rpc, broker.names, dev, timeout=s.broker.rpc_timeout)
 
     st = run(_with_rpc(s, go, device_id))
@@ -501,7 +504,8 @@ def agent_join(token_dir: Path = typer.Option(..., "--token-dir", help="Director
     if not c.enrolled or not _exists(s, c.device_id):
         async def go(broker, rpc):
             return await client.enroll(rpc, broker.names, c.device_id, c.token, c.coordinator_fingerprint,
-                                       sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout)
+                                       sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout,
+                                   suite=s.crypto.handshake)
 
         dev = run(_with_rpc(s, go, c.device_id))
         save_device(s.state_dir, dev)

@@ -24,8 +24,11 @@ class WithFingerprint(Detail):
     sig_fp: str  # SHA3-256 fingerprint of the device's signature key
 
 
-class SessionOpened(Detail):
-    session_id: str
+class SessionsOpened(Detail):
+    count: int  # sessions opened by this coordinator since its last sessions.opened
+    kem_v2: int = 0  # of which with handshake kem-v2 (docs/crypto.md)
+    sig_v1: int = 0  # of which with handshake sig-v1
+    seconds: float  # the span they were opened in
 
 
 class Refusal(Detail):
@@ -137,8 +140,9 @@ EVENTS: tuple[EventSpec, ...] = (
               WithFingerprint, ("device_id", "reason"), "operator"),
     EventSpec("device.rotated", "A device rotated its keys (signed by the old key).", WithFingerprint,
               ("device_id",), "coordinator"),
-    EventSpec("session.opened", "A device opened a forward-secret session.", SessionOpened, ("device_id",),
-              "coordinator"),
+    EventSpec("sessions.opened", "Forward-secret sessions were opened: one event per coordinator per "
+              "`events.sessions_every_seconds` with the count, not one per session (the registry's sessions "
+              "table holds each).", SessionsOpened, (), "coordinator"),
     EventSpec("enrollment.rejected.{reason}", "An enrollment request was refused.", Refusal,
               ("device_id", "reason"), "coordinator"),
     EventSpec("session.rejected.{reason}", "A session request was refused.", Refusal, ("device_id", "reason"),

@@ -94,6 +94,9 @@ class EnrollClaim(Message):
     kem_pk: Key
     nonce: Nonce
     timestamp: float
+    #: Handshake ``kem-v2``: a fresh key the coordinator answers under (:class:`EnrollConfirm`)
+    #: instead of signing; only the holder of its KEM secret key can read it from the sealed claim.
+    reply_key: Sha256 | None = None
 
 
 class EnrollRequest(Message):
@@ -120,6 +123,15 @@ class EnrollAccept(Message):
     coordinator_sig_alg: AlgName
     coordinator_sig_pk: Key
     enclave_report: Encoded | None = None
+
+
+class EnrollConfirm(Message):
+    """Handshake ``kem-v2``: the encoded :class:`EnrollAccept`, AES-256-GCM under the claim's
+    ``reply_key`` (common/handshake.py: seal_enroll_accept); opening it is the key confirmation."""
+
+    TYPE: ClassVar[str] = "enroll.confirm"
+    device_id: DeviceId
+    sealed: Annotated[bytes, Field(min_length=28, max_length=1024 * 1024)]
 
 
 # --- sessions (step 3) -----------------------------------------------------------------
@@ -169,6 +181,69 @@ class SessionAccept(Message):
     nonce: Nonce
     grant: Encoded  # Signed(SessionGrant)
     enclave_report: Encoded | None = None
+
+
+#: Handshake suites a device may ask for: ``sig-v1`` (a signed SessionRequest, a signed
+#: grant) and ``kem-v2`` (KEM authentication and key confirmation, a MACed grant).
+KemSuite = Literal["kem-v2"]
+
+
+class SessionHello(Message):
+    """Handshake ``kem-v2``, device → coordinator (docs/crypto.md, "KEM handshake").
+
+    ``static_ct`` encapsulates to the coordinator's static KEM key (fingerprint
+    ``coordinator_kem_fp``, pinned through the device's key chain); ``eph_pk`` is a fresh KEM
+    key for forward secrecy. Not signed: the device is authenticated by decapsulating the
+    coordinator's ciphertext to its enrolled KEM key.
+    """
+
+    TYPE: ClassVar[str] = "session.hello"
+    suite: KemSuite
+    device_id: DeviceId
+    coordinator_kem_fp: Fingerprint
+    static_ct: Key
+    eph_kem_alg: AlgName
+    eph_pk: Key
+    nonce: Nonce
+    timestamp: float
+
+
+class SessionConfirm(Message):
+    """Handshake ``kem-v2``, coordinator → device: ciphertexts to the ephemeral key and to
+    the device's enrolled KEM key, the MACed grant, and ``confirm``, the key-confirmation tag
+    over the whole transcript (only the holder of the coordinator's static key can make it)."""
+
+    TYPE: ClassVar[str] = "session.confirm"
+    suite: KemSuite
+    device_id: DeviceId
+    session_id: Annotated[str, Field(min_length=8, max_length=64)]
+    eph_ct: Key
+    device_ct: Key
+    nonce: Nonce
+    grant: Encoded  # GrantMac(SessionGrant)
+    enclave_report: Encoded | None = None
+    confirm: Sha256
+
+
+class GrantMac(Message):
+    """A :class:`SessionGrant` (``body``, encoded) under HMAC-SHA-256 with a grant key the
+    coordinator gave the attested enclave; ``key_id`` names that key (common/handshake.py)."""
+
+    TYPE: ClassVar[str] = "session.grant.mac"
+    body: Encoded
+    key_id: Annotated[bytes, Field(min_length=16, max_length=16)]
+    tag: Sha256
+
+
+class GrantKey(Message):
+    """Coordinator → enclave, signed: the grant key for the admitted enclave, sealed to its
+    KEM key. Sent at every coordinator start (a rotated coordinator key derives
+    another grant key); the same key also travels in :class:`AttestAccept` at admission."""
+
+    TYPE: ClassVar[str] = "enclave.grant_key"
+    enclave: Sha256  # the enclave it is for (common/handshake.py: enclave_identity)
+    sealed: Annotated[bytes, Field(min_length=1, max_length=64 * 1024)]
+    issued_at: float
 
 
 class SessionCall(Message):
@@ -292,7 +367,9 @@ class AttestRequest(Message):
 
 class AttestAccept(Message):
     """Coordinator → enclave, signed by the coordinator key the enclave pins: binds the exact
-    report admitted (its SHA-256) and the challenge it answered."""
+    report admitted (its SHA-256) and the challenge it answered. ``grant_key``: the key grants
+    of handshake ``kem-v2`` are MACed under, sealed to the admitted enclave's KEM key
+    (associated data common/handshake.py: grant_key_aad)."""
 
     TYPE: ClassVar[str] = "attest.accept"
     measurement: Measurement
@@ -300,6 +377,7 @@ class AttestAccept(Message):
     coordinator_sig_pk: Key
     report_digest: Sha256
     challenge: Nonce
+    grant_key: Annotated[bytes, Field(max_length=64 * 1024)] | None = None
 
 
 # --- rounds and models (steps 4-5) -----------------------------------------------------
@@ -551,7 +629,7 @@ class UpdateHeader(Message):
 
     TYPE: ClassVar[str] = "update.header"
     device_id: DeviceId
-    grant: Encoded  # Signed(SessionGrant)
+    grant: Encoded  # Signed(SessionGrant) or GrantMac(SessionGrant)
     round_id: Annotated[int, Field(ge=1)]
     update_id: UpdateId
     base_version: Annotated[int, Field(ge=0)]
@@ -646,8 +724,9 @@ class Event(Message):
 
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Signed, ErrorReply, Ping, Pong,
-    EnrollClaim, EnrollRequest, EnrollAccept,
-    SessionRequest, SessionGrant, SessionAccept, SessionCall, StatusRequest, StatusReply,
+    EnrollClaim, EnrollRequest, EnrollAccept, EnrollConfirm,
+    SessionRequest, SessionGrant, SessionAccept, SessionHello, SessionConfirm, GrantMac, GrantKey, SessionCall,
+    StatusRequest, StatusReply,
     KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
     AttestationReport, AttestChallengeRequest, AttestChallenge, AttestRequest, AttestAccept,
     RoundSpec, RoundOpen, RoundAbort, Revocation, KeyEpoch, RootData,

@@ -60,12 +60,12 @@ def claim_for(ident: Identity, device_id: str, token: str, **over) -> EnrollClai
 
 async def test_enroll_then_open_session(broker, settings):
     async with coordinator(settings) as coord:
-        events = await EventLog.bind(broker, "device.#", "session.#")
+        events = await EventLog.bind(broker, "device.#", "sessions.#")
         dev = await enrolled(broker, coord, "cam-1")
         assert dev.session is not None and len(dev.session.key) == 32
         assert coord.registry.get_device("cam-1").sig_fp == dev.identity.sig_fp
         await events.wait("device.enrolled")
-        await events.wait("session.opened")
+        await events.wait("sessions.opened")
 
 
 async def test_token_is_single_use(broker, settings):
@@ -186,7 +186,7 @@ async def test_stale_and_unenrolled_session_requests(broker, settings):
 
 
 async def test_recorded_session_key_is_not_recoverable_from_long_term_keys(broker, settings):
-    """Forward secrecy: everything on the wire plus the device's long-term private keys
+    """Forward secrecy (handshake sig-v1; kem-v2 in tests/test_kem_handshake.py): everything on the wire plus the device's long-term private keys
     does not give the session key, because the KEM went to a discarded ephemeral key."""
     async with coordinator(settings) as coord:
         dev = await enrolled(broker, coord, "cam-12", session=False)
@@ -200,7 +200,7 @@ async def test_recorded_session_key_is_not_recoverable_from_long_term_keys(broke
             return reply
 
         rpc.call = recording_call
-        session = await client.open_session(rpc, broker.names, dev)
+        session = await client.open_session(rpc, broker.names, dev, suite=handshake.SIG_V1)
         rpc.call = original
         from schemas.codec import decode
         from schemas.messages import SessionAccept

@@ -217,3 +217,29 @@ def test_the_postgresql_store_connects_again_after_losing_its_connection(pg_url,
         reg.check_token(token, "d1")  # the statement that finds the connection gone fails ...
     assert reg.consume_token(token, "d1") == "ok"  # ... the next one runs on a new connection
     reg.close()
+
+
+def test_a_commit_group_keeps_each_steps_outcome(open_store):
+    """Group commit (coordinator/service.py: GroupCommit): steps share one commit, a step that
+    raises is undone alone, and a token raced inside one group still burns exactly once."""
+    reg = open_store()
+    a, b = reg.create_token("dev-a", 600), reg.create_token("dev-b", 600)
+    ident = Identity.generate("ML-DSA-44", "ML-KEM-768")
+
+    def burn(token: str, device_id: str):
+        def step():
+            outcome = reg.consume_token(token, device_id)
+            if outcome != "ok":
+                raise RegistryError(outcome, device_id)
+            return reg.enroll_device(device_id, ident.sig_alg, ident.sig_pk, ident.kem_alg, ident.kem_pk)
+        return step
+
+    def half_then_fail():
+        reg.enroll_device("dev-x", ident.sig_alg, ident.sig_pk, ident.kem_alg, ident.kem_pk)
+        raise RuntimeError("after a write")
+
+    out = reg.commit_group([burn(a, "dev-a"), half_then_fail, burn(a, "dev-a"), burn(b, "dev-b")])
+    assert out[0].device_id == "dev-a" and out[3].device_id == "dev-b"
+    assert isinstance(out[1], RuntimeError) and reg.get_device("dev-x") is None  # its write undone
+    assert isinstance(out[2], RegistryError) and out[2].reason == "token_used"
+    assert reg.get_device("dev-a") is not None and reg.check_token(b, "dev-b") == "token_used"
