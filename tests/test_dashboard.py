@@ -62,6 +62,25 @@ def test_the_view_folds_fleet_rounds_rejections_enclave_and_dead_letters():
     assert view.snapshot()["rounds"][0]["accepted"] == 1
 
 
+def test_the_fleet_shows_each_devices_reputation_quarantine_and_updates_counted_once():
+    view = FleetView("ns")
+    for e in (ev("update.accepted", device_id="a", round_id=1, update_id="u1", reputation=1.0, quarantined=False),
+              ev("update.accepted", device_id="m", round_id=1, update_id="u2", reputation=1.0, quarantined=False),
+              ev("update.rejected.norm_bound", device_id="m", round_id=1, reason="norm_bound", update_id="u2"),
+              ev("device.quarantined", device_id="m", round_id=2, reputation=0.49),
+              ev("update.accepted", device_id="a", round_id=3, update_id="u3", reputation=1.0, quarantined=False),
+              ev("update.accepted", device_id="m", round_id=3, update_id="u4", reputation=0.34, quarantined=True)):
+        view.apply(e)
+    rows = {d["device_id"]: d for d in view.snapshot()["devices"]}
+    assert (rows["a"]["state"], rows["a"]["reputation"], rows["a"]["accepted"], rows["a"]["rejected"]) == \
+        ("active", 1.0, 2, 0)
+    # m's first update was stored, then refused at the close: once, as rejected
+    assert (rows["m"]["state"], rows["m"]["reputation"], rows["m"]["accepted"], rows["m"]["rejected"]) == \
+        ("quarantined", 0.34, 1, 1)
+    view.apply(ev("update.accepted", device_id="m", round_id=9, update_id="u9", reputation=0.6, quarantined=False))
+    assert {d["device_id"]: d["state"] for d in view.snapshot()["devices"]}["m"] == "active"  # recovered
+
+
 def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tuple[int, str, dict]:
     req = urllib.request.Request(url, headers=headers or {}, data=data)
 
