@@ -52,8 +52,8 @@ def test_the_view_folds_fleet_rounds_rejections_enclave_and_dead_letters():
     snap = view.snapshot()
     assert [(d["device_id"], d["state"], d["last_seen"]) for d in snap["devices"]] == [
         ("a", "active", 1001.0), ("b", "revoked", 1002.0)]
-    assert [(r["round_id"], r["status"], r["accepted"], r["rejected"]) for r in snap["rounds"]] == [
-        (1, "completed", 1, {"norm_bound": 1}), (2, "failed", 0, {"too_few_updates": 1})]
+    assert [(r["round_id"], r["status"], r["accepted"], r["rejected"], r["reason"]) for r in snap["rounds"]] == [
+        (1, "completed", 1, {"norm_bound": 1}, None), (2, "failed", 0, {}, "too_few_updates")]  # no update refused
     assert snap["accuracy"] == [{"round_id": 1, "accuracy": 0.8}]
     assert snap["rejections"] == {"norm_bound": 1} and snap["dead_letters"] == {"malformed": 1}
     assert snap["enclave"]["measurement"] == "m" * 64 and snap["enclave"]["platform"] == "simulated"

@@ -42,6 +42,8 @@ class RoundRow:
     accuracy: float | None = None
     version: int | None = None
     closed_at: float | None = None
+    #: Why a round failed, stalled or was cancelled (a round's reason, not an update's).
+    reason: str | None = None
 
 
 def parse_rejected(text: object) -> dict[str, int]:
@@ -144,8 +146,7 @@ class FleetView:
         elif t in ("round.failed", "round.stalled", "round.cancelled") and ev.round_id is not None:
             r = self._round(ev.round_id)
             r.status, r.closed_at = t.split(".")[1], ev.at
-            if ev.reason:
-                r.rejected.setdefault(ev.reason, 1)
+            r.reason = ev.reason
         elif t.startswith("dead_letter."):
             reason = ev.reason or t.split(".", 1)[1]
             self.dead_letters[reason] = self.dead_letters.get(reason, 0) + 1
