@@ -50,8 +50,9 @@ try:
 except ImportError:  # pragma: no cover - the crypto commands ship with the pqc suite
     pass
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long line (a token, a fingerprint, an error) stays one line when piped, to copy or grep
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _state: dict[str, Any] = {"config": None, "settings": None, "verbose": False}
 
 #: Exit codes (docs/operations.md): refused with a reason code; bad input or configuration;
