@@ -101,8 +101,8 @@ async def _one_connection(settings: Settings, device: Device, fleet: Fleet, stop
                 await asyncio.sleep(max(0.0, last_session + REKEY_SECONDS - time.monotonic()))
                 rekey.clear()
                 old = device.enclave.sig_pk if device.enclave else None
-                log.info("a model signed by an enclave key %s does not know: asking the coordinator for a new "
-                         "session", device.device_id)
+                log.info("%s: a model is signed by an enclave key this device does not know; asking the "
+                         "coordinator for a new session", device.device_id)
                 await _session(broker, device, settings, stop)
                 save_device(settings.state_dir, device)
                 last_session = time.monotonic()
