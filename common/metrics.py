@@ -35,8 +35,11 @@ HANDSHAKE_SECONDS = Histogram("qflare_handshake_duration_seconds",
                               ["kind"], buckets=FAST_BUCKETS, registry=None)
 
 # enclave
-UPDATES = Counter("qflare_updates_total", "Updates by outcome (accepted or a rejection reason)", ["outcome"],
-                  registry=None)
+UPDATES = Counter("qflare_updates_total", "Updates by their verdict at intake (accepted: stored; or a rejection "
+                  "reason), each counted once", ["outcome"], registry=None)
+#: Stored (intake-accepted) updates the round's close then left out: a filter, quarantine, revoked.
+CLOSE_REFUSED = Counter("qflare_updates_refused_at_close_total",
+                        "Stored updates the round's close left out, by reason", ["reason"], registry=None)
 INTAKE_SECONDS = Histogram("qflare_update_intake_duration_seconds",
                            "Time from an update's delivery to its verdict (verify, open, store)",
                            buckets=FAST_BUCKETS, registry=None)
@@ -59,7 +62,7 @@ class LatestModel(Collector):
                                     value=self.version)
         if self.accuracy is not None:
             yield GaugeMetricFamily("qflare_model_accuracy_ratio",
-                                    "Test accuracy (0-1) of the latest global model on the digits test split",
+                                    "Test accuracy (0-1) of the latest global model on the task's test data",
                                     value=self.accuracy)
 
 
@@ -77,4 +80,4 @@ def _registry(*collectors: Collector) -> CollectorRegistry:
 #: What ``qflare coordinator run`` exports.
 COORDINATOR = _registry(ENROLLMENTS, SESSIONS, HANDSHAKE_SECONDS)
 #: What ``qflare enclave run`` exports.
-ENCLAVE = _registry(UPDATES, INTAKE_SECONDS, ROUNDS, ROUND_SECONDS, MODEL)
+ENCLAVE = _registry(UPDATES, CLOSE_REFUSED, INTAKE_SECONDS, ROUNDS, ROUND_SECONDS, MODEL)

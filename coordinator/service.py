@@ -727,7 +727,9 @@ class Coordinator:
                 raise QflareError(Reason.BAD_SIGNATURE, "report not signed by a trusted platform key")
             report = signing.verify(decode(req.report, Signed), AttestationReport, req.platform_alg, req.platform_pk)
             if report.measurement not in attestation_rules.allowed_measurements(self.settings):
-                raise QflareError(Reason.MEASUREMENT_NOT_ALLOWED, report.measurement)
+                raise QflareError(Reason.MEASUREMENT_NOT_ALLOWED, (
+                    f"{report.measurement}: a new enclave build? add it to the coordinator's "
+                    "enclave.allowed_measurements (`qflare enclave measurement` prints it) and restart it"))
             issued = attestation_rules.challenge_issued_at(self.challenge_key, report.nonce)
             if issued is None:
                 raise QflareError(Reason.BAD_SIGNATURE, "the report does not answer a challenge this coordinator issued")

@@ -42,6 +42,10 @@ log = logging.getLogger("qflare.agent")
 ENCLAVE_RETRY_SECONDS = 2.0
 #: A connection that held this long was a success: the backoff starts small again.
 STABLE_SECONDS = 30.0
+#: A model signed by an enclave key the device does not know (the enclave got new keys, e.g. a
+#: new build) makes it ask the coordinator for a new session, at most this often (a forged model
+#: costs the coordinator one session per this many seconds, no more).
+REKEY_SECONDS = 30.0
 #: Coordinator answers that end the agent: asking again cannot change them.
 FINAL = {Reason.REVOKED: "revoked", Reason.NOT_ENROLLED: "not enrolled"}
 
@@ -72,11 +76,13 @@ async def _one_connection(settings: Settings, device: Device, fleet: Fleet, stop
     """Connect, take part until the connection is lost (returns) or ``stop`` is set."""
     broker = await BrokerClient.open(settings, name=f"qflare-agent-{device.device_id}", declare=False,
                                      client_id=device.device_id, robust=False)
-    lost = asyncio.Event()
+    lost, rekey = asyncio.Event(), asyncio.Event()
     broker.connection.close_callbacks.add(lambda *_: lost.set())
+    fleet.on_reject = lambda _device, reason: rekey.set() if reason == Reason.BAD_SIGNATURE.value else None
     try:
         await _session(broker, device, settings, stop)
         save_device(settings.state_dir, device)
+        last_session = time.monotonic()
         fleet.broker = broker
         resent = await fleet.flush()
         if resent:
@@ -85,12 +91,24 @@ async def _one_connection(settings: Settings, device: Device, fleet: Fleet, stop
         log.info("connected as %s; following the models fanout", device.device_id)
         while not (stop.is_set() or lost.is_set()):
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait()),
-                     asyncio.ensure_future(watch.wait())}
+                     asyncio.ensure_future(watch.wait()), asyncio.ensure_future(rekey.wait())}
             try:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
+            if rekey.is_set() and not (stop.is_set() or lost.is_set()):
+                await asyncio.sleep(max(0.0, last_session + REKEY_SECONDS - time.monotonic()))
+                rekey.clear()
+                old = device.enclave.sig_pk if device.enclave else None
+                log.info("%s: a model is signed by an enclave key this device does not know; asking the "
+                         "coordinator for a new session", device.device_id)
+                await _session(broker, device, settings, stop)
+                save_device(settings.state_dir, device)
+                last_session = time.monotonic()
+                if device.enclave and device.enclave.sig_pk != old:
+                    log.info("%s: the attested enclave has new keys; catching up", device.device_id)
+                    await fleet.catch_up()
             for w in done:
                 if not w.cancelled() and isinstance(w.result(), float) and not lost.is_set():
                     log.info("woke after about %.0f s asleep; catching up", w.result())

@@ -219,6 +219,10 @@ class Fleet:
         m.trained_on = (spec.round_id, model.version)
         left = spec.deadline - time.time()
         need = (m.train_seconds or 0.0) + self.settings.recovery.join_margin_seconds
+        if left <= 0:  # e.g. read back from the models stream after it closed
+            self._say("%s: round %d is past its deadline; waiting for the next round", m.device.device_id,
+                      spec.round_id)
+            return
         if left < need:
             self._say("%s: round %d closes in %.1f s, too soon to train and send (about %.1f s needed); "
                       "waiting for the next round", m.device.device_id, spec.round_id, left, need)

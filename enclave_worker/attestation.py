@@ -59,7 +59,17 @@ def load_enclave_keys(settings: Settings, platform: Identity, code: str) -> Iden
     directory = settings.state_dir / "enclave" / "keys"
     key = sealing_key(platform, code)
     if (directory / "public.json").exists():
-        return Identity.load(directory, passphrase=key)
+        try:
+            return Identity.load(directory, passphrase=key)
+        except pqc.errors.DecryptionError:
+            # Sealed to the measurement, as a TEE seals to MRENCLAVE: a new build cannot unseal
+            # the old build's keys, and nothing here hands them over.
+            raise QflareError(Reason.DECRYPTION_FAILED, (
+                f"the enclave keys in {directory} were sealed by other enclave code (or another platform key); "
+                f"this build (measurement {code[:16]}…) cannot unseal them. Run the build that sealed them, or "
+                f"give this one new keys: let the open round close, move {directory} aside, allow this "
+                "measurement on the coordinator (enclave.allowed_measurements) and seal root data again "
+                "(qflare enclave root-data)")) from None
     ident = Identity.generate(settings.crypto.signature, settings.crypto.kem)
     ident.save(directory, passphrase=key)
     return ident

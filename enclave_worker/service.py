@@ -602,8 +602,14 @@ class Enclave:
                                     header.base_version)
             self.senders(header.round_id).add(header.device_id)
             metrics.UPDATES.labels("accepted").inc()
-            self._pending.append((raw, {"type_": "update.accepted", "device_id": header.device_id,
-                                        "round_id": header.round_id, "update_id": header.update_id}))
+            event = {"type_": "update.accepted", "device_id": header.device_id, "round_id": header.round_id,
+                     "update_id": header.update_id}
+            if self.settings.fl.defend:  # the standing this update is judged with at the close
+                reps = self.defence_state.reputations
+                event |= {"reputation": round(reputation.current(reps, header.device_id), 4),
+                          "quarantined": reputation.quarantined(reps, header.device_id,
+                                                                self.settings.fl.quarantine_below)}
+            self._pending.append((raw, event))
             if self._buffer_ready(self.round):
                 await self._fold(self.round)  # flushes the batch first
                 return DEFERRED
@@ -907,7 +913,7 @@ class Enclave:
 
     async def _refuse_stored(self, round_id: int, u, reason: str, rejected: dict[str, int]) -> None:
         """A stored update left out at the close: counted in ``rejected``, announced."""
-        metrics.UPDATES.labels(reason).inc()
+        metrics.CLOSE_REFUSED.labels(reason).inc()  # its intake verdict (accepted) stays counted once
         rejected[reason] = rejected.get(reason, 0) + 1
         await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id, round_id=round_id,
                                           reason=reason, update_id=u.update_id, confirmed=True)

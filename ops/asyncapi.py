@@ -59,7 +59,8 @@ def _headers() -> dict:
                                                                       "time")],
             "properties": {
                 f"{PREFIX}id": attr("unique id of this event"),
-                f"{PREFIX}source": attr("the emitting service, `/qflare/<namespace>/<service>`"),
+                f"{PREFIX}source": attr("the emitting process, `/qflare/<namespace>/<its broker connection name>`, e.g. "
+                                                   "`/qflare/qflare/qflare-enclave`, `/qflare/qflare/qflare-coordinator`"),
                 f"{PREFIX}type": attr("the event type (= routing key)"),
                 f"{PREFIX}specversion": attr("CloudEvents version", const=SPEC_VERSION),
                 f"{PREFIX}time": attr("RFC 3339 time of the event", format="date-time"),

@@ -50,8 +50,9 @@ try:
 except ImportError:  # pragma: no cover - the crypto commands ship with the pqc suite
     pass
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a long line (a token, a fingerprint, an error) stays one line when piped, to copy or grep
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _state: dict[str, Any] = {"config": None, "settings": None, "verbose": False}
 
 #: Exit codes (docs/operations.md): refused with a reason code; bad input or configuration;
@@ -109,6 +110,14 @@ def with_task(s: Settings, task: str | None) -> Settings:
     return s
 
 
+def reader_gone() -> None:
+    """Stdout's reader went away (``qflare events --json | head``): not a failure. Later writes
+    (the flush at exit) go nowhere instead of raising again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def run(coro: Coroutine) -> Any:
     """Run ``coro``; turn the expected failures into one line and an exit code."""
     import aiormq.exceptions
@@ -139,6 +148,9 @@ def run(coro: Coroutine) -> Any:
         raise fail(str(exc)) from None
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except BrokenPipeError:
+        reader_gone()
+        raise typer.Exit(0) from None
     except Exception as exc:
         if _state["verbose"]:
             raise
@@ -685,27 +697,36 @@ def events(binding: list[str] = typer.Argument(None, help="Topic bindings, e.g. 
                 q = await b.channel.declare_queue(b.names.events_stream, passive=True)
                 stream_args, no_ack = {"x-stream-offset": offset}, False
             seen = 0
-            async with q.iterator(no_ack=no_ack, arguments=stream_args) as it:
-                async for message in it:
-                    if not no_ack:
-                        await message.ack()
-                    if not any(topic_matches(k, message.routing_key or "") for k in keys):
-                        continue
-                    try:
-                        ev = decode_event(message.body, message.content_type)
-                    except CodecError:
-                        continue
+            # our own buffer, not q.iterator(): leaving an iterator early nacks what it prefetched,
+            # which a stream refuses (NOT_IMPLEMENTED); closing the connection simply drops them
+            inbox: asyncio.Queue = asyncio.Queue()
+            await q.consume(inbox.put, no_ack=no_ack, arguments=stream_args)
+            while True:
+                message = await inbox.get()
+                if not no_ack:
+                    await message.ack()
+                if not any(topic_matches(k, message.routing_key or "") for k in keys):
+                    continue
+                try:
+                    ev = decode_event(message.body, message.content_type)
+                except CodecError:
+                    continue
+                try:
                     if json_out:
                         sys.stdout.write(json.dumps(ev.model_dump()) + "\n")
                         sys.stdout.flush()
                     else:
                         extra = " ".join(f"{k}={v}" for k, v in ev.detail.items())
                         console.print(f"{time.strftime('%H:%M:%S', time.localtime(ev.at))} [bold]{ev.type}[/] "
-                                      f"{ev.device_id or ''} {('round ' + str(ev.round_id)) if ev.round_id else ''} "
+                                      f"{ev.device_id or ''} "
+                                      f"{('round ' + str(ev.round_id)) if ev.round_id else ''} "
                                       f"{ev.reason or ''} {extra}".rstrip())
-                    seen += 1
-                    if count and seen >= count:
-                        return
+                except BrokenPipeError:  # the reader went away (`| head`): done, not failed
+                    reader_gone()
+                    return
+                seen += 1
+                if count and seen >= count:
+                    return
 
     run(go())
 

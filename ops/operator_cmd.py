@@ -61,8 +61,9 @@ def register(app: typer.Typer, token_app: typer.Typer, device_app: typer.Typer, 
             f"fingerprint:\n  {ident.sig_fp}\n"
             "pin it in the coordinator's settings:\n"
             f"  operator:\n    pinned_fingerprints: [{ident.sig_fp}]\n"
-            f"  (or QFLARE_OPERATOR__PINNED_FINGERPRINTS='[\"{ident.sig_fp}\"]')",
-            highlight=False, markup=False)
+            "or in its environment:\n"
+            f"  export QFLARE_OPERATOR__PINNED_FINGERPRINTS='[\"{ident.sig_fp}\"]'",
+            highlight=False, markup=False, soft_wrap=True)  # soft_wrap: lines stay whole, to copy
 
     @coordinator_app.command("fingerprint")
     def coordinator_fingerprint(json_out: bool = typer.Option(False, "--json")) -> None:

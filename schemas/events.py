@@ -51,6 +51,10 @@ class RoundOpened(Detail):
 
 class UpdateAccepted(Detail):
     update_id: str
+    #: With fl.defend: the device's reputation (0-1, 1 for a new device) and whether it is in
+    #: quarantine, as the round's screening will judge this update.
+    reputation: float | None = None
+    quarantined: bool | None = None
 
 
 class UpdateRejected(Detail):

@@ -93,6 +93,13 @@ def test_help_lists_every_command_group(sh):
         assert group in out
 
 
+def test_lines_to_copy_stay_whole_when_piped(sh):
+    """Piped output is 80 columns wide for rich: the export line must not be cut in two."""
+    out = sh.run("operator", "init").stdout
+    line = f"  export QFLARE_OPERATOR__PINNED_FINGERPRINTS='[\"{sh.operator_fp}\"]'"
+    assert line in out.splitlines(), out
+
+
 def test_token_enroll_session_from_a_shell_and_across_a_coordinator_restart(sh):
     coord = sh.start("coordinator", "run")
     sh.wait_for_coordinator()
@@ -250,6 +257,10 @@ def test_operators_see_events_and_dead_letters(sh):
     subprocess.run([sys.executable, "-c", _PUBLISH_GARBAGE], env=sh.env, check=True, timeout=60)
     rows = sh.json("broker", "dead-letters")
     assert rows and rows[0]["reason"] == "malformed" and rows[0]["queue"].endswith("coordinator.requests")
+    # a replay that stops early (--count) ends cleanly: the stream's prefetched
+    # messages are dropped with the connection, not nacked (a stream refuses nacks)
+    replay = sh.run("events", "--from", "first", "--count", "1", "--json")
+    assert len(replay.stdout.splitlines()) == 1 and not replay.stderr.strip()
 
 
 _PUBLISH_GARBAGE = """

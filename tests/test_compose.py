@@ -65,8 +65,9 @@ def test_each_service_has_its_own_volumes_and_only_public_parts_cross():
             assert users == {"enclave": "rw", "coordinator": "ro"}
         elif volume == "device-tokens":  # one-time tokens the operator mints and devices claim
             assert set(users) == {"tokens", "device"}
-        elif volume == "pins":  # public keys only: the operator's fingerprint, the coordinator's public.json
-            assert users == {"operator": "rw", "coordinator": "rw", "tokens": "ro"}
+        elif volume == "pins":  # public keys only: the operator's fingerprint, the coordinator's public.json (the
+            # enclave reads it to pin its coordinator)
+            assert users == {"operator": "rw", "coordinator": "rw", "tokens": "ro", "enclave": "ro"}
         elif volume == "operator-state":  # one principal, the operator: its key makes and then uses
             assert set(users) == {"operator", "tokens"}
         else:

@@ -52,14 +52,33 @@ def test_the_view_folds_fleet_rounds_rejections_enclave_and_dead_letters():
     snap = view.snapshot()
     assert [(d["device_id"], d["state"], d["last_seen"]) for d in snap["devices"]] == [
         ("a", "active", 1001.0), ("b", "revoked", 1002.0)]
-    assert [(r["round_id"], r["status"], r["accepted"], r["rejected"]) for r in snap["rounds"]] == [
-        (1, "completed", 1, {"norm_bound": 1}), (2, "failed", 0, {"too_few_updates": 1})]
+    assert [(r["round_id"], r["status"], r["accepted"], r["rejected"], r["reason"]) for r in snap["rounds"]] == [
+        (1, "completed", 1, {"norm_bound": 1}, None), (2, "failed", 0, {}, "too_few_updates")]  # no update refused
     assert snap["accuracy"] == [{"round_id": 1, "accuracy": 0.8}]
     assert snap["rejections"] == {"norm_bound": 1} and snap["dead_letters"] == {"malformed": 1}
     assert snap["enclave"]["measurement"] == "m" * 64 and snap["enclave"]["platform"] == "simulated"
     json.dumps(snap)  # what the page receives
     view.apply(ev("update.accepted", device_id="a", round_id=1, update_id="u3"))  # overtaken by round.completed
     assert view.snapshot()["rounds"][0]["accepted"] == 1
+
+
+def test_the_fleet_shows_each_devices_reputation_quarantine_and_updates_counted_once():
+    view = FleetView("ns")
+    for e in (ev("update.accepted", device_id="a", round_id=1, update_id="u1", reputation=1.0, quarantined=False),
+              ev("update.accepted", device_id="m", round_id=1, update_id="u2", reputation=1.0, quarantined=False),
+              ev("update.rejected.norm_bound", device_id="m", round_id=1, reason="norm_bound", update_id="u2"),
+              ev("device.quarantined", device_id="m", round_id=2, reputation=0.49),
+              ev("update.accepted", device_id="a", round_id=3, update_id="u3", reputation=1.0, quarantined=False),
+              ev("update.accepted", device_id="m", round_id=3, update_id="u4", reputation=0.34, quarantined=True)):
+        view.apply(e)
+    rows = {d["device_id"]: d for d in view.snapshot()["devices"]}
+    assert (rows["a"]["state"], rows["a"]["reputation"], rows["a"]["accepted"], rows["a"]["rejected"]) == \
+        ("active", 1.0, 2, 0)
+    # m's first update was stored, then refused at the close: once, as rejected
+    assert (rows["m"]["state"], rows["m"]["reputation"], rows["m"]["accepted"], rows["m"]["rejected"]) == \
+        ("quarantined", 0.34, 1, 1)
+    view.apply(ev("update.accepted", device_id="m", round_id=9, update_id="u9", reputation=0.6, quarantined=False))
+    assert {d["device_id"]: d["state"] for d in view.snapshot()["devices"]}["m"] == "active"  # recovered
 
 
 def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tuple[int, str, dict]:

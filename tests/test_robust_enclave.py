@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from common import attacks, rootdata
+from common import attacks, metrics, rootdata
 from common.data import device_shard
 from common.training import train_local
 from coordinator.rootdata import seal_root_data, send_root_data
@@ -22,6 +22,14 @@ from tests.services import EventLog, coordinator, enclave, enrolled
 pytestmark = pytest.mark.broker
 
 
+def _totals() -> tuple[float, float]:
+    """qflare_updates_total and qflare_updates_refused_at_close_total, over every label."""
+    def total(counter) -> float:
+        return sum(x.value for m in counter.collect() for x in m.samples if x.name.endswith("_total"))
+
+    return total(metrics.UPDATES), total(metrics.CLOSE_REFUSED)
+
+
 async def _open(coord, broker, round_id: int, expected: list[str]) -> None:
     spec = RoundSpec(round_id=round_id, deadline=time.time() + 60, min_updates=1, expected=expected, epochs=1,
                      lr=0.1, batch_size=16)
@@ -31,6 +39,7 @@ async def _open(coord, broker, round_id: int, expected: list[str]) -> None:
 
 async def test_rejected_updates_carry_their_reason_to_the_events_and_repeat_offenders_are_quarantined(
         broker, settings):
+    counted = _totals()
     async with coordinator(settings) as coord, enclave(settings) as enc:
         events = await EventLog.bind(broker, "update.#", "round.*", "device.quarantined", "enclave.#")
         await send_root_data(settings, *rootdata.digits_root(), broker=broker, registry=coord.registry,
@@ -58,6 +67,16 @@ async def test_rejected_updates_carry_their_reason_to_the_events_and_repeat_offe
         assert [e.device_id for e in quarantined] == ["d5"]
         assert enc.defence_state.reputations["d5"] < settings.fl.quarantine_below
         assert min(v for k, v in enc.defence_state.reputations.items() if k != "d5") >= 0.99
+        # each update's standing rides on its update.accepted (the dashboard's fleet panel shows it)
+        standing = [(e.round_id, e.device_id, e.detail["reputation"], e.detail["quarantined"])
+                    for e in events.events if e.type == "update.accepted"]
+        assert {(r, d, rep) for r, d, rep, _ in standing if r == 1} == {(1, d, 1.0) for d in ids}
+        assert all(not q for _, d, _, q in standing if d != "d5")
+        assert any(q and rep < settings.fl.quarantine_below for _, d, rep, q in standing if d == "d5")
+        # each update counted once by its intake verdict; the close's refusals apart
+        now = _totals()
+        assert now[0] - counted[0] == 4 * 6
+        assert now[1] - counted[1] == len(rejected)
 
 
 async def test_root_data_signed_by_a_device_is_refused(broker, settings):

@@ -214,6 +214,7 @@ async def test_enclave_with_a_measurement_outside_the_allow_list_is_refused(brok
             with pytest.raises(QflareError) as exc:
                 await enc.start(attest_timeout=5)
             assert exc.value.reason == Reason.MEASUREMENT_NOT_ALLOWED
+            assert enc.code in exc.value.detail and "enclave.allowed_measurements" in exc.value.detail  # what to do
             await events.wait("attestation.rejected.measurement_not_allowed")
         finally:
             await enc.stop()

@@ -42,6 +42,8 @@ class RoundRow:
     accuracy: float | None = None
     version: int | None = None
     closed_at: float | None = None
+    #: Why a round failed, stalled or was cancelled (a round's reason, not an update's).
+    reason: str | None = None
 
 
 def parse_rejected(text: object) -> dict[str, int]:
@@ -99,6 +101,9 @@ class FleetView:
             self._device(ev.device_id or "?").sig_fp = str(d.get("sig_fp", ""))
         elif t == "device.revoked":
             self._device(ev.device_id or "?").state = "revoked"
+        elif t == "device.quarantined":
+            dev = self._device(ev.device_id or "?")
+            dev.state = "quarantined" if dev.state != "revoked" else dev.state
         elif t == "enclave.attested":
             self.enclave = {k: d.get(k) for k in ("measurement", "kem_fp", "sig_fp", "platform_fp", "platform")}
             self.enclave["attested_at"] = ev.at
@@ -113,7 +118,10 @@ class FleetView:
             if ev.round_id is not None and self._round(ev.round_id).status == "running":
                 self._round(ev.round_id).accepted += 1
             if ev.device_id:
-                self._device(ev.device_id).accepted += 1
+                dev = self._device(ev.device_id)
+                dev.accepted += 1
+                if isinstance(d.get("quarantined"), bool) and dev.state in ("active", "quarantined"):
+                    dev.state = "quarantined" if d["quarantined"] else "active"
         elif t.startswith("update.rejected."):
             reason = ev.reason or t.rsplit(".", 1)[-1]
             self.rejections[reason] = self.rejections.get(reason, 0) + 1
@@ -123,7 +131,10 @@ class FleetView:
                 if r.status == "running" and d.get("update_id"):
                     r.accepted = max(0, r.accepted - 1)  # a filter refused a stored update at the close
             if ev.device_id:
-                self._device(ev.device_id).rejected += 1
+                dev = self._device(ev.device_id)
+                dev.rejected += 1
+                if d.get("update_id"):  # refused at the close: its update.accepted no longer holds
+                    dev.accepted = max(0, dev.accepted - 1)
         elif t == "round.completed" and ev.round_id is not None:
             r = self._round(ev.round_id)
             r.status, r.closed_at = "completed", ev.at
@@ -135,8 +146,7 @@ class FleetView:
         elif t in ("round.failed", "round.stalled", "round.cancelled") and ev.round_id is not None:
             r = self._round(ev.round_id)
             r.status, r.closed_at = t.split(".")[1], ev.at
-            if ev.reason:
-                r.rejected.setdefault(ev.reason, 1)
+            r.reason = ev.reason
         elif t.startswith("dead_letter."):
             reason = ev.reason or t.split(".", 1)[1]
             self.dead_letters[reason] = self.dead_letters.get(reason, 0) + 1

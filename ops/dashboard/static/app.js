@@ -26,7 +26,7 @@ function render(s) {
   document.getElementById('namespace').textContent = s.namespace;
   document.getElementById('broker-error').textContent = s.broker_error || '';
   fill('rounds', [...s.rounds].reverse(), (r) => [
-    [String(r.round_id)], [r.status, `status ${r.status}`], [String(r.accepted)], [reasons(r.rejected)],
+    [String(r.round_id)], [r.reason ? `${r.status} (${r.reason})` : r.status, `status ${r.status}`], [String(r.accepted)], [reasons(r.rejected)],
     [r.accuracy === null ? '-' : r.accuracy.toFixed(3)], [r.version === null ? '-' : `v${r.version}`]]);
   for (const [i, tr] of [...document.querySelectorAll('#rounds tbody tr')].entries()) {
     tr.id = `round-${[...s.rounds].reverse()[i].round_id}`;
