@@ -72,3 +72,13 @@ async def test_no_node_answering_names_every_url():
         with pytest.raises(BrokerUnavailable) as err:
             await connect(s, robust=robust, timeout=2)
         assert all(u.replace("guest:guest", "guest:***") in str(err.value) for u in urls), str(err.value)
+
+
+def test_provisioned_users_get_every_node_in_their_url():
+    from broker.users import cluster_url_for
+
+    s = load_settings(amqp_url="amqps://admin:pw@rabbit1:5671/qflare,amqps://admin:pw@rabbit2:5671/qflare")
+    assert cluster_url_for(s, "qflare.p.device.D", "s3,cret") == (
+        "amqps://qflare.p.device.D:s3%2Ccret@rabbit1:5671/qflare,amqps://qflare.p.device.D:s3%2Ccret@rabbit2:5671/qflare")
+    one = load_settings(amqp_url="amqp://admin:pw@rabbit1:5672/")
+    assert cluster_url_for(one, "u", "p") == "amqp://u:p@rabbit1:5672/"
