@@ -116,14 +116,18 @@ def stamps(text: str, pattern: str) -> list[float]:
             for m in STAMP.finditer(text) if rx.search(m.group(0))]
 
 
-async def test_killing_a_node_mid_round_loses_no_confirmed_update_and_the_round_completes(rig):
-    cluster: RabbitCluster = rig.node
+async def fleet(rig: Rig) -> None:
     await rig.start_services()
     await rig.enroll(*DEVICES)
     for i, d in enumerate(DEVICES):
         rig.start_agent(d, i, len(DEVICES))
     for d in DEVICES:
         await rig.agent_ready(d)
+
+
+async def test_killing_a_node_mid_round_loses_no_confirmed_update_and_the_round_completes(rig):
+    cluster: RabbitCluster = rig.node
+    await fleet(rig)
     leaders = {q: v["leader"] for q, v in cluster.queues().items() if q.startswith(rig.namespace + ".")}
     victim = cluster.node_of(leaders[rig.names.updates_queue])  # the updates queue's leader
     rig.freeze("d2")  # d2 sends only after the node is gone
@@ -145,6 +149,29 @@ async def test_killing_a_node_mid_round_loses_no_confirmed_update_and_the_round_
             for n in ("coordinator", "enclave", *DEVICES)}
     print(f"\ncluster failover: killed {victim.name} (leader of {rig.names.updates_queue}); confirmed updates "
           f"{confirmed}, all stored once; seconds from the kill to each process's link on a live node {back}")
+
+
+async def test_updates_confirmed_but_not_yet_consumed_outlive_their_queue_leader(rig):
+    cluster: RabbitCluster = rig.node
+    await fleet(rig)
+    for d in DEVICES:
+        rig.freeze(d)  # they read the round's announcement only once the enclave is frozen
+    rig.start_rounds(1, min_updates=3, deadline=90, devices=DEVICES)
+    await wait(lambda: rig.round_status().get(1) == "open", "round 1 open")
+    rig.freeze("enclave")  # from now on updates wait in the queue (or unacked in its prefetch)
+    for d in DEVICES:
+        rig.thaw(d)
+    for d in DEVICES:
+        await rig.wait_log(d, r"update \S+ confirmed by the broker")
+    updates = rig.names.updates_queue
+    await wait(lambda: int(cluster.queues()[updates]["messages"]) == 3, "3 updates in the updates queue")
+    leader = cluster.node_of(cluster.queues()[updates]["leader"])
+    assert rig.stored(1) == 0  # every confirmed update is only in the broker
+    leader.kill()
+    rig.thaw("enclave")
+    await rig.wait_rounds(1, timeout=120)
+    rec = rig.assert_nothing_lost_or_doubled(1, DEVICES)
+    assert rec[1].accepted == 3 and sorted(rec[1].devices) == DEVICES
 
 
 async def wait(predicate, what: str, timeout: float = 90) -> None:
