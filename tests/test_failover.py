@@ -82,3 +82,28 @@ def test_provisioned_users_get_every_node_in_their_url():
         "amqps://qflare.p.device.D:s3%2Ccret@rabbit1:5671/qflare,amqps://qflare.p.device.D:s3%2Ccret@rabbit2:5671/qflare")
     one = load_settings(amqp_url="amqp://admin:pw@rabbit1:5672/")
     assert cluster_url_for(one, "u", "p") == "amqp://u:p@rabbit1:5672/"
+
+
+@pytest.mark.broker
+async def test_a_nacked_must_not_lose_publish_moves_to_a_new_channel_and_is_confirmed(broker):
+    import asyncio
+
+    from tests.conftest import wait_for
+
+    # a queue that nacks while full: the broker's refusal, as during a leader election
+    name = f"{broker.names.namespace}.nacking"
+    q = await broker.channel.declare_queue(name, durable=True, arguments={
+        "x-queue-type": "classic", "x-max-length": 1, "x-overflow": "reject-publish"})
+    try:
+        await broker.publisher.publish("", name, b"fills it")
+        main = broker.publisher.channel
+        sent = asyncio.create_task(broker.publisher.publish_until_confirmed("", name, b"must not be lost",
+                                                                            what="test message"))
+        await wait_for(lambda: broker.publisher.confirmed_channel is not None, timeout=15)
+        assert broker.publisher.confirmed_channel is not main and not sent.done()
+        await q.purge()
+        await asyncio.wait_for(sent, 30)
+        msg = await q.get(timeout=10)
+        assert msg.body == b"must not be lost"
+    finally:
+        await q.delete(if_unused=False, if_empty=False)
