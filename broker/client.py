@@ -52,7 +52,8 @@ class BrokerClient:
             raise
         publisher = Publisher(channel, names, events, dead_letter_body_bytes=settings.broker.dead_letter_body_bytes,
                               user_id=url_user(settings.amqp_url), link=(link := Link(conn)),
-                              source=f"/qflare/{names.namespace}/{name}", events_format=settings.events.format)
+                              source=f"/qflare/{names.namespace}/{name}", events_format=settings.events.format,
+                              connection=conn)
         return cls(settings, conn, channel, publisher, names, client_id or f"{name}-{secrets.token_hex(4)}", link)
 
     def private_queue(self, purpose: str) -> str:

@@ -27,6 +27,7 @@ class Link:
         self.back_at: float | None = None
         self.down_at: float | None = None
         self.outages = 0
+        self.connection = connection
         connection.close_callbacks.add(self._down)
         reconnect = getattr(connection, "reconnect_callbacks", None)
         if reconnect is not None:
@@ -45,7 +46,7 @@ class Link:
         self.back_at = time.time()
         away = self.back_at - (self.down_at or self.back_at)
         self.up.set()
-        log.warning("broker link back after %.1f s", away)
+        log.warning("broker link back after %.1f s (%s)", away, self.connection)  # the URL, password hidden
 
     async def wait_up(self) -> None:
         await self.up.wait()

@@ -9,6 +9,7 @@ middleware).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -17,7 +18,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 
 from broker.link import Link
 from common.events import EventFormat, envelope
@@ -54,7 +61,7 @@ class Publisher:
     def __init__(self, channel: AbstractChannel, names: Names,
                  events_channel: AbstractChannel | None = None, *, dead_letter_body_bytes: int = 4096,
                  user_id: str | None = None, link: Link | None = None, source: str = "/qflare",
-                 events_format: EventFormat = "json") -> None:
+                 events_format: EventFormat = "json", connection: AbstractConnection | None = None) -> None:
         self.user_id = user_id  # the connection's user: RabbitMQ refuses any other
         self.channel = channel
         self.names = names
@@ -66,6 +73,10 @@ class Publisher:
         self.events_format: EventFormat = events_format
         self._exchanges: dict[str, AbstractExchange] = {}
         self._events_exchange: AbstractExchange | None = None
+        #: Opens the channel :meth:`publish_until_confirmed` moves to after a nack.
+        self.connection = connection
+        #: That channel, once a nack was seen (None: the main channel).
+        self.confirmed_channel: AbstractChannel | None = None
 
     async def exchange(self, name: str) -> AbstractExchange:
         if name == "":
@@ -79,16 +90,34 @@ class Publisher:
         headers: dict[str, Any] | None = None, message_id: str | None = None,
         correlation_id: str | None = None, reply_to: str | None = None,
         persistent: bool = True, mandatory: bool = False, content_type: str = "application/msgpack",
+        channel: AbstractChannel | None = None,
     ) -> None:
-        """Publish and return once the broker confirmed it (raises if it was refused)."""
+        """Publish and return once the broker confirmed it (raises if it was refused).
+
+        ``channel``: another confirming channel than the main one (never for RPC requests:
+        their replies come to the channel that published)."""
         body = msg if isinstance(msg, bytes) else encode(msg)
         message = aio_pika.Message(
             body, headers=headers or {}, message_id=message_id, correlation_id=correlation_id,
             reply_to=reply_to, content_type=content_type, user_id=self.user_id,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
-        ex = await self.exchange(exchange)
+        if channel is None or channel is self.channel:
+            ex = await self.exchange(exchange)
+        else:
+            ex = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
         await ex.publish(message, routing_key, mandatory=mandatory, timeout=CONFIRM_TIMEOUT)
+
+    async def _fresh_confirmed_channel(self) -> None:
+        """After a nack, a new channel for what must be confirmed: on a cluster, a channel that
+        published to a queue while its leader was being elected may go on being nacked for it
+        (RabbitMQ 3.10, seen in tests/test_cluster.py); a new channel is not."""
+        assert self.connection is not None
+        old, self.confirmed_channel = self.confirmed_channel, None
+        if old is not None:
+            with contextlib.suppress(*TRANSIENT, RuntimeError):
+                await old.close()
+        self.confirmed_channel = await self.connection.channel(publisher_confirms=True)
 
     async def publish_until_confirmed(self, exchange: str, routing_key: str, msg: Message | bytes, *,
                                       what: str, **kw: Any) -> None:
@@ -103,15 +132,19 @@ class Publisher:
             if self.link is not None:
                 await self.link.wait_up()
             try:
-                await self.publish(exchange, routing_key, msg, **kw)
+                await self.publish(exchange, routing_key, msg, channel=self.confirmed_channel, **kw)
                 if attempt > 1:
                     log.info("%s confirmed after %d attempts", what, attempt)
                 return
             except TRANSIENT as exc:
                 pause = min(RETRY_MAX_SECONDS, 0.25 * 2 ** min(attempt, 8))
-                log.warning("%s not confirmed (%s: %s); trying again in %.1f s", what, type(exc).__name__,
-                            exc, pause)
+                nacked = isinstance(exc, aio_pika.exceptions.DeliveryError) and self.connection is not None
+                log.warning("%s not confirmed (%s: %s); trying again in %.1f s%s", what, type(exc).__name__,
+                            exc, pause, " on a new channel" if nacked else "")
                 await asyncio.sleep(pause)
+                if nacked:
+                    with contextlib.suppress(*TRANSIENT, RuntimeError):
+                        await self._fresh_confirmed_channel()
 
     async def event(self, type_: str, *, device_id: str | None = None, round_id: int | None = None,
                     reason: str | None = None, confirmed: bool = False, **detail: Scalar) -> None:

@@ -1,7 +1,9 @@
 """Declaring the whole topology, idempotently (docs/architecture.md, Broker topology).
 
 Every queue dead-letters into one fanout exchange; the updates and control queues are
-quorum queues with a delivery limit, so a poison message cannot loop forever.
+quorum queues with a delivery limit, so a poison message cannot loop forever. On a cluster
+every quorum queue and stream is replicated: on ``broker.replicas`` nodes (capped by the broker
+at the node count), or on every node when that is unset (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from schemas.names import Names
 MODELS_STREAM_MAX_BYTES = 2 * 1024 * 1024 * 1024
 
 
+def replicated(settings: Settings, queue_type: str) -> dict[str, object]:
+    """A quorum queue's or stream's arguments for ``broker.replicas`` (none: the broker's default)."""
+    n = settings.broker.replicas
+    if n is None:
+        return {"x-queue-type": queue_type}
+    size = "x-quorum-initial-group-size" if queue_type == "quorum" else "x-initial-cluster-size"
+    return {"x-queue-type": queue_type, size: n}
+
+
 def _dead_lettered(names: Names) -> dict[str, object]:
     return {"x-dead-letter-exchange": names.dlx}
 
@@ -27,7 +38,7 @@ def dead_letter_arguments(settings: Settings) -> dict[str, object]:
     refuses the declaration (PRECONDITION_FAILED; docs/operations.md says how to upgrade).
     """
     b = settings.broker
-    return {"x-queue-type": "quorum", "x-max-length-bytes": b.dead_letter_max_bytes, "x-overflow": "drop-head",
+    return {**replicated(settings, "quorum"), "x-max-length-bytes": b.dead_letter_max_bytes, "x-overflow": "drop-head",
             "x-message-ttl": int(b.dead_letter_ttl_seconds * 1000)}
 
 
@@ -51,7 +62,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
                                       arguments=dead_letter_arguments(settings))
     await dlq.bind(ex[names.dlx])
 
-    quorum = {"x-queue-type": "quorum", "x-delivery-limit": limit, **_dead_lettered(names)}
+    quorum = {**replicated(settings, "quorum"), "x-delivery-limit": limit, **_dead_lettered(names)}
     coord = await channel.declare_queue(names.coordinator_queue, durable=True, arguments=quorum)
     await coord.bind(ex[names.rpc_exchange], Names.COORDINATOR_KEY)
     # signed operator requests: their own exchange, which device users have no write permission on
@@ -63,12 +74,12 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
     await control.bind(ex[names.control_exchange], Names.ENCLAVE_CONTROL_KEY)
     stream = await channel.declare_queue(
         names.models_stream, durable=True,
-        arguments={"x-queue-type": "stream", "x-max-length-bytes": MODELS_STREAM_MAX_BYTES},
+        arguments={**replicated(settings, "stream"), "x-max-length-bytes": MODELS_STREAM_MAX_BYTES},
     )
     await stream.bind(ex[names.models_exchange])
     events = await channel.declare_queue(
         names.events_stream, durable=True,
-        arguments={"x-queue-type": "stream", "x-max-length-bytes": settings.events.stream_max_bytes})
+        arguments={**replicated(settings, "stream"), "x-max-length-bytes": settings.events.stream_max_bytes})
     await events.bind(ex[names.events_exchange], "#")
     return names
 

@@ -280,6 +280,11 @@ def amqp_url_for(amqp_url: str, user: str, password: str) -> str:
     return urllib.parse.urlunsplit((u.scheme, netloc, u.path or "/", "", ""))
 
 
+def cluster_url_for(settings: Settings, user: str, password: str) -> str:
+    """Every broker URL of ``settings`` with that user's credentials, comma-separated (one for one node)."""
+    return ",".join(amqp_url_for(u, user, password) for u in settings.amqp_urls)
+
+
 def provision_services(api: ManagementApi, settings: Settings, password: Callable[[], str], *,
                        rotate: bool = False, force: bool = False) -> dict[str, str | None]:
     """``qflare broker setup``: the coordinator's, enclave's and operator's users, and the policies.

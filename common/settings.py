@@ -99,6 +99,14 @@ class BrokerSettings(Section):
     vhost_max_queues: int | None = Field(None, ge=16)
     #: Connections one device's broker user may hold at once.
     device_max_connections: int = Field(4, ge=1, le=1000)
+    #: Further nodes of the same RabbitMQ cluster, tried in turn when ``amqp_url`` does not
+    #: answer or its connection is lost (docs/scaling.md, A RabbitMQ cluster). Also written as
+    #: a comma list in ``amqp_url``: ``QFLARE_AMQP_URL=amqp://u:p@a:5672/,amqp://u:p@b:5672/``.
+    failover_urls: list[Annotated[str, Field(pattern=r"^amqps?://")]] = []
+    #: Members of each quorum queue and stream, fixed when the queue is first declared and capped
+    #: by the broker at the cluster's node count; null: the broker's default (every node of the
+    #: cluster at that time). Changing it for queues that exist is refused (PRECONDITION_FAILED).
+    replicas: int | None = Field(None, ge=1, le=99)
 
 
 class CryptoSettings(Section):
@@ -327,6 +335,35 @@ class Settings(BaseSettings):
     events: EventsSettings = EventsSettings()
     dashboard: DashboardSettings = DashboardSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _url_list(cls, data: Any) -> Any:
+        """``amqp_url`` as a comma list: the first is ``amqp_url``, the others ``broker.failover_urls``."""
+        if not isinstance(data, dict) or not isinstance(data.get("amqp_url"), str) or "," not in data["amqp_url"]:
+            return data
+        first, *rest = [u.strip() for u in data["amqp_url"].split(",") if u.strip()]
+        broker = data.get("broker")
+        if isinstance(broker, BrokerSettings):
+            broker = broker.model_dump(exclude_unset=True)
+        broker = dict(broker or {})
+        if broker.get("failover_urls"):
+            raise ValueError("give the cluster's URLs once: as a comma list in amqp_url or as broker.failover_urls")
+        return {**data, "amqp_url": first, "broker": {**broker, "failover_urls": rest}}
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> Settings:
+        scheme = self.amqp_url.split("://", 1)[0]
+        odd = [u for u in self.broker.failover_urls if u.split("://", 1)[0] != scheme]
+        if odd:
+            shown = odd[0].split("://", 1)[0] + "://" + odd[0].split("://", 1)[-1].split("@")[-1]  # no password
+            raise ValueError(f"every broker URL must use {scheme}:// like amqp_url (got {shown!r})")
+        return self
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        """Every broker URL, in the order clients try them: ``amqp_url``, then the failover ones."""
+        return [self.amqp_url, *(u for u in self.broker.failover_urls if u != self.amqp_url)]
+
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> Settings:
         if self.chunking.chunk_bytes > self.broker.max_message_bytes - MESSAGE_OVERHEAD:
@@ -399,6 +436,8 @@ def _explain(err: dict) -> str:
             model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else model
         return f"{where}: unknown setting{_suggest(name, list(model.model_fields))}"
     msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a check across fields: its input is every setting, secrets included
+        return f"{where}: {msg}"
     return f"{where}: {msg} (got {err.get('input')!r})"
 
 

@@ -76,9 +76,10 @@ async def _one_connection(settings: Settings, device: Device, fleet: Fleet, stop
     """Connect, take part until the connection is lost (returns) or ``stop`` is set."""
     broker = await BrokerClient.open(settings, name=f"qflare-agent-{device.device_id}", declare=False,
                                      client_id=device.device_id, robust=False)
-    lost, rekey = asyncio.Event(), asyncio.Event()
+    lost, rekey, unconfirmed = asyncio.Event(), asyncio.Event(), asyncio.Event()
     broker.connection.close_callbacks.add(lambda *_: lost.set())
     fleet.on_reject = lambda _device, reason: rekey.set() if reason == Reason.BAD_SIGNATURE.value else None
+    fleet.on_unconfirmed = lambda _update_id: unconfirmed.set()
     try:
         await _session(broker, device, settings, stop)
         save_device(settings.state_dir, device)
@@ -89,15 +90,16 @@ async def _one_connection(settings: Settings, device: Device, fleet: Fleet, stop
             log.info("resent %d pending updates", resent)
         await fleet.listen()  # subscribes, then catches up from the models stream
         log.info("connected as %s; following the models fanout", device.device_id)
-        while not (stop.is_set() or lost.is_set()):
+        while not (stop.is_set() or lost.is_set() or unconfirmed.is_set()):
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait()),
-                     asyncio.ensure_future(watch.wait()), asyncio.ensure_future(rekey.wait())}
+                     asyncio.ensure_future(watch.wait()), asyncio.ensure_future(rekey.wait()),
+                     asyncio.ensure_future(unconfirmed.wait())}
             try:
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 for w in waits:
                     w.cancel()
-            if rekey.is_set() and not (stop.is_set() or lost.is_set()):
+            if rekey.is_set() and not (stop.is_set() or lost.is_set() or unconfirmed.is_set()):
                 await asyncio.sleep(max(0.0, last_session + REKEY_SECONDS - time.monotonic()))
                 rekey.clear()
                 old = device.enclave.sig_pk if device.enclave else None
@@ -116,6 +118,8 @@ async def _one_connection(settings: Settings, device: Device, fleet: Fleet, stop
                         await fleet.resume()
         if lost.is_set() and not stop.is_set():
             log.warning("broker connection lost")
+        elif unconfirmed.is_set() and not stop.is_set():
+            log.warning("the broker did not confirm an update on this connection; connecting again to resend it")
     finally:
         if stop.is_set():
             await fleet.drain()  # a training in flight is sent (or kept in the outbox) before we go

@@ -82,6 +82,10 @@ class Fleet:
         self.latest: GlobalModel | None = None
         self.on_sent = on_sent
         self.on_reject = on_reject
+        #: Called when the broker did not confirm an update (it stays in the outbox): ``qflare
+        #: agent run`` then connects again, since a channel that nacked (a queue leader lost on a
+        #: cluster) may go on nacking, and a new connection resends the outbox.
+        self.on_unconfirmed: Callable[[str], None] | None = None
         self.attacker = attacker
         self._tasks: set[asyncio.Task] = set()
         self._queue = None
@@ -315,6 +319,8 @@ class Fleet:
                                                message_id=update_id, mandatory=True)
         except TRANSIENT as exc:
             log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
+            if self.on_unconfirmed:
+                self.on_unconfirmed(update_id)
             return False
         except Exception as exc:
             if self.broker is broker and not self.paused:

@@ -244,7 +244,7 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
     from broker.users import (
         BrokerAdminError,
         ManagementApi,
-        amqp_url_for,
+        cluster_url_for,
         create_device_user,
         delete_device_user,
         vhost_of,
@@ -263,7 +263,7 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
                                       rotate=rotate, force=force, max_connections=s.broker.device_max_connections)
     except BrokerAdminError as exc:
         raise fail(str(exc)) from None
-    url = amqp_url_for(s.amqp_url, user, password) if password else None
+    url = cluster_url_for(s, user, password) if password else None
     if json_out:
         print_json({"device_id": device_id, "user": user, "amqp_url": url})
     elif url is None:
@@ -570,7 +570,7 @@ def broker_setup(rotate: bool = typer.Option(False, "--rotate", help="New passwo
     import secrets as _secrets
 
     from broker.client import BrokerClient
-    from broker.users import BrokerAdminError, ManagementApi, amqp_url_for, provision_services
+    from broker.users import BrokerAdminError, ManagementApi, cluster_url_for, provision_services
 
     s = settings()
 
@@ -584,7 +584,7 @@ def broker_setup(rotate: bool = typer.Option(False, "--rotate", help="New passwo
                                   rotate=rotate, force=force)
     except BrokerAdminError as exc:
         raise fail(str(exc)) from None
-    urls = {user: amqp_url_for(s.amqp_url, user, pw) if pw else None for user, pw in made.items()}
+    urls = {user: cluster_url_for(s, user, pw) if pw else None for user, pw in made.items()}
     if json_out:
         print_json({"namespace": s.broker.namespace, "users": urls})
         return

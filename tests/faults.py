@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.rabbitnode import RabbitNode
+from tests.rabbitnode import RabbitCluster, RabbitNode
 
 CONFIRMED = re.compile(r"update (\S+) confirmed by the broker")
 
@@ -39,7 +39,8 @@ class RoundRecord:
 
 
 class Rig:
-    def __init__(self, node: RabbitNode, base: Path, **settings: object) -> None:
+    def __init__(self, node: RabbitNode | RabbitCluster, base: Path, **settings: object) -> None:
+        """``node``: one private node, or a cluster (its ``url`` lists every node's)."""
         self.node = node
         self.base = base
         self.state = base / "state"
