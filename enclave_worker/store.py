@@ -1,8 +1,9 @@
 """The enclave's durable state: rounds, accepted updates, revocations and global models.
 
-Deltas are appended to one segment file per round and indexed (offset, length) in SQLite;
-a batch of updates becomes durable with one fsync of the segment and one SQLite commit, and
-only then are its messages acked. A crash therefore redelivers at most what was not yet
+Deltas are appended to one segment file per round (enclave_worker/segments.py: large
+records with O_DIRECT) and indexed (offset, length) in SQLite; a batch of updates becomes
+durable with one fsync of the segment and one SQLite commit, and only then are its messages
+acked. A crash therefore redelivers at most what was not yet
 durable, and the update id (primary key) keeps a redelivered update from counting twice.
 A round's segment is deleted once the round is recorded closed. Directories are 0700 and
 files 0600 (common/state.py). In a real TEE this directory would be sealed.
@@ -11,7 +12,6 @@ files 0600 (common/state.py). In a real TEE this directory would be sealed.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.state import open_private_append, private_dir, private_file
+from common.state import private_dir, private_file
+from enclave_worker.segments import Segment, Staging
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -57,21 +58,24 @@ class EnclaveStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
         self.lock = threading.RLock()
-        self._segments: dict[int, object] = {}  # round id -> open append handle
+        self._segments: dict[int, Segment] = {}  # round id -> open segment
+        self._staging = Staging()  # the aligned buffer direct writes go through
         private_dir(self.dir / "rounds")
         self._drop_closed_segments()
 
     def close(self) -> None:
-        for fh in self._segments.values():
-            fh.close()
+        for seg in self._segments.values():
+            seg.close()
+        self._segments.clear()
+        self._staging.close()
         self.db.close()
 
     def _segment_path(self, round_id: int) -> Path:
         return self.dir / "rounds" / f"{round_id}.f32"
 
-    def _segment(self, round_id: int):
+    def _segment(self, round_id: int) -> Segment:
         if round_id not in self._segments:
-            self._segments[round_id] = open_private_append(self._segment_path(round_id))
+            self._segments[round_id] = Segment(self._segment_path(round_id), self._staging)
         return self._segments[round_id]
 
     def begin(self) -> None:
@@ -83,9 +87,8 @@ class EnclaveStore:
     def commit(self) -> None:
         """Make the batch durable: the segments' bytes first, then the rows that point to them."""
         with self.lock:
-            for fh in self._segments.values():
-                fh.flush()
-                os.fsync(fh.fileno())
+            for seg in self._segments.values():
+                seg.sync()
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
 
@@ -115,9 +118,9 @@ class EnclaveStore:
             self._drop_segment(round_id)
 
     def _drop_segment(self, round_id: int) -> None:
-        fh = self._segments.pop(round_id, None)
-        if fh is not None:
-            fh.close()
+        seg = self._segments.pop(round_id, None)
+        if seg is not None:
+            seg.close()
         self._segment_path(round_id).unlink(missing_ok=True)
 
     def _drop_closed_segments(self) -> None:
@@ -159,10 +162,8 @@ class EnclaveStore:
         with self.lock:
             if self.has_update(update_id):
                 return False
-            fh = self._segment(round_id)
-            offset = fh.seek(0, os.SEEK_END)
             data = memoryview(np.ascontiguousarray(delta, dtype="<f4")).cast("B")
-            fh.write(data)
+            offset = self._segment(round_id).append(data)
             if norm is None:
                 norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
             self.db.execute("INSERT INTO updates VALUES (?,?,?,?,?,?,?,?)",
@@ -182,8 +183,6 @@ class EnclaveStore:
     def load_delta(self, update: StoredUpdate, start: int = 0, stop: int | None = None) -> np.ndarray:
         """One update's delta (or its elements [start, stop)), read on demand (rounds are
         streamed, never loaded whole)."""
-        if update.round_id in self._segments:
-            self._segments[update.round_id].flush()
         n = update.length // 4
         stop = n if stop is None else min(stop, n)
         return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=max(0, stop - start),
