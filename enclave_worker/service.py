@@ -9,7 +9,6 @@ deadline once the minimum is met; a round short of its minimum is reported as fa
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 
@@ -164,14 +163,14 @@ class Enclave:
         self._restarted_at: float | None = None  # set when a start resumed open rounds
         ch = settings.chunking
         self.max_chunks = max_update_chunks(int(self.params.shape[0]), ch.chunk_bytes)
+        #: Seconds per intake stage (intake.Stages), for `qflare bench round`.
+        self.stages = intake.Stages()
         self.chunks = ChunkIntake(max_in_progress=ch.max_in_progress, timeout=ch.assembly_timeout_seconds,
                                   max_chunks=self.max_chunks, context=self._context, seen=self.store.has_update,
-                                  accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet)
+                                  accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet,
+                                  stages=self.stages)
         self._expiry: asyncio.Task | None = None
         self._acking: set[asyncio.Task] = set()
-        #: Seconds spent per intake stage (open: verify and decrypt, in threads; store: segment
-        #: write; commit: fsync and SQLite commit; ack: acks and events), for `qflare bench round`.
-        self.stage_seconds: collections.Counter[str] = collections.Counter()
         self._enclave_dir = settings.state_dir / "enclave"
         self.defence_state = DefenceState(reputation.load(self._enclave_dir))
         stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
@@ -429,8 +428,8 @@ class Enclave:
                 async with self.lock:
                     self._pending.append((raw, None))
                     return await self._schedule_flush()
-            opened = await asyncio.to_thread(self._timed, "open", intake.check_and_open, update, header, routed,
-                                             self._context(), seen)
+            opened = await asyncio.to_thread(intake.check_and_open, update, header, routed, self._context(), seen,
+                                             self.stages)
         except QflareError as err:
             async with self.lock:
                 return await self._reject(raw, header, routed, err)
@@ -543,15 +542,12 @@ class Enclave:
                     await self.broker.publisher.event(**event)
                 except TRANSIENT as exc:  # events are notifications: the stored state is the truth
                     log.warning("event %s not sent: %s", event["type_"], exc)
-        self.stage_seconds["ack"] += time.perf_counter() - t0
+        self.stages.add("ack", time.perf_counter() - t0)
 
     def _timed(self, stage: str, fn, *args):
-        """``fn(*args)``, its time added to ``stage_seconds[stage]`` (runs in worker threads)."""
-        t0 = time.perf_counter()
-        try:
+        """``fn(*args)``, its time added to ``stages`` (runs in worker threads)."""
+        with self.stages.time(stage):
             return fn(*args)
-        finally:
-            self.stage_seconds[stage] += time.perf_counter() - t0
 
     # --- closing -------------------------------------------------------------------------
 
