@@ -86,12 +86,21 @@ def follow_key_chain(chain_current: bytes, rotations: list[bytes], pinned_fp: st
     the operator gave the device. Raises ``QflareError(bad_signature)`` when the chain does
     not lead from ``pinned_fp`` to the self-signed current keys.
     """
+    return walk_key_chain(chain_current, rotations, pinned_fp)[0]
+
+
+def walk_key_chain(chain_current: bytes, rotations: list[bytes],
+                   pinned_fp: str) -> tuple[CoordinatorKeys, list[tuple[str, bytes, float]]]:
+    """:func:`follow_key_chain`, and every key it passed: ``(alg, public key, rotated_at)``
+    from the pinned key on, each replaced at ``rotated_at`` (the enclave still honours grants
+    such a key issued before then, until they expire)."""
     from schemas import signing
     from schemas.codec import decode
     from schemas.messages import CoordinatorKeys, Signed
     from schemas.reasons import QflareError, Reason
 
     fp = pinned_fp
+    retired: list[tuple[str, bytes, float]] = []
     for raw in rotations:
         signed = decode(raw, Signed)
         step = signing.unverified(signed, CoordinatorKeys)
@@ -100,9 +109,10 @@ def follow_key_chain(chain_current: bytes, rotations: list[bytes], pinned_fp: st
         if pqc.fingerprint(step.previous_sig_pk, step.previous_sig_alg) != fp:
             continue  # a rotation before the pinned key: not needed
         signing.verify(signed, CoordinatorKeys, step.previous_sig_alg, step.previous_sig_pk)
+        retired.append((step.previous_sig_alg, step.previous_sig_pk, step.issued_at))
         fp = pqc.fingerprint(step.sig_pk, step.sig_alg)
     current = decode(chain_current, Signed)
     keys = signing.unverified(current, CoordinatorKeys)
     if pqc.fingerprint(keys.sig_pk, keys.sig_alg) != fp:
         raise QflareError(Reason.BAD_SIGNATURE, "coordinator key does not match the pinned fingerprint")
-    return signing.verify(current, CoordinatorKeys, keys.sig_alg, keys.sig_pk)
+    return signing.verify(current, CoordinatorKeys, keys.sig_alg, keys.sig_pk), retired

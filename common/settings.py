@@ -140,6 +140,13 @@ class FLSettings(Section):
     task: str = Field(DEFAULT_TASK, pattern=SPEC_PATTERN)
     rounds: int = Field(3, ge=1)
     min_updates: int = Field(2, ge=1)
+    #: Fewest updates the screening must accept for the enclave to publish a model; fewer
+    #: is a failed round (``too_few_accepted``), so one device can never set the model alone.
+    min_accepted: int = Field(3, ge=1)
+    #: A device's aggregation weight is its claimed sample count capped at this multiple of
+    #: the round's median claim and at ``max_num_samples`` (docs/security.md, "Sample counts").
+    sample_cap_multiple: float = Field(2.0, ge=1)
+    max_num_samples: int = Field(1_000_000, ge=1, le=10**9)
     deadline_seconds: float = Field(60.0, gt=0)
     epochs: int = Field(2, ge=1, le=100)
     lr: float = Field(0.1, gt=0, le=10)
@@ -206,6 +213,10 @@ class EnclaveSettings(Section):
     #: /healthz, /readyz and /metrics of ``qflare enclave run`` (None: off; 0: any free port).
     http_port: int | None = Field(None, ge=0, le=65535)
     http_host: str = "127.0.0.1"
+    #: The coordinator key the enclave obeys (``qflare coordinator fingerprint`` prints it);
+    #: default: the coordinator key under this host's state directory, if there is one. The
+    #: enclave follows the coordinator's signed key chain from it and trusts nothing else.
+    coordinator_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     #: How long ``qflare enclave run`` waits for the coordinator to admit it before giving up.
     attest_timeout_seconds: float = Field(60.0, gt=0)
 

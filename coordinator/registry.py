@@ -313,6 +313,8 @@ class Registry:
                 "kem_pk=excluded.kem_pk, kem_fp=excluded.kem_fp, enrolled_at=excluded.enrolled_at",
                 (device_id, "active", sig_alg, sig_pk, pqc.fingerprint(sig_pk, sig_alg), kem_alg, kem_pk,
                  pqc.fingerprint(kem_pk, kem_alg), now))
+            if existing is not None:  # re-enrolled: the old key's sessions end here
+                self._end_sessions(device_id, now)
         self.audit("coordinator", "device.enrolled", device_id)
         return self.get_device(device_id)  # type: ignore[return-value]
 
@@ -333,9 +335,12 @@ class Registry:
                 raise KeyError(device_id)
             self.db.execute("UPDATE devices SET status='revoked', revoked_at=COALESCE(revoked_at, ?) "
                             "WHERE device_id=?", (now, device_id))
-            self.db.execute("UPDATE sessions SET not_after=? WHERE device_id=? AND not_after>?", (now, device_id, now))
+            self._end_sessions(device_id, now)
         self.audit("operator", "device.revoked", device_id, reason=reason)
         return self.get_device(device_id)  # type: ignore[return-value]
+
+    def _end_sessions(self, device_id: str, now: float) -> None:
+        self.db.execute("UPDATE sessions SET not_after=? WHERE device_id=? AND not_after>?", (now, device_id, now))
 
     def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
                            now: float | None = None) -> Device:
@@ -350,6 +355,7 @@ class Registry:
                  now, device_id))
             if cur.rowcount != 1:
                 raise RegistryError("revoked", device_id)
+            self._end_sessions(device_id, now)  # the rotated-out key's sessions end with it
         self.audit("device", "device.rotated", device_id)
         return self.get_device(device_id)  # type: ignore[return-value]
 

@@ -20,6 +20,7 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import TRANSIENT, serve_rpc
 from broker.principals import limit_key, require_device, require_role
+from common import attestation as attestation_rules
 from common import handshake, health, metrics
 from common.attestation import SIMULATED_WARNING, platform_dir
 from common.crypto_policy import live_policy, require_live_kem
@@ -36,6 +37,8 @@ from schemas.codec import CodecError, decode, encode
 from schemas.messages import (
     AttestAccept,
     AttestationReport,
+    AttestChallenge,
+    AttestChallengeRequest,
     AttestRequest,
     CoordinatorKeys,
     EnrollAccept,
@@ -43,6 +46,7 @@ from schemas.messages import (
     EnrollRequest,
     Event,
     KeyChain,
+    KeyEpoch,
     KeyRotation,
     KeysRequest,
     Message,
@@ -73,7 +77,7 @@ VERSION = "0.1.0"
 #: Devices can write this queue, so nothing here steers rounds: operator requests have their
 #: own queue (coordinator/operator.py).
 REQUESTS: tuple[type[Message], ...] = (Ping, KeysRequest, EnrollRequest, Signed, RotationRequest,
-                                       AttestRequest, SessionCall)
+                                       AttestChallengeRequest, AttestRequest, SessionCall)
 META_ENCLAVE_REPORT = "enclave_report"
 META_ROUND = "last_round_id"
 META_ROTATIONS = "coordinator_rotations"
@@ -83,11 +87,14 @@ META_CURRENT = "round_current"  # the spec of the round last opened
 ROUND_END_EVENTS = ("round.completed", "round.failed", "round.cancelled")
 #: Requests only a broker user playing this role may send (broker.roles; docs/security.md);
 #: every operator request, on its own queue, is checked by coordinator/operator.py.
-ROLE_OF: dict[type[Message], tuple[str, str]] = {AttestRequest: ("enclave", "attestation")}
+ROLE_OF: dict[type[Message], tuple[str, str]] = {AttestRequest: ("enclave", "attestation"),
+                                                  AttestChallengeRequest: ("enclave", "attestation")}
 #: The round driver's lease in the registry: of several coordinators one runs the stored plan,
 #: renewing every third of this; when it dies, another takes the plan over within this long.
 ROUND_LEASE = "round_driver"
 ROUND_LEASE_SECONDS = 15.0
+#: How long `coordinator rotate-keys` waits for a running coordinator to answer before rotating.
+ROTATE_PING_SECONDS = 2.0
 
 
 def coordinator_dir(settings: Settings) -> Path:
@@ -117,6 +124,8 @@ class Coordinator:
         #: Session keys live in the registry, wrapped under this key (coordinator/session_keys.py),
         #: so every coordinator of the namespace serves every session, and a restart keeps them.
         self.session_wrap = session_keys.wrapping_key(self.identity.kem_sk)
+        #: MACs the attestation challenges (the same in every coordinator sharing the identity).
+        self.challenge_key = attestation_rules.challenge_key(self.identity.kem_sk)
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
         self.http_port: int | None = None
         self._rounds_task: asyncio.Task | None = None
@@ -282,7 +291,7 @@ class Coordinator:
             return await self.open_session(msg, caller)
         handlers = {
             Ping: self.ping, KeysRequest: self.keys, RotationRequest: self.rotate, AttestRequest: self.admit_enclave,
-            SessionCall: self.session_call,
+            AttestChallengeRequest: self.attest_challenge, SessionCall: self.session_call,
         }
         return await handlers[type(msg)](msg)
 
@@ -350,6 +359,8 @@ class Coordinator:
             device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
                                                  claim.kem_pk)
         metrics.ENROLLMENTS.labels("ok").inc()
+        if existing is not None:  # re-enrolled with new keys: grants of the old ones end
+            await self._key_epoch(device.device_id, device.enrolled_at, device.sig_fp)
         await self._event("device.enrolled", device_id=device.device_id, sig_fp=device.sig_fp)
         return self._enroll_accept(device, claim)
 
@@ -473,22 +484,51 @@ class Coordinator:
                                                       claim.kem_alg, claim.kem_pk)
         except QflareError as err:
             raise await self._refuse("rotation", err, device_id) from None
+        await self._key_epoch(device.device_id, device.rotated_at, device.sig_fp)
         await self._event("device.rotated", device_id=device.device_id, sig_fp=device.sig_fp)
         return self._sign(RotationAccept(device_id=device.device_id, sig_fp=device.sig_fp, request_nonce=claim.nonce))
 
+    async def _key_epoch(self, device_id: str, not_before: float, sig_fp: str) -> None:
+        """Tell the enclave the device changed keys: its grants from before are superseded
+        (the registry already ended its sessions)."""
+        assert self.broker is not None
+        try:
+            await self.broker.publisher.publish(self.broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY,
+                                                self._sign(KeyEpoch(device_id=device_id, not_before=not_before,
+                                                                    sig_fp=sig_fp)))
+        except TRANSIENT as exc:  # its old grants then end at their expiry, at the latest
+            log.error("key epoch of %s not sent to the enclave: %s", device_id, exc)
+
     # --- attestation admission (step 6) --------------------------------------------------
 
-    async def admit_enclave(self, req: AttestRequest) -> Signed:
-        from common.attestation import allowed_measurements, trusted_platform_key
+    async def attest_challenge(self, _: AttestChallengeRequest) -> AttestChallenge:
+        """A single-use challenge for the enclave's next report (checked in :meth:`admit_enclave`)."""
+        now = time.time()
+        return AttestChallenge(challenge=attestation_rules.new_challenge(self.challenge_key, now),
+                               expires_at=now + self.settings.crypto.freshness_seconds)
 
+    async def admit_enclave(self, req: AttestRequest) -> Signed:
+        """Admit a report signed by the trusted platform, for allowed code, answering a fresh
+        challenge this coordinator issued, used once, and no older than the admitted report."""
+        now, window = time.time(), self.settings.crypto.freshness_seconds
         try:
-            platform = trusted_platform_key(self.settings)
+            platform = attestation_rules.trusted_platform_key(self.settings)
             if platform is None or platform != (req.platform_alg, req.platform_pk):
                 raise QflareError(Reason.BAD_SIGNATURE, "report not signed by a trusted platform key")
             report = signing.verify(decode(req.report, Signed), AttestationReport, req.platform_alg, req.platform_pk)
-            if report.measurement not in allowed_measurements(self.settings):
+            if report.measurement not in attestation_rules.allowed_measurements(self.settings):
                 raise QflareError(Reason.MEASUREMENT_NOT_ALLOWED, report.measurement)
-        except QflareError as err:
+            issued = attestation_rules.challenge_issued_at(self.challenge_key, report.nonce)
+            if issued is None:
+                raise QflareError(Reason.BAD_SIGNATURE, "the report does not answer a challenge this coordinator issued")
+            if not handshake.is_fresh(issued, now, window) or not handshake.is_fresh(report.created_at, now, window):
+                raise QflareError(Reason.STALE, "the report or its challenge is outside the freshness window")
+            admitted = self.registry.get_meta(META_ENCLAVE_REPORT)
+            if admitted and signing.unverified(decode(admitted, Signed), AttestationReport).created_at > report.created_at:
+                raise QflareError(Reason.STALE, "the report is older than the one already admitted")
+            if not self.registry.remember_nonce(report.nonce, window_seconds=window * 2):
+                raise QflareError(Reason.REPLAY, "the challenge was already answered")
+        except (QflareError, CodecError) as err:
             raise await self._refuse("attestation", err, None) from None
         self.registry.set_meta(META_ENCLAVE_REPORT, req.report)
         self.registry.audit("coordinator", "enclave.admitted", measurement=report.measurement)
@@ -497,7 +537,9 @@ class Coordinator:
                           sig_fp=pqc.fingerprint(report.sig_pk, report.sig_alg),
                           platform_fp=pqc.fingerprint(req.platform_pk, req.platform_alg), platform="simulated")
         return self._sign(AttestAccept(measurement=report.measurement, coordinator_sig_alg=self.identity.sig_alg,
-                                       coordinator_sig_pk=self.identity.sig_pk))
+                                       coordinator_sig_pk=self.identity.sig_pk,
+                                       report_digest=attestation_rules.report_digest(req.report),
+                                       challenge=report.nonce))
 
     # --- revocation ----------------------------------------------------------------------
 
@@ -763,12 +805,23 @@ async def rotate_coordinator_keys(settings: Settings) -> tuple[str, str]:
     control queue, so both devices and the enclave can follow the change.
     """
     old = load_identity(settings)
+    broker = await BrokerClient.open(settings, name="qflare-rotate")
+    try:  # a running coordinator keeps the old keys in memory: enrolments would fail until its restart
+        await (await broker.rpc()).call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, Ping(nonce=b""), Pong,
+                                        ROTATE_PING_SECONDS)
+    except QflareError as err:
+        if err.reason != Reason.TIMEOUT:
+            await broker.close()
+            raise
+    else:
+        await broker.close()
+        raise QflareError(Reason.BUSY, f"a coordinator is running in namespace {settings.broker.namespace!r}: stop "
+                          "every coordinator first (they load their keys at start), then rotate, then start them")
     new = Identity.generate(old.sig_alg, old.kem_alg)
     statement = signing.sign(CoordinatorKeys(sig_alg=new.sig_alg, sig_pk=new.sig_pk, kem_alg=new.kem_alg,
                                              kem_pk=new.kem_pk, issued_at=time.time(), previous_sig_alg=old.sig_alg,
                                              previous_sig_pk=old.sig_pk), old.sig_alg, old.sig_sk, old.sig_pk)
     registry = open_registry(settings)
-    broker = await BrokerClient.open(settings, name="qflare-rotate")
     try:
         chain = rotations(registry) + [encode(statement)]
         registry.set_meta(META_ROTATIONS, msgpack.packb(chain, use_bin_type=True))

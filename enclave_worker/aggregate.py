@@ -143,3 +143,17 @@ def aggregate(name: str, updates: np.ndarray, weights: np.ndarray, **params: Any
             f"unknown aggregator {name!r}; expected one of {sorted(AGGREGATORS)}"
         ) from None
     return fn(updates, weights, **params)
+
+
+def capped_weights(claims: np.ndarray, multiple: float, maximum: int) -> tuple[np.ndarray, np.ndarray]:
+    """Aggregation weights from claimed sample counts, and which claims were cut.
+
+    A claim cannot be checked, so it cannot buy weight: each is capped at ``multiple`` times
+    the round's median claim (a majority of honest devices sets the median) and at
+    ``maximum``. One device claiming 1e9 samples weighs at most ``multiple`` medians.
+    """
+    c = np.asarray(claims, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0 or not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise ValueError("claims must be a non-empty vector of finite, non-negative counts")
+    cap = min(multiple * float(np.median(c)), float(maximum))
+    return np.minimum(c, cap), c > cap

@@ -10,19 +10,25 @@ only the same code on the same platform can unseal them after a restart.
 from __future__ import annotations
 
 import logging
-import secrets
 import shutil
 import time
 from pathlib import Path
 
 import pqc
-from common.attestation import PLATFORM_SIG, allowed_measurements, measurement, trusted_platform_key  # noqa: F401
+from common.attestation import (  # noqa: F401
+    PLATFORM_SIG,
+    allowed_measurements,
+    measurement,
+    report_digest,
+    trusted_platform_key,
+)
 from common.settings import Settings
 from common.state import private_dir
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import encode
-from schemas.messages import AttestationReport, AttestRequest
+from schemas.messages import AttestAccept, AttestationReport, AttestRequest, Signed
+from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.enclave")
 
@@ -59,9 +65,24 @@ def load_enclave_keys(settings: Settings, platform: Identity, code: str) -> Iden
     return ident
 
 
-def attest_request(platform: Identity, enclave: Identity, code: str) -> AttestRequest:
+def attest_request(platform: Identity, enclave: Identity, code: str, challenge: bytes) -> AttestRequest:
+    """A report of this code and keys, answering the coordinator's single-use ``challenge``."""
     report = AttestationReport(measurement=code, kem_alg=enclave.kem_alg, kem_pk=enclave.kem_pk,
-                               sig_alg=enclave.sig_alg, sig_pk=enclave.sig_pk, nonce=secrets.token_bytes(32),
+                               sig_alg=enclave.sig_alg, sig_pk=enclave.sig_pk, nonce=challenge,
                                created_at=time.time())
     signed = signing.sign(report, platform.sig_alg, platform.sig_sk, platform.sig_pk)
     return AttestRequest(report=encode(signed), platform_pk=platform.sig_pk, platform_alg=platform.sig_alg)
+
+
+def check_accept(signed: Signed, req: AttestRequest, challenge: bytes, coordinator: tuple[str, bytes]) -> AttestAccept:
+    """The coordinator's admission, if the pinned coordinator key signed it for exactly this
+    report and challenge (else a key that merely answered could become the enclave's master)."""
+    alg, pk = coordinator
+    if signed.signer != pqc.fingerprint(pk, alg):
+        raise QflareError(Reason.BAD_SIGNATURE, "admission not signed by the pinned coordinator key")
+    accept = signing.verify(signed, AttestAccept, alg, pk)
+    if (accept.coordinator_sig_alg, accept.coordinator_sig_pk) != (alg, pk):
+        raise QflareError(Reason.BAD_SIGNATURE, "admission names another coordinator key")
+    if accept.report_digest != report_digest(req.report) or accept.challenge != challenge:
+        raise QflareError(Reason.BAD_SIGNATURE, "admission is for another report or challenge")
+    return accept

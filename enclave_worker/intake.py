@@ -1,15 +1,19 @@
 """Checking and opening one sealed update (docs/architecture.md step 5), without I/O.
 
-Checks run cheapest first: header, routing, round, replay, revocation, grant, device
-signature, then decryption and the payload's shape. Any failure raises
+Checks run cheapest first: header, routing, round, base version, timestamp, replay,
+revocation, grant (trusted coordinator key, not rotated out, device, key epoch, expiry, this
+enclave's report), device signature, then decryption and the payload's shape. Any failure raises
 :class:`QflareError` with the reason that goes into the rejection event.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,11 +27,20 @@ from schemas.messages import SessionGrant, Signed, Update, UpdateHeader
 from schemas.reasons import QflareError, Reason
 
 
+class CoordinatorKey(NamedTuple):
+    """A coordinator signature key the enclave trusts; one replaced at ``rotated_at`` still
+    vouches for grants it issued before then (until they expire), and for nothing else."""
+
+    alg: str
+    pk: bytes
+    rotated_at: float | None = None
+
+
 @dataclass(frozen=True)
 class IntakeContext:
     """What the enclave knows when an update arrives."""
 
-    coordinator_keys: dict[str, tuple[str, bytes]]  # fingerprint -> (alg, public key)
+    coordinator_keys: Mapping[str, CoordinatorKey]  # by fingerprint
     kem_alg: str
     kem_sk: bytes
     kem_fp: str
@@ -37,6 +50,16 @@ class IntakeContext:
     revoked: frozenset[str]
     policy: pqc.Policy
     now: float
+    #: The model version the open round trains on (a delta built on another is refused).
+    base_version: int | None = None
+    #: When the open round opened; an update stamped before it (or in the future) is refused.
+    opened_at: float | None = None
+    #: Clock skew tolerated on the header timestamp (crypto.freshness_seconds).
+    skew: float = 120.0
+    #: Device -> time of its last key change: grants issued before it are superseded.
+    key_epochs: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    #: SHA3-256 digests of this enclave's admitted reports: a grant must name one of them.
+    report_digests: frozenset[bytes] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,12 @@ def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, s
         raise QflareError(Reason.DEVICE_MISMATCH, "routing key names another device")
     if ctx.open_round is None or header.round_id != ctx.open_round:
         raise QflareError(Reason.WRONG_ROUND, f"round {header.round_id} is not open (open: {ctx.open_round})")
+    if ctx.base_version is not None and header.base_version != ctx.base_version:
+        raise QflareError(Reason.STALE_BASE, f"trained on model v{header.base_version}, the round is on "
+                          f"v{ctx.base_version}")
+    if header.timestamp > ctx.now + ctx.skew or (ctx.opened_at is not None
+                                                 and header.timestamp < ctx.opened_at - ctx.skew):
+        raise QflareError(Reason.STALE, "update timestamp outside the open round's window")
     if seen:
         raise QflareError(Reason.REPLAY, f"update {header.update_id} was already received")
     if header.device_id in ctx.revoked:
@@ -79,13 +108,19 @@ def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, s
         key = ctx.coordinator_keys.get(signed_grant.signer)
         if key is None:
             raise QflareError(Reason.BAD_GRANT, "grant signed by a key the enclave does not trust")
-        grant = verified_grant(header.grant, *key)
+        grant = verified_grant(header.grant, key.alg, key.pk)
     except (QflareError, CodecError) as err:
         raise QflareError(Reason.BAD_GRANT, err.detail) from None
+    if key.rotated_at is not None and grant.issued_at >= key.rotated_at:
+        raise QflareError(Reason.BAD_GRANT, "grant issued by a coordinator key after it was rotated out")
     if grant.device_id != header.device_id:
         raise QflareError(Reason.BAD_GRANT, "grant issued to another device")
+    if grant.issued_at < ctx.key_epochs.get(grant.device_id, -math.inf):
+        raise QflareError(Reason.SUPERSEDED, "grant issued before the device's last key change")
     if ctx.now > grant.not_after:
         raise QflareError(Reason.GRANT_EXPIRED, "session grant expired")
+    if grant.enclave_digest is None or grant.enclave_digest not in ctx.report_digests:
+        raise QflareError(Reason.BAD_GRANT, "grant issued for another enclave's report")
     if header.enclave_kem_fp != ctx.kem_fp or header.kem_alg != ctx.kem_alg:
         raise QflareError(Reason.DECRYPTION_FAILED, "sealed to a key this enclave does not hold")
     if header.layout_id != ctx.layout_id:

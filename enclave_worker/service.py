@@ -18,11 +18,11 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from broker.principals import require_role
-from common import health, metrics
-from common.attestation import SIMULATED_WARNING, platform_dir
+from common import handshake, health, metrics
+from common.attestation import SIMULATED_WARNING, local_coordinator_fingerprint, platform_dir
 from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
-from common.settings import Settings
+from common.settings import ConfigError, Settings
 from common.state import private_dir
 from common.task import TaskError
 from common.training import TaskRunner, runner_for
@@ -34,8 +34,12 @@ from enclave_worker.store import EnclaveStore
 from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
-    AttestAccept,
+    AttestChallenge,
+    AttestChallengeRequest,
     CoordinatorKeys,
+    KeyChain,
+    KeyEpoch,
+    KeysRequest,
     Message,
     Revocation,
     RootData,
@@ -147,9 +151,20 @@ class Enclave:
             raise TaskError(f"the enclave's stored model has {latest[1].shape[0]} parameters, the task's "
                             f"{initial[0].shape[0]}: another task's state is in {settings.state_dir}")
         self.version, self.params = latest
-        #: Trusted coordinator signature keys by fingerprint: the admitted one, plus each key
-        #: it rotated to (grants signed by the previous key stay valid until they expire).
-        self.coordinator_keys: dict[str, tuple[str, bytes]] = {}
+        #: The coordinator key this enclave obeys, from its settings (never from the network).
+        self.pinned_coordinator = settings.enclave.coordinator_fingerprint or local_coordinator_fingerprint(settings)
+        if self.pinned_coordinator is None:
+            raise ConfigError("the enclave pins its coordinator: set enclave.coordinator_fingerprint "
+                              "(QFLARE_ENCLAVE__COORDINATOR_FINGERPRINT; `qflare coordinator fingerprint` prints it)")
+        #: Trusted coordinator signature keys by fingerprint, reached from the pinned one through
+        #: the signed rotation chain: the current key, and rotated-out keys, which vouch only for
+        #: grants they issued before their rotation (intake.CoordinatorKey).
+        self.coordinator_keys: dict[str, intake.CoordinatorKey] = {}
+        self.current_coordinator: str | None = None
+        self.key_epochs: dict[str, float] = self.store.key_epochs()
+        self.report_digests: frozenset[bytes] = frozenset(self.store.reports(self.identity.kem_fp))
+        self._last_round_open = 0.0  # issued_at of the newest RoundOpen obeyed
+        self._round_opened_at: float | None = None  # when the open round opened (store time)
         self.broker: BrokerClient | None = None
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
         self.http_port: int | None = None
@@ -214,30 +229,51 @@ class Enclave:
                 health.Check("store", lambda: None if self.store.db.execute("SELECT 1").fetchone() else "no answer")]
 
     async def _attest(self, timeout: float) -> None:
-        """Register the attestation report with the coordinator, retrying until it answers."""
+        """Be admitted by the pinned coordinator, retrying until it answers: follow its key
+        chain from the pin, answer a fresh challenge, check the admission binds our report."""
         assert self.broker is not None
         rpc = await self.broker.rpc()
-        req = attestation.attest_request(self.platform, self.identity, self.code)
+        names = self.broker.names
         end = time.monotonic() + timeout
         while True:
             try:
-                signed = await rpc.call(self.broker.names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, 5.0)
+                chain = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, KeysRequest(), KeyChain, 5.0)
+                current, retired = handshake.walk_key_chain(chain.current, chain.rotations, self.pinned_coordinator)
+                challenge = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, AttestChallengeRequest(),
+                                           AttestChallenge, 5.0)
+                req = attestation.attest_request(self.platform, self.identity, self.code, challenge.challenge)
+                signed = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, req, Signed, 5.0)
                 break
             except QflareError as err:
                 if err.reason != Reason.TIMEOUT:
                     raise
                 if time.monotonic() > end:
                     raise QflareError(Reason.TIMEOUT, f"no coordinator admitted this enclave within {timeout:g}s "
-                                      f"in namespace {self.broker.names.namespace!r}: start `qflare coordinator "
+                                      f"in namespace {names.namespace!r}: start `qflare coordinator "
                                       "run` there (enclave.attest_timeout_seconds)") from None
                 log.info("waiting for the coordinator to admit this enclave...",
-                         extra={"namespace": self.broker.names.namespace})
-        accept = signing.unverified(signed, AttestAccept)
-        signing.verify(signed, AttestAccept, accept.coordinator_sig_alg, accept.coordinator_sig_pk)
-        self._trust(accept.coordinator_sig_alg, accept.coordinator_sig_pk)
+                         extra={"namespace": names.namespace})
+        attestation.check_accept(signed, req, challenge.challenge, (current.sig_alg, current.sig_pk))
+        for alg, pk, rotated_at in retired:
+            self.coordinator_keys[pqc.fingerprint(pk, alg)] = intake.CoordinatorKey(alg, pk, rotated_at)
+        self._trust(current.sig_alg, current.sig_pk)
+        digest = handshake.enclave_digest(req.report)
+        self.store.add_report(digest, self.identity.kem_fp)
+        self.report_digests = self.report_digests | {digest}
+        log.info("admitted by coordinator %s (pinned %s)", self.current_coordinator[:16], self.pinned_coordinator[:16])
 
-    def _trust(self, alg: str, pk: bytes) -> None:
-        self.coordinator_keys[pqc.fingerprint(pk, alg)] = (alg, pk)
+    def _trust(self, alg: str, pk: bytes, *, rotated_at: float | None = None) -> None:
+        """Make (alg, pk) the current coordinator key; the previous one is retired at ``rotated_at``."""
+        fp = pqc.fingerprint(pk, alg)
+        old = self.current_coordinator
+        if old is not None and old != fp and rotated_at is not None:
+            self.coordinator_keys[old] = self.coordinator_keys[old]._replace(rotated_at=rotated_at)
+        self.coordinator_keys[fp] = intake.CoordinatorKey(alg, pk)
+        self.current_coordinator = fp
+        ttl = self.settings.crypto.session_ttl_seconds  # a retired key's grants have all expired by then
+        for k, key in list(self.coordinator_keys.items()):
+            if key.rotated_at is not None and key.rotated_at + ttl < time.time():
+                del self.coordinator_keys[k]
 
     async def stop(self) -> None:
         if self._deadline:
@@ -264,14 +300,16 @@ class Enclave:
     # --- control -------------------------------------------------------------------------
 
     def _verify_coordinator(self, signed: Signed, expected: type[Message]) -> Message:
-        key = self.coordinator_keys.get(signed.signer)
+        """Control messages obey only the current coordinator key (a rotated-out one has no say)."""
+        key = self.coordinator_keys.get(signed.signer) if signed.signer == self.current_coordinator else None
         if key is None:
-            raise QflareError(Reason.BAD_SIGNATURE, "control message signed by an untrusted key")
-        return signing.verify(signed, expected, *key)
+            raise QflareError(Reason.BAD_SIGNATURE, "control message not signed by the current coordinator key")
+        return signing.verify(signed, expected, key.alg, key.pk)
 
     async def _on_control(self, signed: Signed, raw) -> None:
         require_role(self.settings, "coordinator", raw.user_id)  # broker-verified sender, before any crypto
-        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData))
+        inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData,
+                                                 KeyEpoch))
         msg = self._verify_coordinator(signed, type(inner_type))
         if isinstance(msg, RootData):
             await self._take_root_data(msg)
@@ -280,15 +318,27 @@ class Enclave:
             async with self.lock:
                 await self._abort_round(msg)
             return
-        if isinstance(msg, CoordinatorKeys):  # a rotation, signed by a key we trust
-            self._trust(msg.sig_alg, msg.sig_pk)
-            log.info("coordinator key rotated to %s", pqc.fingerprint(msg.sig_pk, msg.sig_alg)[:16])
+        if isinstance(msg, CoordinatorKeys):  # a rotation, signed by the key it replaces
+            self._trust(msg.sig_alg, msg.sig_pk, rotated_at=msg.issued_at)
+            log.info("coordinator key rotated to %s", self.current_coordinator[:16])
             return
         if isinstance(msg, Revocation):
             self.store.revoke(msg.device_id, msg.revoked_at)
             self._revoked.add(msg.device_id)
             log.info("device %s revoked", msg.device_id)
             return
+        if isinstance(msg, KeyEpoch):
+            self.store.set_key_epoch(msg.device_id, msg.not_before)
+            self.key_epochs[msg.device_id] = max(msg.not_before, self.key_epochs.get(msg.device_id, msg.not_before))
+            log.info("device %s changed keys: its grants from before %.0f are superseded", msg.device_id,
+                     msg.not_before)
+            return
+        now, skew = time.time(), self.settings.crypto.freshness_seconds
+        if msg.issued_at > now + skew or msg.issued_at < self._last_round_open:
+            log.warning("round %d open refused: issued_at %.0f is in the future or older than the last one obeyed",
+                        msg.spec.round_id, msg.issued_at)
+            return
+        self._last_round_open = msg.issued_at
         async with self.lock:
             await self._open_round(msg.spec)
 
@@ -345,6 +395,7 @@ class Enclave:
     async def _resume(self, spec: RoundSpec) -> None:
         """Announce ``spec`` on the current model and arm its deadline."""
         self.round = spec
+        self._round_opened_at = self.store.round_opened_at(spec.round_id)
         messages = publisher.build_model_messages(self.identity, self.version, self.layout_id, self.params,
                                                   self.settings.chunking.chunk_bytes, next_round=spec)
         await publisher.publish_model(self.broker.publisher, messages, self.version)
@@ -395,7 +446,9 @@ class Enclave:
             kem_sk=self.identity.kem_sk, kem_fp=self.identity.kem_fp,
             open_round=self.round.round_id if self.round else None, layout_id=self.layout_id,
             n_params=int(self.params.shape[0]), revoked=frozenset(self._revoked), policy=self.policy,
-            now=time.time())
+            now=time.time(), base_version=self.version, opened_at=self._round_opened_at,
+            skew=self.settings.crypto.freshness_seconds, key_epochs=self.key_epochs,
+            report_digests=self.report_digests)
 
     async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
         if isinstance(msg, UpdateChunk):
@@ -590,31 +643,31 @@ class Enclave:
         await self._flush()
         await self._acked()  # its updates' events go out before the round's
         t0 = time.time()
+        fl = self.settings.fl
         stored = self.store.round_updates(spec.round_id)
         rejected = self.store.rejections(spec.round_id)
         if self._deadline and not forced and asyncio.current_task() is not self._deadline:
             self._deadline.cancel()
         self.round = None
+        for u in [u for u in stored if u.device_id in self._revoked]:  # revoked after their update came
+            stored.remove(u)
+            await self._refuse_stored(spec.round_id, u, Reason.REVOKED.value, rejected)
         if len(stored) < spec.min_updates:
-            result = RoundResult(round_id=spec.round_id, accepted=0, rejected=rejected, seconds=round(time.time() - t0, 4),
-                                 status="failed")
-            self.store.close_round(spec.round_id, "failed", result.model_dump())
-            await self._round_event("failed", spec.round_id, result, received=len(stored))
-            metrics.ROUNDS.labels("failed").inc()
-            log.warning("round %d failed: %d of %d updates", spec.round_id, len(stored), spec.min_updates)
+            await self._fail(spec, t0, rejected, len(stored), 0, Reason.TOO_FEW_UPDATES,
+                             f"{len(stored)} of {spec.min_updates} updates")
             return
-        weights = np.array([u.num_samples for u in stored], dtype=np.float64)
+        weights, clipped = agg.capped_weights(np.array([u.num_samples for u in stored]), fl.sample_cap_multiple,
+                                              fl.max_num_samples)
+        for u, w in ((u, w) for u, w, c in zip(stored, weights, clipped, strict=True) if c):
+            await self.broker.publisher.event("update.clipped", device_id=u.device_id, round_id=spec.round_id,
+                                              update_id=u.update_id, claimed=u.num_samples, weight=int(w),
+                                              confirmed=True)
         # The close reads every delta and can take seconds: off the event loop, so acks and
         # heartbeats go on. The lock is held, so nothing writes the store meanwhile.
         combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights, spec)
         for u, reason in zip(stored, verdict.reasons, strict=True):
-            if reason is not None:
-                reason = getattr(reason, "value", reason)  # a Reason from defend, a str from the filters
-                metrics.UPDATES.labels(reason).inc()
-                rejected[reason] = rejected.get(reason, 0) + 1
-                await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id,
-                                                  round_id=spec.round_id, reason=reason, update_id=u.update_id,
-                                                  confirmed=True)
+            if reason is not None:  # a Reason from defend, a str from the filters
+                await self._refuse_stored(spec.round_id, u, getattr(reason, "value", reason), rejected)
         if isinstance(verdict, Defence):
             self.defence_state = verdict.state
             reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below)
@@ -623,6 +676,10 @@ class Enclave:
                 await self.broker.publisher.event("device.quarantined", device_id=device, round_id=spec.round_id,
                                                   reputation=round(verdict.state.reputations[device], 4))
         accepted = int(verdict.accepted.sum())
+        if accepted < fl.min_accepted:
+            await self._fail(spec, t0, rejected, len(stored), accepted, Reason.TOO_FEW_ACCEPTED,
+                             f"{accepted} accepted, fl.min_accepted is {fl.min_accepted}")
+            return
         new_params = self.params + combined if combined is not None else self.params
         scores = await asyncio.to_thread(self._evaluate, new_params)
         accuracy = scores.get("accuracy")
@@ -647,6 +704,23 @@ class Enclave:
                  scores)
 
 
+    async def _refuse_stored(self, round_id: int, u, reason: str, rejected: dict[str, int]) -> None:
+        """A stored update left out at the close: counted in ``rejected``, announced."""
+        metrics.UPDATES.labels(reason).inc()
+        rejected[reason] = rejected.get(reason, 0) + 1
+        await self.broker.publisher.event(f"update.rejected.{reason}", device_id=u.device_id, round_id=round_id,
+                                          reason=reason, update_id=u.update_id, confirmed=True)
+
+    async def _fail(self, spec: RoundSpec, t0: float, rejected: dict[str, int], received: int, accepted: int,
+                    reason: Reason, why: str) -> None:
+        """Close ``spec`` as failed, publishing no model."""
+        result = RoundResult(round_id=spec.round_id, accepted=accepted, rejected=rejected,
+                             seconds=round(time.time() - t0, 4), status="failed", reason=reason.value)
+        self.store.close_round(spec.round_id, "failed", result.model_dump())
+        await self._round_event("failed", spec.round_id, result, received=received)
+        metrics.ROUNDS.labels("failed").inc()
+        log.warning("round %d failed (%s): %s", spec.round_id, reason.value, why)
+
     async def _round_event(self, status: str, round_id: int, result: RoundResult, *, version: int | None = None,
                            received: int | None = None) -> None:
         """``round.completed`` or ``round.failed``: the one place their fields are spelled."""
@@ -660,7 +734,8 @@ class Enclave:
                                               reason="cancelled", confirmed=True)
         else:
             await self.broker.publisher.event("round.failed", round_id=round_id, received=received,
-                                              reason=Reason.TOO_FEW_UPDATES.value, confirmed=True)
+                                              accepted=result.accepted,
+                                              reason=result.reason or Reason.TOO_FEW_UPDATES.value, confirmed=True)
 
     async def _announce_closed(self, round_id: int, status: str) -> None:
         """Say again how a closed round ended, with its model (asked again after an outage)."""

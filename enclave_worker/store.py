@@ -33,6 +33,8 @@ CREATE TABLE IF NOT EXISTS updates (
   at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_round ON updates(round_id);
 CREATE TABLE IF NOT EXISTS revoked (device_id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS key_epochs (device_id TEXT PRIMARY KEY, not_before REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS reports (digest BLOB PRIMARY KEY, kem_fp TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS models (
   version INTEGER PRIMARY KEY, round_id INTEGER, params BLOB NOT NULL, signed BLOB, created_at REAL NOT NULL);
 """
@@ -195,6 +197,28 @@ class EnclaveStore:
 
     def revoked(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT device_id FROM revoked")}
+
+    def round_opened_at(self, round_id: int) -> float | None:
+        row = self.db.execute("SELECT opened_at FROM rounds WHERE round_id = ?", (round_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_key_epoch(self, device_id: str, not_before: float) -> None:
+        """Grants issued to ``device_id`` before ``not_before`` are refused from now on (never lowered)."""
+        with self.lock:
+            self.db.execute("INSERT INTO key_epochs VALUES (?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                            "not_before = max(not_before, excluded.not_before)", (device_id, not_before))
+
+    def key_epochs(self) -> dict[str, float]:
+        return dict(self.db.execute("SELECT device_id, not_before FROM key_epochs"))
+
+    def add_report(self, digest: bytes, kem_fp: str) -> None:
+        """Remember a report of ours the coordinator admitted: grants naming it are for us."""
+        with self.lock:
+            self.db.execute("INSERT OR IGNORE INTO reports VALUES (?,?,?)", (digest, kem_fp, time.time()))
+
+    def reports(self, kem_fp: str) -> set[bytes]:
+        """Digests of the admitted reports of the KEM key ``kem_fp`` (this enclave's keys)."""
+        return {r[0] for r in self.db.execute("SELECT digest FROM reports WHERE kem_fp = ?", (kem_fp,))}
 
     # models
     def save_model(self, version: int, round_id: int | None, params: np.ndarray, signed: bytes | None) -> None:

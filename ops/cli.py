@@ -133,7 +133,7 @@ def run(coro: Coroutine) -> Any:
     except QflareError as exc:
         code = EXIT_TIMEOUT if exc.reason == Reason.TIMEOUT else EXIT_REFUSED
         raise fail(f"{exc.reason.value}: {exc.detail}" if exc.detail else exc.reason.value, code) from None
-    except PortInUse as exc:
+    except (PortInUse, ConfigError) as exc:
         raise fail(str(exc), EXIT_USAGE) from None
     except FileNotFoundError as exc:
         raise fail(str(exc)) from None

@@ -9,8 +9,6 @@ the registry file, so the coordinator may run elsewhere.
 
 from __future__ import annotations
 
-import base64
-import json
 import secrets
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import aio_pika
 import pqc
 from broker.client import BrokerClient
 from common import handshake
+from common.attestation import local_coordinator_fingerprint
 from common.settings import Settings
 from pqc.identity import Identity
 from schemas import signing
@@ -59,15 +58,6 @@ def load_operator(settings: Settings) -> Identity:
         raise FileNotFoundError(f"no operator key in {directory}; run `qflare operator init` and pin its "
                                 "fingerprint in the coordinator's operator.pinned_fingerprints")
     return Identity.load(directory)
-
-
-def local_coordinator_fingerprint(settings: Settings) -> str | None:
-    """The fingerprint of a coordinator key kept under this host's state directory, if any."""
-    path = settings.state_dir / "coordinator" / "public.json"
-    if not path.exists():
-        return None
-    pub = json.loads(path.read_text())
-    return pqc.fingerprint(base64.b64decode(pub["sig_pk"]), pub["sig_alg"])
 
 
 def pinned_coordinator(settings: Settings) -> str:

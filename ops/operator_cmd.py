@@ -66,11 +66,17 @@ def register(app: typer.Typer, token_app: typer.Typer, device_app: typer.Typer, 
 
     @coordinator_app.command("fingerprint")
     def coordinator_fingerprint(json_out: bool = typer.Option(False, "--json")) -> None:
-        """Print the coordinator's key fingerprint (for operator.coordinator_fingerprint and devices)."""
+        """Print the coordinator's key fingerprint (for devices, the enclave's
+        enclave.coordinator_fingerprint and operator.coordinator_fingerprint); makes the key on
+        first use, so the enclave and devices can be provisioned before the coordinator starts."""
+        from coordinator.service import load_identity
+
         s = shell.settings()
         fp = local_coordinator_fingerprint(s)
         if fp is None:
-            raise shell.fail(f"no coordinator key under {s.state_dir}; run `qflare coordinator run` once")
+            fp = load_identity(s).sig_fp
+            shell.err_console.print(f"made the coordinator's keys in {s.state_dir / 'coordinator'} (mode 0600)",
+                                    highlight=False, markup=False)
         if json_out:
             shell.print_json({"coordinator_fingerprint": fp})
         else:

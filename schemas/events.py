@@ -64,7 +64,14 @@ class RoundCompleted(Detail):
 
 
 class RoundFailed(Detail):
-    received: int  # updates stored when the round closed, fewer than its min_updates
+    received: int  # updates stored when the round closed
+    accepted: int = 0  # of those, accepted by the screening (fewer than fl.min_accepted: too_few_accepted)
+
+
+class UpdateClipped(Detail):
+    update_id: str
+    claimed: int  # the sample count the device claimed
+    weight: int  # the weight it was given: min(claim, fl.sample_cap_multiple x median claim, fl.max_num_samples)
 
 
 class Quarantined(Detail):
@@ -149,10 +156,14 @@ EVENTS: tuple[EventSpec, ...] = (
               ("device_id", "round_id"), "enclave"),
     EventSpec("update.rejected.{reason}", "The enclave refused an update, at intake or by a filter at the close.",
               UpdateRejected, ("device_id", "round_id", "reason"), "enclave"),
+    EventSpec("update.clipped", "A stored update's claimed sample count was over the round's cap; it is "
+              "aggregated with the capped weight (docs/security.md, \"Sample counts\").", UpdateClipped,
+              ("device_id", "round_id"), "enclave"),
     EventSpec("round.completed", "A round closed: the new global model is signed and published.", RoundCompleted,
               ("round_id",), "enclave"),
     EventSpec("round.failed", "A round closed with fewer stored updates than its min_updates (at its deadline, or "
-              "when the next round opened first); reason `too_few_updates`. No model is published.", RoundFailed,
+              "when the next round opened first; reason `too_few_updates`), or with fewer updates accepted by the "
+              "screening than fl.min_accepted (reason `too_few_accepted`). No model is published.", RoundFailed,
               ("round_id", "reason"), "enclave"),
     EventSpec("round.cancelled", "The enclave closed a round at the coordinator's signed `round.abort` (an "
               "operator's cancel, or a dropped plan); reason `cancelled`. No model is published.", RoundCancelled,

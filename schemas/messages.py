@@ -269,18 +269,37 @@ class AttestationReport(Message):
     created_at: float
 
 
+class AttestChallengeRequest(Message):
+    """Enclave → coordinator: a fresh challenge to put in the next attestation report."""
+
+    TYPE: ClassVar[str] = "attest.challenge.request"
+
+
+class AttestChallenge(Message):
+    """Coordinator → enclave: single-use, short-lived (common/attestation.py, ``new_challenge``)."""
+
+    TYPE: ClassVar[str] = "attest.challenge"
+    challenge: Nonce
+    expires_at: float
+
+
 class AttestRequest(Message):
     TYPE: ClassVar[str] = "attest.request"
-    report: Encoded  # Signed(AttestationReport)
+    report: Encoded  # Signed(AttestationReport); its nonce is an AttestChallenge's challenge
     platform_pk: Key
     platform_alg: AlgName
 
 
 class AttestAccept(Message):
+    """Coordinator → enclave, signed by the coordinator key the enclave pins: binds the exact
+    report admitted (its SHA-256) and the challenge it answered."""
+
     TYPE: ClassVar[str] = "attest.accept"
     measurement: Measurement
     coordinator_sig_alg: AlgName
     coordinator_sig_pk: Key
+    report_digest: Sha256
+    challenge: Nonce
 
 
 # --- rounds and models (steps 4-5) -----------------------------------------------------
@@ -496,6 +515,16 @@ class Revocation(Message):
     revoked_at: float
 
 
+class KeyEpoch(Message):
+    """Coordinator → enclave, signed: the device replaced its keys at ``not_before``; grants
+    issued before it are refused (``superseded``), so a rotated-out key can sign nothing."""
+
+    TYPE: ClassVar[str] = "device.key_epoch"
+    device_id: DeviceId
+    not_before: float
+    sig_fp: Fingerprint  # the device's new signature key
+
+
 class RootData(Message):
     """Operator (coordinator key) → enclave, signed: clean root data for the enclave's trusted
     reference update, sealed to the attested enclave's KEM key (docs/robustness.md).
@@ -570,6 +599,7 @@ class RoundResult(Message):
     metrics: Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)], float], Field(max_length=16)] = {}
     seconds: float
     status: Label  # "completed" | "failed" | "cancelled"
+    reason: Label | None = None  # why a round failed: too_few_updates or too_few_accepted
 
 
 class GlobalModel(Message):
@@ -613,8 +643,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     EnrollClaim, EnrollRequest, EnrollAccept,
     SessionRequest, SessionGrant, SessionAccept, SessionCall, StatusRequest, StatusReply,
     KeyRotation, RotationRequest, RotationAccept, CoordinatorKeys, KeysRequest, KeyChain,
-    AttestationReport, AttestRequest, AttestAccept,
-    RoundSpec, RoundOpen, RoundAbort, Revocation, RootData,
+    AttestationReport, AttestChallengeRequest, AttestChallenge, AttestRequest, AttestAccept,
+    RoundSpec, RoundOpen, RoundAbort, Revocation, KeyEpoch, RootData,
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked,

@@ -44,6 +44,9 @@ class Reason(StrEnum):
     OUTLIER = "outlier"
     QUARANTINED = "quarantined"
     TOO_FEW_UPDATES = "too_few_updates"
+    TOO_FEW_ACCEPTED = "too_few_accepted"
+    STALE_BASE = "stale_base"
+    SUPERSEDED = "superseded"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -90,9 +93,14 @@ DESCRIPTIONS: dict[Reason, str] = {
     Reason.NON_FINITE: "NaN or infinity in the update",
     Reason.CHUNK_SEQUENCE: "a chunk out of order, repeated, of another update or stream, or with no update begun",
     Reason.INCOMPLETE: "a chunked update's remaining chunks did not arrive in time (truncated)",
-    Reason.BUSY: "the enclave is reassembling as many chunked updates as it allows; the update was refused",
+    Reason.BUSY: "the enclave is reassembling as many chunked updates as it allows (the update was refused), or "
+                 "`coordinator rotate-keys` found a coordinator still running",
     Reason.TASK_FAILED: "the task's own code (its data, training or evaluation) failed; nothing was sent",
     Reason.TOO_FEW_UPDATES: "a round closed with fewer stored updates than its min_updates (round.failed)",
+    Reason.TOO_FEW_ACCEPTED: "a round's screening left fewer accepted updates than fl.min_accepted, so no single "
+                             "device could set the model (round.failed)",
+    Reason.STALE_BASE: "the update was trained on another model version than the open round's",
+    Reason.SUPERSEDED: "signed under a key or grant the device has since replaced (key rotation or re-enrollment)",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",

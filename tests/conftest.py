@@ -96,10 +96,14 @@ def pg_url(pg_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def settings(amqp_url: str, tmp_path: Path) -> Settings:
-    """Settings in a namespace and state directory of the test's own."""
+    """Settings in a namespace and state directory of the test's own.
+
+    Protocol tests run rounds of one or two devices, so ``fl.min_accepted`` is 1 here; the
+    tests of that floor itself (tests/test_model_trust.py) use the product's default, 3.
+    """
     ns = "t" + uuid.uuid4().hex[:10]
     return load_settings(amqp_url=amqp_url, state_dir=tmp_path / "state",
-                         broker={"namespace": ns, "rpc_timeout": 10.0})
+                         broker={"namespace": ns, "rpc_timeout": 10.0}, fl={"min_accepted": 1})
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from schemas.reasons import QflareError, Reason
 
 N = 5000
 CHUNK = 4096  # bytes: 5000 float32 parameters make 5 chunks
+#: The digest of the enclave report the test grants name (the enclave checks it is its own).
+REPORT_DIGEST = b"r" * 32
 
 
 class World:
@@ -40,7 +42,7 @@ class World:
         ident = Identity.generate("ML-DSA-44", "ML-KEM-768")
         grant = SessionGrant(device_id=device_id, session_id="s" * 16, sig_alg=ident.sig_alg, sig_pk=ident.sig_pk,
                              sig_fp=pqc.fingerprint(ident.sig_pk, ident.sig_alg), issued_at=time.time(),
-                             not_after=time.time() + 600, transcript=b"t")
+                             not_after=time.time() + 600, transcript=b"t", enclave_digest=REPORT_DIGEST)
         signed = encode(signing.sign(grant, self.coord.sig_alg, self.coord.sig_sk, self.coord.sig_pk))
         report = AttestationReport(measurement="m" * 16, kem_alg=self.enclave.kem_alg, kem_pk=self.enclave.kem_pk,
                                    sig_alg=self.enclave.sig_alg, sig_pk=self.enclave.sig_pk, nonce=b"n" * 16,
@@ -52,9 +54,10 @@ class World:
 
     def context(self) -> intake.IntakeContext:
         return intake.IntakeContext(
-            coordinator_keys={self.coord.sig_fp: (self.coord.sig_alg, self.coord.sig_pk)},
+            coordinator_keys={self.coord.sig_fp: intake.CoordinatorKey(self.coord.sig_alg, self.coord.sig_pk)},
             kem_alg=self.enclave.kem_alg, kem_sk=self.enclave.kem_sk, kem_fp=self.enclave.kem_fp, open_round=1,
-            layout_id="L1", n_params=N, revoked=frozenset(), policy=pqc.Policy(), now=time.time())
+            layout_id="L1", n_params=N, revoked=frozenset(), policy=pqc.Policy(), now=time.time(),
+            report_digests=frozenset({REPORT_DIGEST}))
 
     def build(self, delta: np.ndarray, encoding: str = "f32", device: Device | None = None,
               update_id: str | None = None, fraction: float = 0.3) -> list[UpdateChunk]:

@@ -149,6 +149,7 @@ def test_demo_json_shows_rounds_and_rejected_attackers(sh):
 
 def test_a_device_process_trains_in_a_round_started_from_the_shell(sh):
     sh.env["QFLARE_FL__MIN_UPDATES"] = "1"  # a one-device fleet
+    sh.env["QFLARE_FL__MIN_ACCEPTED"] = "1"  # (the enclave's floor, 3 by default, lowered on purpose)
     sh.start("coordinator", "run")
     sh.wait_for_coordinator()
     sh.start("enclave", "run")

@@ -85,6 +85,7 @@ def wait_status(port: int, path: str, want: int, timeout: float = 60, has: str =
 def test_coordinator_and_enclave_on_one_host_each_on_its_own_port(sh):
     cport, eport = free_port(), free_port()
     sh.env["QFLARE_COORDINATOR__HTTP_PORT"], sh.env["QFLARE_ENCLAVE__HTTP_PORT"] = str(cport), str(eport)
+    sh.run("coordinator", "fingerprint")  # the coordinator's key, which the enclave pins, exists
     sh.start("enclave", "run")  # first: alive, but not ready until a coordinator admits it
     wait_status(eport, "/healthz", 200)
     body = json.loads(wait_status(eport, "/readyz", 503, has='"failing":"attested"'))

@@ -61,6 +61,7 @@ def test_refused_broker_access_names_the_user(sh):
 
 
 def test_an_attestation_timeout_is_one_line_saying_what_to_start(sh):
+    sh.run("coordinator", "fingerprint")  # the key the enclave pins exists; no coordinator runs
     res = sh.run("enclave", "run", ok=False, env={"QFLARE_ENCLAVE__ATTEST_TIMEOUT_SECONDS": "1"})
     assert res.returncode == EXIT_TIMEOUT
     assert "qflare coordinator run" in one_line(res)
@@ -70,6 +71,12 @@ def test_rich_markup_in_an_error_is_printed_as_written(sh):
     res = sh.run("broker", "status", ok=False, env={"QFLARE_BROKER__NAMESPACE": "Not Valid"})
     assert res.returncode == EXIT_USAGE
     assert "[a-z0-9]" in one_line(res)
+
+
+def test_an_enclave_with_no_coordinator_to_pin_is_one_line_saying_which_setting(sh):
+    res = sh.run("enclave", "run", ok=False)
+    assert res.returncode == EXIT_USAGE
+    assert "enclave.coordinator_fingerprint" in one_line(res)
 
 
 def test_a_typo_in_a_nested_setting_stops_the_cli(sh, tmp_path):

@@ -222,8 +222,10 @@ async def test_enclave_with_a_measurement_outside_the_allow_list_is_refused(brok
 async def test_enclave_report_from_an_untrusted_platform_is_refused(broker, settings, tmp_path):
     from schemas.reasons import QflareError, Reason
 
-    async with coordinator(settings):
-        rogue = settings.model_copy(update={"state_dir": tmp_path / "rogue"})  # its own "platform" key
+    async with coordinator(settings) as coord:
+        rogue = settings.model_copy(update={"state_dir": tmp_path / "rogue",  # its own "platform" key
+                                            "enclave": settings.enclave.model_copy(
+                                                update={"coordinator_fingerprint": coord.identity.sig_fp})})
         enc = Enclave(rogue)
         try:
             with pytest.raises(QflareError) as exc:

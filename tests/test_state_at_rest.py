@@ -95,6 +95,9 @@ def test_an_open_round_keeps_its_segment_across_a_restart(tmp_path):
 
 
 def test_a_platform_key_beside_the_state_moves_out_and_still_unseals(settings, caplog):
+    from coordinator.service import load_identity
+
+    load_identity(settings)  # the coordinator key the enclave pins
     first = Enclave(settings)
     kem_fp = first.identity.kem_fp
     first.store.close()

@@ -64,6 +64,7 @@ def test_user_task_outside_the_repository_trains_through_agent_and_enclave_proce
     before = runner.evaluate(runner.initial_params(), *runner.test_data)["accuracy"]
     runner_for.cache_clear()
     sh.env["QFLARE_FL__MIN_UPDATES"] = "1"  # a one-device fleet
+    sh.env["QFLARE_FL__MIN_ACCEPTED"] = "1"  # (the enclave's floor, 3 by default, lowered on purpose)
     sh.start("coordinator", "run")
     sh.wait_for_coordinator()
     sh.start("enclave", "run", "--task", "their_task:task")
