@@ -1,9 +1,11 @@
 """The enclave's durable state: rounds, accepted updates, revocations and global models.
 
-Deltas are appended to one segment file per round (enclave_worker/segments.py: large
-records with O_DIRECT) and indexed (offset, length) in SQLite; a batch of updates becomes
-durable with one fsync of the segment and one SQLite commit, and only then are its messages
-acked. A crash therefore redelivers at most what was not yet
+Deltas are appended to one segment file per round and indexed (offset, length) in SQLite.
+A delta's place and its row are taken at once; its bytes are written by the store's one
+writer thread (enclave_worker/segments.py: large records with O_DIRECT) while the caller
+goes on. A batch of updates becomes durable at :meth:`EnclaveStore.commit`: it waits for
+the batch's writes, fsyncs the segment, then commits the rows, and only then are its
+messages acked. A write that failed fails that commit (rolled back, nothing acked). A crash therefore redelivers at most what was not yet
 durable, and the update id (primary key) keeps a redelivered update from counting twice.
 A round's segment is deleted once the round is recorded closed. Directories are 0700 and
 files 0600 (common/state.py). In a real TEE this directory would be sealed.
@@ -15,11 +17,13 @@ import json
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from common.stages import Stages, timed
 from common.state import private_dir, private_file
 from enclave_worker.segments import Segment, Staging
 
@@ -62,10 +66,16 @@ class EnclaveStore:
         self.lock = threading.RLock()
         self._segments: dict[int, Segment] = {}  # round id -> open segment
         self._staging = Staging()  # the aligned buffer direct writes go through
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="qflare-segment-writer")
+        self._writes: list[Future] = []  # of the open batch
+        #: Counts the segment writes' time as ``store`` when set (the enclave's stages).
+        self.stages: Stages | None = None
         private_dir(self.dir / "rounds")
         self._drop_closed_segments()
 
     def close(self) -> None:
+        self._wait_writes()
+        self._writer.shutdown(wait=True)
         for seg in self._segments.values():
             seg.close()
         self._segments.clear()
@@ -87,12 +97,28 @@ class EnclaveStore:
                 self.db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
-        """Make the batch durable: the segments' bytes first, then the rows that point to them."""
+        """Make the batch durable: the segments' bytes first (written, then fsynced), then the
+        rows that point to them. If a write failed, the batch is rolled back and this raises."""
         with self.lock:
+            writes, self._writes = self._writes, []
+            wait(writes)
+            failed = next((f.exception() for f in writes if f.exception() is not None), None)
+            if failed is not None:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise failed
             for seg in self._segments.values():
                 seg.sync()
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
+
+    def _wait_writes(self) -> None:
+        """Wait for the writes in flight (their errors are raised by :meth:`commit`)."""
+        wait(list(self._writes))
+
+    def _write(self, seg: Segment, data: memoryview, offset: int) -> None:
+        with timed(self.stages, "store"):
+            seg.write(data, offset)
 
     # rounds
     def open_round(self, round_id: int, spec: bytes) -> bool:
@@ -120,6 +146,7 @@ class EnclaveStore:
             self._drop_segment(round_id)
 
     def _drop_segment(self, round_id: int) -> None:
+        self._wait_writes()
         seg = self._segments.pop(round_id, None)
         if seg is not None:
             seg.close()
@@ -157,20 +184,27 @@ class EnclaveStore:
 
     def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray,
                    norm: float | None = None) -> bool:
-        """Append the delta to the round's segment and index it; durable at :meth:`commit`.
+        """Index the delta and queue its write to the round's segment; durable at :meth:`commit`.
 
-        Outside a batch the write commits at once. False if the id was already stored.
+        The row is always written inside a transaction, so it never becomes durable before
+        the bytes it points to. Outside a batch this commits at once. False if the id was
+        already stored. ``delta`` must not change until the commit (the enclave never reuses it).
         """
         with self.lock:
             if self.has_update(update_id):
                 return False
             data = memoryview(np.ascontiguousarray(delta, dtype="<f4")).cast("B")
-            offset = self._segment(round_id).append(data)
+            seg = self._segment(round_id)
+            offset = seg.reserve(data.nbytes)
             if norm is None:
                 norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+            in_batch = self.db.in_transaction
+            if not in_batch:
+                self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT INTO updates VALUES (?,?,?,?,?,?,?,?)",
                             (update_id, round_id, device_id, num_samples, offset, data.nbytes, norm, time.time()))
-            if not self.db.in_transaction:
+            self._writes.append(self._writer.submit(self._write, seg, data, offset))
+            if not in_batch:
                 self.commit()
             return True
 
@@ -185,6 +219,8 @@ class EnclaveStore:
     def load_delta(self, update: StoredUpdate, start: int = 0, stop: int | None = None) -> np.ndarray:
         """One update's delta (or its elements [start, stop)), read on demand (rounds are
         streamed, never loaded whole)."""
+        if self._writes:
+            self._wait_writes()
         n = update.length // 4
         stop = n if stop is None else min(stop, n)
         return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=max(0, stop - start),

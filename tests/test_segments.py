@@ -47,14 +47,14 @@ def test_direct_and_buffered_records_read_back_and_start_aligned(tmp_path):
 
 
 def test_o_direct_refused_falls_back_to_the_page_cache(tmp_path, monkeypatch):
-    real = os.write
+    real = os.pwrite
 
-    def refusing(fd, data):  # as a file system without O_DIRECT answers
+    def refusing(fd, data, offset):  # as a file system without O_DIRECT answers
         if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(segments.os, "write", refusing)
+    monkeypatch.setattr(segments.os, "pwrite", refusing)
     store = EnclaveStore(tmp_path / "enclave")
     vecs = _fill(store, [BIG, BIG])
     assert not store._segments[1].direct_ok
@@ -63,7 +63,7 @@ def test_o_direct_refused_falls_back_to_the_page_cache(tmp_path, monkeypatch):
     store.close()
 
 
-def test_a_segment_ending_unaligned_takes_records_buffered(tmp_path):
+def test_records_after_an_unaligned_end_start_at_the_next_boundary(tmp_path):
     store = EnclaveStore(tmp_path / "enclave")
     store.open_round(1, b"spec")
     with open(tmp_path / "enclave" / "rounds" / "1.f32", "wb") as fh:
@@ -71,8 +71,28 @@ def test_a_segment_ending_unaligned_takes_records_buffered(tmp_path):
     v = _vec(BIG, 3)
     store.add_update(1, "u0", "d0", 1, v)
     (u,) = store.round_updates(1)
-    assert u.offset == 10 and np.array_equal(store.load_delta(u), v)
-    assert not store._segments[1].direct_ok
+    assert u.offset == ALIGN and np.array_equal(store.load_delta(u), v)
+    store.close()
+
+
+def test_a_failed_write_fails_its_batch_and_nothing_of_it_is_indexed(tmp_path, monkeypatch):
+    store = EnclaveStore(tmp_path / "enclave")
+    kept = _fill(store, [BIG])
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments.os, "pwrite", full)
+    store.begin()
+    store.add_update(1, "lost", "dx", 1, _vec(BIG, 5))
+    with pytest.raises(OSError, match="No space"):
+        store.commit()
+    monkeypatch.setattr(segments.os, "pwrite", real)
+    assert [u.update_id for u in store.round_updates(1)] == ["u0000"]
+    assert np.array_equal(store.load_delta(store.round_updates(1)[0]), kept[0])
+    store.add_update(1, "again", "dx", 1, _vec(BIG, 5))  # the disk has room again
+    assert np.array_equal(store.load_delta(store.round_updates(1)[1]), _vec(BIG, 5))
     store.close()
 
 
