@@ -565,6 +565,10 @@ class Enclave:
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_DELAY)
+        # The batch's segment writes finish before the lock is taken, so updates go on being
+        # checked and indexed meanwhile; the commit (under the lock) still waits for every
+        # write of its batch before the fsync, so nothing is acked before it is on disk.
+        await asyncio.to_thread(self.store.wait_writes)
         async with self.lock:
             await self._flush()
 

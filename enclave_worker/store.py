@@ -74,7 +74,7 @@ class EnclaveStore:
         self._drop_closed_segments()
 
     def close(self) -> None:
-        self._wait_writes()
+        self.wait_writes()
         self._writer.shutdown(wait=True)
         for seg in self._segments.values():
             seg.close()
@@ -112,7 +112,7 @@ class EnclaveStore:
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
 
-    def _wait_writes(self) -> None:
+    def wait_writes(self) -> None:
         """Wait for the writes in flight (their errors are raised by :meth:`commit`)."""
         wait(list(self._writes))
 
@@ -146,7 +146,7 @@ class EnclaveStore:
             self._drop_segment(round_id)
 
     def _drop_segment(self, round_id: int) -> None:
-        self._wait_writes()
+        self.wait_writes()
         seg = self._segments.pop(round_id, None)
         if seg is not None:
             seg.close()
@@ -220,7 +220,7 @@ class EnclaveStore:
         """One update's delta (or its elements [start, stop)), read on demand (rounds are
         streamed, never loaded whole)."""
         if self._writes:
-            self._wait_writes()
+            self.wait_writes()
         n = update.length // 4
         stop = n if stop is None else min(stop, n)
         return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=max(0, stop - start),
