@@ -206,7 +206,7 @@ def screening_seconds(k: int = 100, d: int = 1_000_000, repeats: int = 3) -> flo
     return best
 
 
-def large_fleet(n_devices: int = 1000, rounds: int = 3, seed: int = 0) -> dict:
+def large_fleet(n_devices: int = 1000, rounds: int = 10, seed: int = 0) -> dict:
     """Without attack on ``n_devices`` devices with small distinct shards (one or a few samples):
     accuracy cost and honest updates rejected by the defence, against plain FedAvg."""
     x_pool, y_pool = device_pool()
@@ -295,7 +295,7 @@ def run_bench(*, quick: bool = False, seeds: int = 2, write_docs: bool = False, 
                                               "worst_backdoor": max(backdoors) if backdoors else None}
     say("screening 100 x 1M on one core, large fleet...")
     screen = screening_seconds(repeats=1 if quick else 3)
-    fleet = large_fleet(n_devices=100 if quick else 1000, rounds=2 if quick else 3)
+    fleet = large_fleet(n_devices=100 if quick else 1000, rounds=2 if quick else kw["rounds"])
     result = {"quick": quick, "seeds": seeds, "rounds": kw["rounds"], "devices": kw["n_devices"],
               "clean_fedavg_accuracy": float(np.mean(list(clean.values()))), "cells": cells, "summary": summary,
               "screen_seconds_100x1M": screen, "large_fleet": fleet}
