@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from pathlib import Path
 
 from common.state import open_private_fd
@@ -43,30 +44,44 @@ def padded(nbytes: int) -> int:
 
 
 class Staging:
-    """One page-aligned buffer, grown on demand and reused (no page faults after the first).
-    Used by one writer at a time (the store's writer thread)."""
+    """A page-aligned buffer per writer thread, grown on demand and reused (no page faults
+    after the first)."""
 
     def __init__(self) -> None:
-        self.buf: mmap.mmap | None = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.buffers: list[mmap.mmap] = []
 
     def view(self, nbytes: int) -> memoryview:
-        if self.buf is None or len(self.buf) < nbytes:
-            self.close()
-            self.buf = mmap.mmap(-1, padded(max(nbytes, ALIGN)))
-        return memoryview(self.buf)[:nbytes]
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = mmap.mmap(-1, padded(max(nbytes, ALIGN)))
+            with self._lock:
+                if getattr(self._local, "buf", None) is not None:
+                    self.buffers.remove(self._local.buf)
+                    _close(self._local.buf)
+                self.buffers.append(buf)
+            self._local.buf = buf
+        return memoryview(buf)[:nbytes]
 
     def close(self) -> None:
-        if self.buf is not None:
-            try:
-                self.buf.close()
-            except BufferError:  # a view outlives its write (e.g. in a kept traceback): freed with it
-                pass
-            self.buf = None
+        with self._lock:
+            for buf in self.buffers:
+                _close(buf)
+            self.buffers.clear()
+
+
+def _close(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a view outlives its write (e.g. in a kept traceback): freed with it
+        pass
 
 
 class Segment:
     """Record file of one round. :meth:`reserve` is called under the store's lock; each
-    reserved record is then written once by :meth:`write` (the store's one writer thread)."""
+    reserved record is then written once by :meth:`write` (by the store's writer threads,
+    at once: records never overlap)."""
 
     def __init__(self, path: Path, staging: Staging) -> None:
         self.path = path

@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS models (
 """
 
 
+#: Segment writes in flight at once (two keep the disk busy while one write waits on it).
+WRITERS = 2
+
+
 @dataclass(frozen=True)
 class StoredUpdate:
     update_id: str
@@ -66,7 +70,7 @@ class EnclaveStore:
         self.lock = threading.RLock()
         self._segments: dict[int, Segment] = {}  # round id -> open segment
         self._staging = Staging()  # the aligned buffer direct writes go through
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="qflare-segment-writer")
+        self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="qflare-segment-writer")
         self._writes: list[Future] = []  # of the open batch
         #: Counts the segment writes' time as ``store`` when set (the enclave's stages).
         self.stages: Stages | None = None

@@ -40,7 +40,7 @@ from common.stages import Stages
 from coordinator.service import META_ENCLAVE_REPORT, Coordinator
 from edge_agent import client, updates
 from enclave_worker.service import Enclave, close_round_streaming
-from enclave_worker.store import EnclaveStore
+from enclave_worker.store import WRITERS, EnclaveStore
 from schemas.codec import CodecError
 from schemas.messages import Event, RoundOpen, RoundSpec
 
@@ -308,7 +308,7 @@ def _bound(stages: dict[str, float], window: float, published: float, cores: dic
 
     ``index`` and ``commit`` run one at a time (under the enclave's lock): if their sum nears
     the window, that serial part is the bound; ``store`` (the segment writes) runs on the
-    store's one writer thread beside them, and bounds the path if it nears the window alone.
+    store's writer threads beside them, and bounds the path if it keeps them all busy.
     Else, if the host's cores are (nearly) all busy, CPU is, and the figure says who used it.
     Else, if publishing took the whole window, the broker's intake is (the enclave kept up
     with what arrived). The heaviest enclave stage is named in every case.
@@ -321,8 +321,9 @@ def _bound(stages: dict[str, float], window: float, published: float, cores: dic
     if serial >= 0.5 * window:
         return (f"the enclave's durable store (index + fsync and commit, one at a time): {serial / window:.0%} "
                 f"of the window")
-    if stages.get("store", 0.0) >= 0.8 * window:
-        return f"the enclave's segment writer (one thread): {stages['store'] / window:.0%} of the window"
+    if stages.get("store", 0.0) >= 0.8 * WRITERS * window:
+        return (f"the enclave's segment writes ({WRITERS} threads, to disk): "
+                f"{stages['store'] / (WRITERS * window):.0%} of their time")
     if cores and cores["host"] >= 0.9 * ncpu:
         return (f"CPU: the host's {ncpu} cores {cores['host'] / ncpu:.0%} busy (broker and other load "
                 f"{cores['rest_of_host']}, enclave {cores.get('enclave', '?')}, devices' publisher "
@@ -362,7 +363,7 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
            "reassembly = chunks into their update's buffer (chunked updates only); index = the row and\n"
            "the write's place, commit = waiting for the batch's writes, fsync + SQLite commit (these two\n"
            "one at a time, under the enclave's lock); store = the segment write (O_DIRECT for large\n"
-           "deltas) on the store's writer thread, and ack = acks and events, both beside them.\n"
+           "deltas) on the store's writer threads (2), and ack = acks and events, both beside them.\n"
            "Cores: CPU used over the window by the\n"
            "enclave, the benchmark's process, and the rest of the host (the broker and any other load).\n\n")
     md += md_table(["parameters", "devices: seal, sign", "window", "publish", "enclave stages",
