@@ -10,8 +10,8 @@ share a file. Small records go through the page cache, where one fsync per batch
 cheaper than one device write each.
 
 A record's place is reserved first (:meth:`Segment.reserve`, under the store's lock, so
-its index row can be written at once) and its bytes written afterwards, by the store's
-writer thread (:meth:`Segment.write`), while the enclave goes on with the next update.
+its index row can be written at once) and its bytes written afterwards, by one of the store's
+writer threads (:meth:`Segment.write`), while the enclave goes on with the next update.
 
 Durability does not change: ``O_DIRECT`` alone promises nothing about a volatile device
 cache or the file's size, so :meth:`Segment.sync` still fsyncs the file; the store waits

@@ -180,7 +180,7 @@ class Enclave:
         self.max_chunks = max_update_chunks(int(self.params.shape[0]), ch.chunk_bytes)
         #: Seconds per intake stage (intake.Stages), for `qflare bench round`.
         self.stages = intake.Stages()
-        self.store.stages = self.stages  # its writer thread counts the segment writes as "store"
+        self.store.stages = self.stages  # its writer threads count the segment writes as "store"
         self.chunks = ChunkIntake(max_in_progress=ch.max_in_progress, timeout=ch.assembly_timeout_seconds,
                                   max_chunks=self.max_chunks, context=self._context, seen=self.store.has_update,
                                   accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet,
@@ -522,7 +522,7 @@ class Enclave:
             except QflareError as err:
                 return await self._reject(raw, header, routed, err)
             self.store.begin()
-            # the row and the write's place (the store's writer thread writes the bytes; the
+            # the row and the write's place (the store's writer threads write the bytes; the
             # batch's commit waits for them), off the event loop; the lock orders the store
             await asyncio.to_thread(self._timed, "index", self.store.add_update, header.round_id, header.update_id,
                                     header.device_id, header.num_samples, opened.delta, opened.norm)

@@ -1,8 +1,8 @@
 """The enclave's durable state: rounds, accepted updates, revocations and global models.
 
 Deltas are appended to one segment file per round and indexed (offset, length) in SQLite.
-A delta's place and its row are taken at once; its bytes are written by the store's one
-writer thread (enclave_worker/segments.py: large records with O_DIRECT) while the caller
+A delta's place and its row are taken at once; its bytes are written by one of the store's
+writer threads (enclave_worker/segments.py: large records with O_DIRECT) while the caller
 goes on. A batch of updates becomes durable at :meth:`EnclaveStore.commit`: it waits for
 the batch's writes, fsyncs the segment, then commits the rows, and only then are its
 messages acked. A write that failed fails that commit (rolled back, nothing acked). A crash therefore redelivers at most what was not yet
