@@ -5,8 +5,9 @@ A delta's place and its row are taken at once; its bytes are written by one of t
 writer threads (enclave_worker/segments.py: large records with O_DIRECT) while the caller
 goes on. A batch of updates becomes durable at :meth:`EnclaveStore.commit`: it waits for
 the batch's writes, fsyncs the segment, then commits the rows, and only then are its
-messages acked. A write that failed fails that commit (rolled back, nothing acked). A crash therefore redelivers at most what was not yet
-durable, and the update id (primary key) keeps a redelivered update from counting twice.
+messages acked. A write that failed fails that commit (rolled back, nothing acked). A
+crash therefore redelivers at most what was not yet durable, and the update id (primary
+key) keeps a redelivered update from counting twice.
 A round's segment is deleted once the round is recorded closed. Directories are 0700 and
 files 0600 (common/state.py). In a real TEE this directory would be sealed.
 """
