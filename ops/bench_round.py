@@ -330,7 +330,9 @@ def _bound(stages: dict[str, float], window: float, published: float, cores: dic
                 f"{cores['this_process']} cores); {share}")
     if published >= 0.9 * window:
         return f"the broker's intake: publishing took {published / window:.0%} of the window; {share}"
-    return f"the enclave: {share}"
+    host = f", the host's cores {cores['host'] / ncpu:.0%} busy" if cores else ""
+    return (f"no one stage (publishing took {published / window:.0%} of the window{host}, the enclave "
+            f"{cores.get('enclave', '?')} cores); {share}")
 
 
 async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] = (100_000, 1_000_000),
@@ -355,7 +357,7 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
                      ", ".join(f"{n}: {m}" for n, m in r["fedavg_peak_mib"].items()),
                      r["disk_write_fsync_mb_s"], r["bound"]]
                     for r in results])
-    md += ("\nWhere the time goes, ms per update. Devices (before the window, one process): seal = KEM +\n"
+    md += ("\n\nWhere the time goes, ms per update. Devices (before the window, one process): seal = KEM +\n"
            "AES-GCM, sign = ML-DSA. Window: the sealed window per update (first publish to last\n"
            "acceptance); publish = the publisher's wall time per update, 16 in flight, until confirmed.\n"
            "Enclave busy time per stage: verify = grant and device signature, decrypt = KEM + AES-GCM,\n"
@@ -364,8 +366,8 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
            "the write's place, commit = waiting for the batch's writes, fsync + SQLite commit (these two\n"
            "one at a time, under the enclave's lock); store = the segment write (O_DIRECT for large\n"
            "deltas) on the store's writer threads (2), and ack = acks and events, both beside them.\n"
-           "Cores: CPU used over the window by the\n"
-           "enclave, the benchmark's process, and the rest of the host (the broker and any other load).\n\n")
+           "Cores: CPU used over the window by the enclave, the benchmark's process, and the rest of\n"
+           "the host (the broker and any other load).\n\n")
     md += md_table(["parameters", "devices: seal, sign", "window", "publish", "enclave stages",
                     "cores, sealed window", "cores, plaintext window"],
                    [[r["params"], ", ".join(f"{st} {ms}" for st, ms in r["device_ms_per_update"].items()),
