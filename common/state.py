@@ -38,6 +38,11 @@ def private_file(path: Path) -> Path:
 
 def open_private_append(path: Path):
     """``open(path, "ab")`` for a file created 0600 (round segments hold decrypted deltas)."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, FILE_MODE)
+    return os.fdopen(open_private_fd(path, os.O_APPEND), "ab")
+
+
+def open_private_fd(path: Path, flags: int = 0) -> int:
+    """A write descriptor on ``path``, created 0600, with extra ``flags`` (e.g. O_APPEND)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | flags, FILE_MODE)
     os.fchmod(fd, FILE_MODE)
-    return os.fdopen(fd, "ab")
+    return fd

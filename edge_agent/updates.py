@@ -16,6 +16,7 @@ import numpy as np
 import pqc
 from common.chunks import ChunkDigest, chunk_aad, chunked_signed_parts, header_digest, stream_info
 from common.compression import Encoded
+from common.stages import Stages, timed
 from common.updates import signed_parts, update_aad
 from edge_agent.client import Device
 from schemas import signing
@@ -26,18 +27,20 @@ from schemas.reasons import QflareError, Reason
 
 
 def build(device: Device, round_id: int, base_version: int, layout_id: str, delta: np.ndarray,
-          num_samples: int, update_id: str | None = None) -> tuple[str, str, bytes]:
+          num_samples: int, update_id: str | None = None, stages: Stages | None = None) -> tuple[str, str, bytes]:
     """Return (update id, routing key, encoded Update) of a float32 ``delta`` in one message."""
     payload = np.ascontiguousarray(delta, dtype="<f4").tobytes()
     update_id, key, bodies = build_parts(device, round_id, base_version, layout_id, Encoded("f32", 0, [payload]),
-                                         num_samples, update_id)
+                                         num_samples, update_id, stages)
     return update_id, key, bodies[0]
 
 
 def build_parts(device: Device, round_id: int, base_version: int, layout_id: str, encoded: Encoded,
-                num_samples: int, update_id: str | None = None) -> tuple[str, str, list[bytes]]:
+                num_samples: int, update_id: str | None = None,
+                stages: Stages | None = None) -> tuple[str, str, list[bytes]]:
     """Return (update id, routing key, messages to publish in order): one ``Update`` when the
-    encoded delta is one chunk, else ``UpdateChunk`` messages sealed as one stream."""
+    encoded delta is one chunk, else ``UpdateChunk`` messages sealed as one stream. ``stages``
+    (if given) counts the time spent sealing and signing."""
     if device.session is None or device.enclave is None:
         raise QflareError(Reason.NO_ENCLAVE, "open a session (which brings the enclave's keys) first")
     enclave = device.enclave
@@ -53,24 +56,30 @@ def build_parts(device: Device, round_id: int, base_version: int, layout_id: str
     sig = pqc.get_signature(ident.sig_alg)
     key = Names.update_key(device.device_id)
     if count == 1:
-        sealed = pqc.seal(enclave.kem_alg, enclave.kem_pk, encoded.chunks[0], update_aad(header_bytes))
-        signature = sig.sign(ident.sig_sk, signed_parts(header_bytes, sealed), context=signing.context_for(Update.TYPE))
+        with timed(stages, "seal"):
+            sealed = pqc.seal(enclave.kem_alg, enclave.kem_pk, encoded.chunks[0], update_aad(header_bytes))
+        with timed(stages, "sign"):
+            signature = sig.sign(ident.sig_sk, signed_parts(header_bytes, sealed),
+                                 context=signing.context_for(Update.TYPE))
         update = Update(header=header_bytes, sealed=sealed, sig_alg=ident.sig_alg, signature=signature)
         return update_id, key, [encode(update)]
-    sealer = pqc.stream_sealer(enclave.kem_alg, enclave.kem_pk, count, stream_info(header_bytes))
+    with timed(stages, "seal"):
+        sealer = pqc.stream_sealer(enclave.kem_alg, enclave.kem_pk, count, stream_info(header_bytes))
     header_sha = header_digest(header_bytes)
     digest = ChunkDigest(sealer.enc)
     bodies: list[bytes] = []
     for i, part in enumerate(encoded.chunks):
-        sealed = sealer.seal(i, part, chunk_aad(header_sha, update_id, i, count))
-        digest.add(sealed)
+        with timed(stages, "seal"):
+            sealed = sealer.seal(i, part, chunk_aad(header_sha, update_id, i, count))
+            digest.add(sealed)
         first = i == 0
         if i < count - 1:
             bodies.append(encode(UpdateChunk(update_id=update_id, index=i, count=count,
                                              header=header_bytes if first else None,
                                              enc=sealer.enc if first else None, sealed=sealed)))
-    signature = sig.sign(ident.sig_sk, chunked_signed_parts(header_bytes, digest.digest()),
-                         context=signing.context_for(UpdateChunk.TYPE))
+    with timed(stages, "sign"):
+        signature = sig.sign(ident.sig_sk, chunked_signed_parts(header_bytes, digest.digest()),
+                             context=signing.context_for(UpdateChunk.TYPE))
     bodies.append(encode(UpdateChunk(update_id=update_id, index=count - 1, count=count, sealed=sealed,
                                      sig_alg=ident.sig_alg, signature=signature)))
     return update_id, key, bodies

@@ -19,6 +19,7 @@ import numpy as np
 
 import pqc
 from common import compression, handshake
+from common.stages import Stages, timed
 from common.updates import signed_parts, update_aad
 from enclave_worker import staleness
 from schemas import signing
@@ -197,21 +198,24 @@ def opened(header: UpdateHeader, delta: np.ndarray) -> Opened:
 
 
 def check_and_open(update: Update, header: UpdateHeader, routed_device: str | None, ctx: IntakeContext,
-                   seen: bool) -> Opened:
+                   seen: bool, stages: Stages | None = None) -> Opened:
     """Verify everything about a one-message ``update`` and return its delta, or raise with a reason."""
-    grant = admit(header, routed_device, ctx, seen)
-    check_device_signature(grant, update.sig_alg, signed_parts(update.header, update.sealed), update.signature,
-                           signing.context_for(Update.TYPE))
+    with timed(stages, "verify"):
+        grant = admit(header, routed_device, ctx, seen)
+        check_device_signature(grant, update.sig_alg, signed_parts(update.header, update.sealed), update.signature,
+                               signing.context_for(Update.TYPE))
     if header.chunks != 1:
         raise QflareError(Reason.CHUNK_SEQUENCE, f"a one-message update declares {header.chunks} chunks")
-    try:
-        payload = pqc.open_sealed(ctx.kem_sk, update.sealed, update_aad(update.header), policy=ctx.policy)
-    except pqc.errors.QflareCryptoError as exc:
-        raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
-    if header.encoding == "f32":  # the common case: the plaintext is the vector, no copy
-        if len(payload) != 4 * ctx.n_params:
-            raise QflareError(Reason.LAYOUT_MISMATCH, f"{len(payload)} bytes for {ctx.n_params} parameters")
-        return opened(header, np.frombuffer(payload, dtype="<f4"))
-    delta = np.zeros(ctx.n_params, dtype=np.float32)
-    decode_payload(delta, header, 0, payload)
-    return opened(header, delta)
+    with timed(stages, "decrypt"):
+        try:
+            payload = pqc.open_sealed(ctx.kem_sk, update.sealed, update_aad(update.header), policy=ctx.policy)
+        except pqc.errors.QflareCryptoError as exc:
+            raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
+    with timed(stages, "decode"):
+        if header.encoding == "f32":  # the common case: the plaintext is the vector, no copy
+            if len(payload) != 4 * ctx.n_params:
+                raise QflareError(Reason.LAYOUT_MISMATCH, f"{len(payload)} bytes for {ctx.n_params} parameters")
+            return opened(header, np.frombuffer(payload, dtype="<f4"))
+        delta = np.zeros(ctx.n_params, dtype=np.float32)
+        decode_payload(delta, header, 0, payload)
+        return opened(header, delta)

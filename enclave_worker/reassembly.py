@@ -55,7 +55,8 @@ class Assembly:
     failed: bool = False
 
 
-def begin(asm: Assembly, chunk: UpdateChunk, ctx: intake.IntakeContext, seen: bool, max_chunks: int) -> None:
+def begin(asm: Assembly, chunk: UpdateChunk, ctx: intake.IntakeContext, seen: bool, max_chunks: int,
+          stages: intake.Stages | None = None) -> None:
     """Chunk 0: check the header as for a one-message update, open the stream, make the buffer."""
     if chunk.header is None or chunk.enc is None:
         raise QflareError(Reason.CHUNK_SEQUENCE, "the first chunk carries no header or encapsulation")
@@ -70,18 +71,20 @@ def begin(asm: Assembly, chunk: UpdateChunk, ctx: intake.IntakeContext, seen: bo
         raise QflareError(Reason.CHUNK_SEQUENCE, f"chunk says {chunk.count} chunks, header {header.chunks}")
     if header.chunks > max_chunks:
         raise QflareError(Reason.CHUNK_SEQUENCE, f"{header.chunks} chunks; at most {max_chunks} for this model")
-    asm.grant = intake.admit(header, asm.routed, ctx, seen)
-    try:
-        asm.opener = pqc.stream_opener(ctx.kem_sk, chunk.enc, header.chunks, stream_info(chunk.header),
-                                       policy=ctx.policy)
-    except pqc.errors.QflareCryptoError as exc:
-        raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
+    with intake.timed(stages, "verify"):
+        asm.grant = intake.admit(header, asm.routed, ctx, seen)
+    with intake.timed(stages, "decrypt"):
+        try:
+            asm.opener = pqc.stream_opener(ctx.kem_sk, chunk.enc, header.chunks, stream_info(chunk.header),
+                                           policy=ctx.policy)
+        except pqc.errors.QflareCryptoError as exc:
+            raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
     asm.header_sha = header_digest(chunk.header)
     asm.digest = ChunkDigest(chunk.enc)
     asm.delta = np.zeros(ctx.n_params, dtype=np.float32)
 
 
-def absorb(asm: Assembly, chunk: UpdateChunk) -> intake.Opened | None:
+def absorb(asm: Assembly, chunk: UpdateChunk, stages: intake.Stages | None = None) -> intake.Opened | None:
     """Open and decode the next chunk into the buffer; the opened update after the last one.
 
     A chunk out of place fails twice over: its index is not the one expected, and its
@@ -99,20 +102,25 @@ def absorb(asm: Assembly, chunk: UpdateChunk) -> intake.Opened | None:
     if not last and chunk.signature is not None:
         raise QflareError(Reason.CHUNK_SEQUENCE, f"chunk {chunk.index} carries a signature before the end")
     aad = chunk_aad(asm.header_sha, asm.update_id, chunk.index, header.chunks)
-    try:
-        plain = asm.opener.open(chunk.index, chunk.sealed, aad)
-    except pqc.errors.QflareCryptoError as exc:
-        raise QflareError(Reason.DECRYPTION_FAILED, f"chunk {chunk.index}: {type(exc).__name__}") from None
-    asm.digest.add(chunk.sealed)
-    intake.decode_payload(asm.delta, header, chunk.index, plain)
+    with intake.timed(stages, "decrypt"):
+        try:
+            plain = asm.opener.open(chunk.index, chunk.sealed, aad)
+        except pqc.errors.QflareCryptoError as exc:
+            raise QflareError(Reason.DECRYPTION_FAILED, f"chunk {chunk.index}: {type(exc).__name__}") from None
+    with intake.timed(stages, "reassembly"):
+        asm.digest.add(chunk.sealed)
+        intake.decode_payload(asm.delta, header, chunk.index, plain)
     asm.next_index += 1
     if not last:
         return None
     assert asm.grant is not None
-    intake.check_device_signature(asm.grant, chunk.sig_alg, chunked_signed_parts(asm.header_bytes, asm.digest.digest()),
-                                  chunk.signature, signing.context_for(UpdateChunk.TYPE))
+    with intake.timed(stages, "verify"):
+        intake.check_device_signature(asm.grant, chunk.sig_alg,
+                                      chunked_signed_parts(asm.header_bytes, asm.digest.digest()),
+                                      chunk.signature, signing.context_for(UpdateChunk.TYPE))
     delta, asm.delta = asm.delta, None
-    return intake.opened(header, delta)
+    with intake.timed(stages, "decode"):
+        return intake.opened(header, delta)
 
 
 Reject = Callable[[list, UpdateHeader | None, str | None, QflareError], Awaitable[object]]
@@ -130,12 +138,13 @@ class ChunkIntake:
 
     def __init__(self, *, max_in_progress: int, timeout: float, max_chunks: int,
                  context: Callable[[], intake.IntakeContext], seen: Callable[[str], bool],
-                 accept: Accept, reject: Reject, quiet: Quiet) -> None:
+                 accept: Accept, reject: Reject, quiet: Quiet, stages: intake.Stages | None = None) -> None:
         self.max_in_progress = max_in_progress
         self.timeout = timeout
         self.max_chunks = max_chunks
         self._context, self._seen = context, seen
         self._accept, self._reject, self._quiet = accept, reject, quiet
+        self.stages = stages
         self.active: dict[str, Assembly] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()
 
@@ -199,8 +208,9 @@ class ChunkIntake:
                 return  # refused meanwhile; its messages (this one included) are acked
             try:
                 if chunk.index == 0:
-                    await asyncio.to_thread(begin, asm, chunk, self._context(), self._seen(uid), self.max_chunks)
-                done = await asyncio.to_thread(absorb, asm, chunk)
+                    await asyncio.to_thread(begin, asm, chunk, self._context(), self._seen(uid), self.max_chunks,
+                                            self.stages)
+                done = await asyncio.to_thread(absorb, asm, chunk, self.stages)
             except QflareError as err:
                 await self._fail(asm, err)
                 return

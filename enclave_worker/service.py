@@ -9,7 +9,6 @@ deadline once the minimum is met; a round short of its minimum is reported as fa
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 
@@ -196,14 +195,15 @@ class Enclave:
         self._restarted_at: float | None = None  # set when a start resumed open rounds
         ch = settings.chunking
         self.max_chunks = max_update_chunks(int(self.params.shape[0]), ch.chunk_bytes)
+        #: Seconds per intake stage (intake.Stages), for `qflare bench round`.
+        self.stages = intake.Stages()
+        self.store.stages = self.stages  # its writer threads count the segment writes as "store"
         self.chunks = ChunkIntake(max_in_progress=ch.max_in_progress, timeout=ch.assembly_timeout_seconds,
                                   max_chunks=self.max_chunks, context=self._context, seen=self.store.has_update,
-                                  accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet)
+                                  accept=self._accept_chunked, reject=self._reject_chunked, quiet=self._quiet,
+                                  stages=self.stages)
         self._expiry: asyncio.Task | None = None
         self._acking: set[asyncio.Task] = set()
-        #: Seconds spent per intake stage (open: verify and decrypt, in threads; store: segment
-        #: write; commit: fsync and SQLite commit; ack: acks and events), for `qflare bench round`.
-        self.stage_seconds: collections.Counter[str] = collections.Counter()
         self._enclave_dir = settings.state_dir / "enclave"
         self.defence_state = DefenceState(reputation.load(self._enclave_dir))
         stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
@@ -544,8 +544,8 @@ class Enclave:
                 async with self.lock:
                     self._pending.append((raw, None))
                     return await self._schedule_flush()
-            opened = await asyncio.to_thread(self._timed, "open", intake.check_and_open, update, header, routed,
-                                             self._context(), seen)
+            opened = await asyncio.to_thread(intake.check_and_open, update, header, routed, self._context(), seen,
+                                             self.stages)
         except QflareError as err:
             async with self.lock:
                 return await self._reject(raw, header, routed, err)
@@ -596,8 +596,9 @@ class Enclave:
             except QflareError as err:
                 return await self._reject(raw, header, routed, err)
             self.store.begin()
-            # the segment write off the event loop (the lock still orders the store's writers)
-            await asyncio.to_thread(self._timed, "store", self.store.add_update, header.round_id, header.update_id,
+            # the row and the write's place (the store's writer threads write the bytes; the
+            # batch's commit waits for them), off the event loop; the lock orders the store
+            await asyncio.to_thread(self._timed, "index", self.store.add_update, header.round_id, header.update_id,
                                     header.device_id, header.num_samples, opened.delta, opened.norm,
                                     header.base_version)
             self.senders(header.round_id).add(header.device_id)
@@ -648,6 +649,10 @@ class Enclave:
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_DELAY)
+        # The batch's segment writes finish before the lock is taken, so updates go on being
+        # checked and indexed meanwhile; the commit (under the lock) still waits for every
+        # write of its batch before the fsync, so nothing is acked before it is on disk.
+        await asyncio.to_thread(self.store.wait_writes)
         async with self.lock:
             await self._flush()
 
@@ -680,15 +685,12 @@ class Enclave:
                     await self.broker.publisher.event(**event)
                 except TRANSIENT as exc:  # events are notifications: the stored state is the truth
                     log.warning("event %s not sent: %s", event["type_"], exc)
-        self.stage_seconds["ack"] += time.perf_counter() - t0
+        self.stages.add("ack", time.perf_counter() - t0)
 
     def _timed(self, stage: str, fn, *args):
-        """``fn(*args)``, its time added to ``stage_seconds[stage]`` (runs in worker threads)."""
-        t0 = time.perf_counter()
-        try:
+        """``fn(*args)``, its time added to ``stages`` (runs in worker threads)."""
+        with self.stages.time(stage):
             return fn(*args)
-        finally:
-            self.stage_seconds[stage] += time.perf_counter() - t0
 
     # --- closing -------------------------------------------------------------------------
 

@@ -1,9 +1,13 @@
 """The enclave's durable state: rounds, accepted updates, revocations and global models.
 
-Deltas are appended to one segment file per round and indexed (offset, length) in SQLite;
-a batch of updates becomes durable with one fsync of the segment and one SQLite commit, and
-only then are its messages acked. A crash therefore redelivers at most what was not yet
-durable, and the update id (primary key) keeps a redelivered update from counting twice.
+Deltas are appended to one segment file per round and indexed (offset, length) in SQLite.
+A delta's place and its row are taken at once; its bytes are written by one of the store's
+writer threads (enclave_worker/segments.py: large records with O_DIRECT) while the caller
+goes on. A batch of updates becomes durable at :meth:`EnclaveStore.commit`: it waits for
+the batch's writes, fsyncs the segment, then commits the rows, and only then are its
+messages acked. A write that failed fails that commit (rolled back, nothing acked). A
+crash therefore redelivers at most what was not yet durable, and the update id (primary
+key) keeps a redelivered update from counting twice.
 A round's segment is deleted once the round is recorded closed. Directories are 0700 and
 files 0600 (common/state.py). In a real TEE this directory would be sealed.
 """
@@ -11,16 +15,18 @@ files 0600 (common/state.py). In a real TEE this directory would be sealed.
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from common.state import open_private_append, private_dir, private_file
+from common.stages import Stages, timed
+from common.state import private_dir, private_file
+from enclave_worker.segments import Segment, Staging
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -40,6 +46,10 @@ CREATE TABLE IF NOT EXISTS models (
 #: Columns added since the first schema (async rounds): added to an older store at open.
 #: ``folded``: the model version an async round's update went into (NULL: still buffered).
 ADDED_COLUMNS = {"updates": (("base_version", "INTEGER NOT NULL DEFAULT 0"), ("folded", "INTEGER"))}
+
+
+#: Segment writes in flight at once (two keep the disk busy while one write waits on it).
+WRITERS = 2
 
 
 @dataclass(frozen=True)
@@ -68,21 +78,30 @@ class EnclaveStore:
                 if name not in have:
                     self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
         self.lock = threading.RLock()
-        self._segments: dict[int, object] = {}  # round id -> open append handle
+        self._segments: dict[int, Segment] = {}  # round id -> open segment
+        self._staging = Staging()  # the aligned buffer direct writes go through
+        self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="qflare-segment-writer")
+        self._writes: list[Future] = []  # of the open batch
+        #: Counts the segment writes' time as ``store`` when set (the enclave's stages).
+        self.stages: Stages | None = None
         private_dir(self.dir / "rounds")
         self._drop_closed_segments()
 
     def close(self) -> None:
-        for fh in self._segments.values():
-            fh.close()
+        self.wait_writes()
+        self._writer.shutdown(wait=True)
+        for seg in self._segments.values():
+            seg.close()
+        self._segments.clear()
+        self._staging.close()
         self.db.close()
 
     def _segment_path(self, round_id: int) -> Path:
         return self.dir / "rounds" / f"{round_id}.f32"
 
-    def _segment(self, round_id: int):
+    def _segment(self, round_id: int) -> Segment:
         if round_id not in self._segments:
-            self._segments[round_id] = open_private_append(self._segment_path(round_id))
+            self._segments[round_id] = Segment(self._segment_path(round_id), self._staging)
         return self._segments[round_id]
 
     def begin(self) -> None:
@@ -92,13 +111,28 @@ class EnclaveStore:
                 self.db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
-        """Make the batch durable: the segments' bytes first, then the rows that point to them."""
+        """Make the batch durable: the segments' bytes first (written, then fsynced), then the
+        rows that point to them. If a write failed, the batch is rolled back and this raises."""
         with self.lock:
-            for fh in self._segments.values():
-                fh.flush()
-                os.fsync(fh.fileno())
+            writes, self._writes = self._writes, []
+            wait(writes)
+            failed = next((f.exception() for f in writes if f.exception() is not None), None)
+            if failed is not None:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise failed
+            for seg in self._segments.values():
+                seg.sync()
             if self.db.in_transaction:
                 self.db.execute("COMMIT")
+
+    def wait_writes(self) -> None:
+        """Wait for the writes in flight (their errors are raised by :meth:`commit`)."""
+        wait(list(self._writes))
+
+    def _write(self, seg: Segment, data: memoryview, offset: int) -> None:
+        with timed(self.stages, "store"):
+            seg.write(data, offset)
 
     # rounds
     def open_round(self, round_id: int, spec: bytes) -> bool:
@@ -126,9 +160,10 @@ class EnclaveStore:
             self._drop_segment(round_id)
 
     def _drop_segment(self, round_id: int) -> None:
-        fh = self._segments.pop(round_id, None)
-        if fh is not None:
-            fh.close()
+        self.wait_writes()
+        seg = self._segments.pop(round_id, None)
+        if seg is not None:
+            seg.close()
         self._segment_path(round_id).unlink(missing_ok=True)
 
     def _drop_closed_segments(self) -> None:
@@ -163,24 +198,29 @@ class EnclaveStore:
 
     def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray,
                    norm: float | None = None, base_version: int = 0) -> bool:
-        """Append the delta to the round's segment and index it; durable at :meth:`commit`.
+        """Index the delta and queue its write to the round's segment; durable at :meth:`commit`.
 
-        Outside a batch the write commits at once. False if the id was already stored.
+        The row is always written inside a transaction, so it never becomes durable before
+        the bytes it points to. Outside a batch this commits at once. False if the id was
+        already stored. ``delta`` must not change until the commit (the enclave never reuses it).
         """
         with self.lock:
             if self.has_update(update_id):
                 return False
-            fh = self._segment(round_id)
-            offset = fh.seek(0, os.SEEK_END)
             data = memoryview(np.ascontiguousarray(delta, dtype="<f4")).cast("B")
-            fh.write(data)
+            seg = self._segment(round_id)
+            offset = seg.reserve(data.nbytes)
             if norm is None:
                 norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+            in_batch = self.db.in_transaction
+            if not in_batch:
+                self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT INTO updates(update_id, round_id, device_id, num_samples, offset, length, norm, "
                             "at, base_version) VALUES (?,?,?,?,?,?,?,?,?)",
                             (update_id, round_id, device_id, num_samples, offset, data.nbytes, norm, time.time(),
                              base_version))
-            if not self.db.in_transaction:
+            self._writes.append(self._writer.submit(self._write, seg, data, offset))
+            if not in_batch:
                 self.commit()
             return True
 
@@ -227,8 +267,8 @@ class EnclaveStore:
     def load_delta(self, update: StoredUpdate, start: int = 0, stop: int | None = None) -> np.ndarray:
         """One update's delta (or its elements [start, stop)), read on demand (rounds are
         streamed, never loaded whole)."""
-        if update.round_id in self._segments:
-            self._segments[update.round_id].flush()
+        if self._writes:
+            self.wait_writes()
         n = update.length // 4
         stop = n if stop is None else min(stop, n)
         return np.fromfile(self._segment_path(update.round_id), dtype="<f4", count=max(0, stop - start),

@@ -940,6 +940,10 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
         for r in result["cases"]:
             console.print(f"{r['params']:>9,} parameters: sealed {r['sealed_updates_per_s']}/s, plaintext "
                           f"{r['plaintext_updates_per_s']}/s, ratio {r['ratio']}; bounded by {r['bound']}")
+            stages = ", ".join(f"{st} {ms}" for st, ms in {**r["device_ms_per_update"],
+                                                           "publish": r["publish_ms_per_update"],
+                                                           **r["stage_ms_per_update"]}.items())
+            console.print(f"{'':>9}  ms per update: {stages} (window {r['window_ms_per_update']})")
         return
     print_json(result)
 

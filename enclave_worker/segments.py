@@ -1,0 +1,151 @@
+"""A round's segment file: decrypted deltas written at reserved offsets, durable at :meth:`Segment.sync`.
+
+Appending 4 MB to a new file through the page cache cost 3.8 ms of CPU here (page
+allocation, copying, then writeback by the kernel), most of the enclave's own work on a
+1M-parameter update. Large records are therefore written with ``O_DIRECT`` from one
+reused, page-aligned staging buffer: one memcpy, then the disk DMAs the bytes (0.1 ms of
+CPU and ~1.8 ms of wall time for 4 MB, with the GIL released). Every record starts at a
+multiple of :data:`ALIGN` (the index keeps its true length), so direct and buffered writes
+share a file. Small records go through the page cache, where one fsync per batch is
+cheaper than one device write each.
+
+A record's place is reserved first (:meth:`Segment.reserve`, under the store's lock, so
+its index row can be written at once) and its bytes written afterwards, by one of the store's
+writer threads (:meth:`Segment.write`), while the enclave goes on with the next update.
+
+Durability does not change: ``O_DIRECT`` alone promises nothing about a volatile device
+cache or the file's size, so :meth:`Segment.sync` still fsyncs the file; the store waits
+for the writes, fsyncs, and only then commits the SQLite rows that index them, and the
+enclave acks only after that. Where ``O_DIRECT`` is refused (tmpfs, some network file
+systems) every write goes through the page cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from common.state import open_private_fd
+
+#: Record alignment and O_DIRECT granularity (the largest logical block size in common use).
+ALIGN = 4096
+#: Records at least this large are written with O_DIRECT.
+DIRECT_MIN_BYTES = 256 * 1024
+#: Most bytes staged at once: larger records are written in pieces of this size (aligned).
+STAGING_BYTES = 8 * 1024 * 1024
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+
+
+def padded(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class Staging:
+    """A page-aligned buffer per writer thread, grown on demand and reused (no page faults
+    after the first)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.buffers: list[mmap.mmap] = []
+
+    def view(self, nbytes: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < nbytes:
+            buf = mmap.mmap(-1, padded(max(nbytes, ALIGN)))
+            with self._lock:
+                if getattr(self._local, "buf", None) is not None:
+                    self.buffers.remove(self._local.buf)
+                    _close(self._local.buf)
+                self.buffers.append(buf)
+            self._local.buf = buf
+        return memoryview(buf)[:nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            for buf in self.buffers:
+                _close(buf)
+            self.buffers.clear()
+
+
+def _close(buf: mmap.mmap) -> None:
+    try:
+        buf.close()
+    except BufferError:  # a view outlives its write (e.g. in a kept traceback): freed with it
+        pass
+
+
+class Segment:
+    """Record file of one round. :meth:`reserve` is called under the store's lock; each
+    reserved record is then written once by :meth:`write` (by the store's writer threads,
+    at once: records never overlap)."""
+
+    def __init__(self, path: Path, staging: Staging) -> None:
+        self.path = path
+        self._staging = staging
+        self._fd = open_private_fd(path)
+        self._direct_fd: int | None = None
+        #: False once O_DIRECT was refused here: page cache only.
+        self.direct_ok = bool(_O_DIRECT)
+        # After whatever is there, aligned: a crash may have left bytes past the last indexed
+        # record (never committed), and a file from an older version may end unaligned.
+        self._end = padded(os.fstat(self._fd).st_size)
+
+    def reserve(self, nbytes: int) -> int:
+        """The offset of the next record of ``nbytes`` (aligned; the room is padded)."""
+        offset, self._end = self._end, self._end + padded(nbytes)
+        return offset
+
+    def write(self, data: memoryview, offset: int) -> None:
+        """Write a reserved record. Durable only after :meth:`sync`."""
+        nbytes = data.nbytes
+        if self.direct_ok and nbytes >= DIRECT_MIN_BYTES and self._write_direct(data, offset):
+            return
+        _pwrite_all(self._fd, data, offset)
+        size = padded(nbytes)
+        if size > nbytes:
+            _pwrite_all(self._fd, memoryview(bytes(size - nbytes)), offset + nbytes)
+
+    def _write_direct(self, data: memoryview, offset: int) -> bool:
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = open_private_fd(self.path, _O_DIRECT)
+            except OSError:
+                self.direct_ok = False
+                return False
+        for start in range(0, data.nbytes, STAGING_BYTES):  # a 100 MB delta: 13 pieces, 8 MiB held
+            piece = data[start:start + STAGING_BYTES]
+            size = padded(piece.nbytes)
+            out = self._staging.view(size)
+            try:
+                out[:piece.nbytes] = piece
+                out[piece.nbytes:] = bytes(size - piece.nbytes)
+                try:
+                    _pwrite_all(self._direct_fd, out, offset + start)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self.direct_ok = False  # the file system wants other alignment, or none
+                    _pwrite_all(self._fd, out, offset + start)  # through the page cache instead
+            finally:
+                out.release()
+        return True
+
+    def sync(self) -> None:
+        """Make every written record durable (fsync covers the file whichever fd wrote it)."""
+        os.fsync(self._fd)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+        self._direct_fd = None
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < data.nbytes:
+        done += os.pwrite(fd, data[done:], offset + done)
