@@ -143,11 +143,15 @@ def _browser():
 
 
 def _wait_text(driver, css: str, want: str, timeout: float = 60) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def seen(d) -> bool:
-        return any(want in e.text for e in d.find_elements(By.CSS_SELECTOR, css))
+        try:
+            return any(want in e.text for e in d.find_elements(By.CSS_SELECTOR, css))
+        except StaleElementReferenceException:  # the live page re-rendered the row meanwhile
+            return False
 
     try:
         WebDriverWait(driver, timeout, poll_frequency=0.1).until(seen)
