@@ -494,11 +494,7 @@ class Coordinator:
             raise QflareError(Reason.RATE_LIMITED, "too many session requests")
         if handshake.SIG_V1 not in self.accepted_handshakes:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "handshake sig-v1 is not accepted here (crypto.accepted_handshakes)")
-        device = self.registry.get_device(req.device_id)
-        if device is None:
-            raise QflareError(Reason.NOT_ENROLLED, f"device {req.device_id} is not enrolled")
-        if device.status != "active":
-            raise QflareError(Reason.REVOKED, f"device {req.device_id} is revoked")
+        device = self._active_device(req.device_id)
         self.policy.check_kem(req.eph_kem_alg)
         kem = pqc.get_kem(req.eph_kem_alg)
         if not handshake.is_fresh(req.timestamp, now, self.settings.crypto.freshness_seconds):
@@ -596,11 +592,7 @@ class Coordinator:
                               "(crypto.accepted_handshakes)")
         if hello.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "encapsulated to a key this coordinator does not hold")
-        device = self.registry.get_device(hello.device_id)
-        if device is None:
-            raise QflareError(Reason.NOT_ENROLLED, f"device {hello.device_id} is not enrolled")
-        if device.status != "active":
-            raise QflareError(Reason.REVOKED, f"device {hello.device_id} is revoked")
+        device = self._active_device(hello.device_id)
         self.policy.check_kem(hello.eph_kem_alg)
         if not handshake.is_fresh(hello.timestamp, now, self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "session request outside the freshness window")
@@ -631,6 +623,15 @@ class Coordinator:
         return SessionConfirm.model_construct(
             suite=hello.suite, device_id=device.device_id, session_id=session_id, eph_ct=eph_ct, device_ct=device_ct,
             nonce=nonce, grant=grant, enclave_report=report, confirm=handshake.confirm_tag(confirm_key, final))
+
+    def _active_device(self, device_id: str):
+        """The enrolled, active device a session is asked for, or refuse (not_enrolled, revoked)."""
+        device = self.registry.get_device(device_id)
+        if device is None:
+            raise QflareError(Reason.NOT_ENROLLED, f"device {device_id} is not enrolled")
+        if device.status != "active":
+            raise QflareError(Reason.REVOKED, f"device {device_id} is revoked")
+        return device
 
     # --- control traffic under the session key ----------------------------------------
 

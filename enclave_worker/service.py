@@ -749,12 +749,7 @@ class Enclave:
             await self._fail(spec, t0, rejected, len(stored), 0, Reason.TOO_FEW_UPDATES,
                              f"{len(stored)} of {spec.min_updates} updates")
             return
-        weights, clipped = agg.capped_weights(np.array([u.num_samples for u in stored]), fl.sample_cap_multiple,
-                                              fl.max_num_samples)
-        for u, w in ((u, w) for u, w, c in zip(stored, weights, clipped, strict=True) if c):
-            await self.broker.publisher.event("update.clipped", device_id=u.device_id, round_id=spec.round_id,
-                                              update_id=u.update_id, claimed=u.num_samples, weight=int(w),
-                                              confirmed=True)
+        weights = await self._capped_weights(spec, stored)
         # The close reads every delta and can take seconds: off the event loop, so acks and
         # heartbeats go on. The lock is held, so nothing writes the store meanwhile.
         combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights, spec)
@@ -825,12 +820,7 @@ class Enclave:
             self._drop_buffer(spec, [u.update_id for u in revoked], rejected)
             return False
         stale = [staleness.staleness(self.version, u.base_version) for u in buffered]
-        capped, clipped = agg.capped_weights(np.array([u.num_samples for u in buffered]), fl.sample_cap_multiple,
-                                             fl.max_num_samples)
-        for u, w in ((u, w) for u, w, c in zip(buffered, capped, clipped, strict=True) if c):
-            await self.broker.publisher.event("update.clipped", device_id=u.device_id, round_id=spec.round_id,
-                                              update_id=u.update_id, claimed=u.num_samples, weight=int(w),
-                                              confirmed=True)
+        capped = await self._capped_weights(spec, buffered)
         bases = [u.base_version for u in buffered]
         weights = staleness.buffer_weights(capped, bases, self.version)
         combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, buffered, weights, spec)
@@ -912,6 +902,18 @@ class Enclave:
         await self._round_event("completed", spec.round_id, result, version=self.version)
         log.info("async round %d completed: models v%d..v%d, %d updates aggregated, rejected %s", spec.round_id,
                  versions[0], versions[-1], result.accepted, rejected)
+
+    async def _capped_weights(self, spec: RoundSpec, stored: list) -> np.ndarray:
+        """The stored updates' aggregation weights: claims capped (aggregate.capped_weights),
+        each clipped claim announced as ``update.clipped``."""
+        fl = self.settings.fl
+        weights, clipped = agg.capped_weights(np.array([u.num_samples for u in stored]), fl.sample_cap_multiple,
+                                              fl.max_num_samples)
+        for u, w in ((u, w) for u, w, c in zip(stored, weights, clipped, strict=True) if c):
+            await self.broker.publisher.event("update.clipped", device_id=u.device_id, round_id=spec.round_id,
+                                              update_id=u.update_id, claimed=u.num_samples, weight=int(w),
+                                              confirmed=True)
+        return weights
 
     async def _refuse_stored(self, round_id: int, u, reason: str, rejected: dict[str, int]) -> None:
         """A stored update left out at the close: counted in ``rejected``, announced."""
