@@ -159,6 +159,7 @@ class RegistryStore(Protocol):
                            now: float | None = None) -> Device: ...
     def record_session(self, session_id: str, device_id: str, not_after: float, now: float | None = None,
                        wrapped_key: bytes | None = None) -> bool: ...
+    def record_sessions(self, rows: list[tuple[str, str, float, float, bytes | None]]) -> list[bool]: ...
     def get_session(self, session_id: str) -> SessionRecord | None: ...
     def advance_session(self, session_id: str, seq: int) -> bool: ...
     def claim_identity(self, namespace: str, fingerprint: str) -> str: ...
@@ -392,6 +393,26 @@ class Registry:
             if secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
                 self.forget_expired_session_keys(now)
             return cur.rowcount == 1
+
+    def record_sessions(self, rows: list[tuple[str, str, float, float, bytes | None]]) -> list[bool]:
+        """:meth:`record_session` for many ``(session_id, device_id, not_after, now, wrapped_key)``
+        rows in one transaction (one commit instead of one per session: coordinator/service.py,
+        SessionRows); each row's own outcome, False for an id kept already (a replay)."""
+        out: list[bool] = []
+        with self.lock:
+            self.fast.execute("BEGIN")
+            try:
+                for session_id, device_id, not_after, now, wrapped_key in rows:
+                    cur = self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?,?,0) ON CONFLICT DO NOTHING",
+                                            (session_id, device_id, now, not_after, wrapped_key))
+                    out.append(cur.rowcount == 1)
+                self.fast.execute("COMMIT")
+            except BaseException:
+                self.fast.execute("ROLLBACK")
+                raise
+            if rows and secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
+                self.forget_expired_session_keys(rows[-1][3])
+        return out
 
     def forget_expired_session_keys(self, now: float | None = None) -> int:
         """Erase the wrapped keys of expired (and revoked) sessions: forward secrecy for them
