@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import struct
 from typing import TYPE_CHECKING
 
 import pqc
@@ -124,8 +125,11 @@ def walk_key_chain(chain_current: bytes, rotations: list[bytes],
 
 SIG_V1 = "sig-v1"  # a device-signed SessionRequest, a coordinator-signed grant
 KEM_V2 = "kem-v2"  # KEM authentication both ways, key confirmation, a MACed grant
-SUITES = (KEM_V2, SIG_V1)
-DEFAULT_SUITE = KEM_V2
+KEM_V3 = "kem-v3"  # kem-v2 with the device authenticated by its enrolment MAC key, not a third KEM
+SUITES = (KEM_V3, KEM_V2, SIG_V1)
+#: The suites of SessionHello/SessionConfirm (MACed grants, key confirmation).
+KEM_SUITES = (KEM_V3, KEM_V2)
+DEFAULT_SUITE = KEM_V3
 
 KEM_V2_KEYS_INFO = b"qflare/v2/session-keys"
 CONFIRM_LABEL = b"qflare/v2/coordinator-finished"
@@ -229,3 +233,40 @@ def open_enroll_accept(reply_key: bytes, device_id: str, sealed: bytes) -> bytes
         return AESGCM(reply_key).decrypt(sealed[:12], sealed[12:], ENROLL_REPLY_AAD + device_id.encode())
     except (InvalidTag, ValueError):
         return None
+
+
+# --- kem-v3: the device authenticated by a MAC key from its enrolment ------------------
+
+DEVICE_AUTH_INFO = b"qflare/v3/device-auth"
+HELLO_TAG_LABEL = b"qflare/v3/device-hello\0"
+KEM_V3_KEYS_INFO = b"qflare/v3/session-keys"
+
+
+def device_auth_key(reply_key: bytes, device_id: str, sig_fp: str) -> bytes:
+    """The device's kem-v3 MAC key: HKDF of the enrolment claim's reply key (chosen by the
+    device, sealed to the coordinator's KEM key, so known to those two only), bound to the
+    device and the signature key it enrolled."""
+    return pqc.hkdf_sha256(reply_key, b"", DEVICE_AUTH_INFO + _lp(device_id.encode(), sig_fp.encode()), 32)
+
+
+def device_auth_aad(device_id: str, sig_fp: str) -> bytes:
+    """Associated data of a wrapped device key: it opens only for this device and key."""
+    return DEVICE_AUTH_INFO + b"\0" + _lp(device_id.encode(), sig_fp.encode())
+
+
+def hello_tag(auth_key: bytes, suite: str, device_id: str, coordinator_kem_fp: str, static_ct: bytes,
+              eph_kem_alg: str, eph_pk: bytes, nonce: bytes, timestamp: float) -> bytes:
+    """The device's MAC over every other field of a kem-v3 SessionHello."""
+    body = _lp(suite.encode(), device_id.encode(), coordinator_kem_fp.encode(), static_ct, eph_kem_alg.encode(),
+               eph_pk, nonce, struct.pack(">d", timestamp))
+    return hmac.new(auth_key, HELLO_TAG_LABEL + body, hashlib.sha256).digest()
+
+
+def kem_v3_session_keys(ss_eph: bytes, ss_static: bytes, auth_key: bytes, device_nonce: bytes,
+                        coordinator_nonce: bytes, transcript: bytes) -> tuple[bytes, bytes]:
+    """(session key, confirmation key) of kem-v3: HKDF-SHA-256 over both KEM secrets and the
+    device's MAC key. ``ss_eph`` gives forward secrecy, ``ss_static`` authenticates the
+    coordinator, ``auth_key`` the device (as its third KEM secret did in kem-v2)."""
+    okm = pqc.hkdf_sha256(_lp(ss_eph, ss_static, auth_key), device_nonce + coordinator_nonce,
+                          KEM_V3_KEYS_INFO + transcript, 2 * SESSION_KEY_BYTES)
+    return okm[:SESSION_KEY_BYTES], okm[SESSION_KEY_BYTES:]

@@ -121,12 +121,15 @@ class CryptoSettings(Section):
     #: FrodoKEM-640-AES without liboqs). Off by default: that backend is not constant time
     #: (docs/crypto.md); the demo turns it on.
     allow_pure_backends: bool = False
-    #: The session handshake a device asks for (docs/crypto.md, "KEM handshake"): ``kem-v2``
-    #: (KEM authentication, key confirmation, a MACed grant; no coordinator signature per
-    #: session) or ``sig-v1`` (a signed request, a coordinator-signed grant).
-    handshake: Literal["kem-v2", "sig-v1"] = "kem-v2"
+    #: The session handshake a device asks for (docs/crypto.md, "KEM handshake"): ``kem-v3``
+    #: (kem-v2 with the device authenticated by a MAC key from its enrolment instead of a third
+    #: KEM; a device without one falls back to kem-v2), ``kem-v2`` (KEM authentication, key
+    #: confirmation, a MACed grant; no coordinator signature per session) or ``sig-v1`` (a
+    #: signed request, a coordinator-signed grant).
+    handshake: Literal["kem-v3", "kem-v2", "sig-v1"] = "kem-v3"
     #: The handshakes the coordinator answers; a request for another is refused.
-    accepted_handshakes: list[Literal["kem-v2", "sig-v1"]] = Field(["kem-v2", "sig-v1"], min_length=1)
+    accepted_handshakes: list[Literal["kem-v3", "kem-v2", "sig-v1"]] = Field(["kem-v3", "kem-v2", "sig-v1"],
+                                                                              min_length=1)
 
     @field_validator("kem")
     @classmethod

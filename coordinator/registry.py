@@ -63,6 +63,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
     """,
+    # handshake kem-v3: each device's enrolment MAC key, wrapped under the coordinator's identity
+    # and bound to the signature key it was enrolled with (docs/crypto.md, "kem-v3")
+    """
+    CREATE TABLE device_auth (device_id TEXT PRIMARY KEY, sig_fp TEXT NOT NULL, wrapped_key BLOB NOT NULL);
+    """,
 ]
 
 
@@ -154,6 +159,9 @@ class RegistryStore(Protocol):
     def enroll_device(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
                       now: float | None = None) -> Device: ...
     def get_device(self, device_id: str) -> Device | None: ...
+    def set_device_auth(self, device_id: str, sig_fp: str, wrapped_key: bytes) -> None: ...
+    def get_device_auth(self, device_id: str) -> tuple[Device, bytes | None] | None: ...
+    def device_auth_rows(self) -> list[tuple[str, str, bytes]]: ...
     def revoke_device(self, device_id: str, reason: str, now: float | None = None) -> Device: ...
     def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
                            now: float | None = None) -> Device: ...
@@ -342,6 +350,28 @@ class Registry:
     def get_device(self, device_id: str) -> Device | None:
         row = self.db.execute("SELECT * FROM devices WHERE device_id=?", (device_id,)).fetchone()
         return Device(*row) if row else None
+
+    def set_device_auth(self, device_id: str, sig_fp: str, wrapped_key: bytes) -> None:
+        """Keep the device's kem-v3 MAC key (wrapped: coordinator/session_keys.py) for the
+        signature key ``sig_fp``; it replaces any earlier one."""
+        with self.lock:
+            self.db.execute("INSERT INTO device_auth VALUES (?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                            "sig_fp=excluded.sig_fp, wrapped_key=excluded.wrapped_key",
+                            (device_id, sig_fp, wrapped_key))
+
+    def get_device_auth(self, device_id: str) -> tuple[Device, bytes | None] | None:
+        """The device and its wrapped kem-v3 key, in one statement; the key is None unless it
+        was kept for the device's current signature key (a key rotation leaves it behind)."""
+        row = self.db.execute("SELECT d.*, a.wrapped_key FROM devices d LEFT JOIN device_auth a "
+                              "ON a.device_id=d.device_id AND a.sig_fp=d.sig_fp WHERE d.device_id=?",
+                              (device_id,)).fetchone()
+        if row is None:
+            return None
+        return Device(*row[:-1]), (bytes(row[-1]) if row[-1] is not None else None)
+
+    def device_auth_rows(self) -> list[tuple[str, str, bytes]]:
+        """Every kept ``(device_id, sig_fp, wrapped key)``: a coordinator key rotation re-wraps them."""
+        return [(r[0], r[1], bytes(r[2])) for r in self.db.execute("SELECT * FROM device_auth ORDER BY device_id")]
 
     def list_devices(self, status: str | None = None) -> list[Device]:
         q, args = "SELECT * FROM devices", ()

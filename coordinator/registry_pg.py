@@ -56,6 +56,9 @@ PG_MIGRATIONS: list[str] = [
     ALTER TABLE sessions ADD COLUMN last_seq BIGINT NOT NULL DEFAULT 0;
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at DOUBLE PRECISION NOT NULL);
     """,
+    """
+    CREATE TABLE device_auth (device_id TEXT PRIMARY KEY, sig_fp TEXT NOT NULL, wrapped_key BYTEA NOT NULL);
+    """,
 ]
 #: pg_advisory_xact_lock key held while migrating (any constant of our own).
 MIGRATION_LOCK = 0x51F1A2E

@@ -192,12 +192,16 @@ class Coordinator:
         #: Grant keys (handshake kem-v2) derive from this and the admitted enclave report, so
         #: every coordinator of the identity computes the same key without storing it.
         self.grant_root = handshake.grant_root(self.identity.kem_sk)
+        #: Devices' kem-v3 MAC keys live in the registry wrapped under this key (a dump opens none).
+        self.device_wrap = session_keys.device_wrapping_key(self.identity.kem_sk)
         #: (report, key, key id, report digest, enclave identity) for the admitted report
         self._grant_key: tuple[bytes, bytes, bytes, bytes | None, bytes] | None = None
         self._kems: dict[str, pqc.Kem] = {}  # by algorithm name: no lookup per handshake
         self._session_seconds = metrics.HANDSHAKE_SECONDS.labels("session")
         self._sessions_ok = metrics.SESSIONS.labels("ok")
         self.accepted_handshakes = frozenset(settings.crypto.accepted_handshakes)
+        #: Grants are MACed for the enclave (kem-v2, kem-v3) when either is accepted.
+        self.mac_grants = bool(self.accepted_handshakes & set(handshake.KEM_SUITES))
         #: MACs the attestation challenges (the same in every coordinator sharing the identity).
         self.challenge_key = attestation_rules.challenge_key(self.identity.kem_sk)
         #: The port /healthz, /readyz and /metrics listen on (set by :func:`run`), for the start line.
@@ -353,7 +357,8 @@ class Coordinator:
         now = time.monotonic()
         since, self._opened_since = self._opened_since, now
         if opened:
-            await self._event("sessions.opened", count=sum(opened.values()), kem_v2=opened[handshake.KEM_V2],
+            await self._event("sessions.opened", count=sum(opened.values()), kem_v3=opened[handshake.KEM_V3],
+                              kem_v2=opened[handshake.KEM_V2],
                               sig_v1=opened[handshake.SIG_V1], seconds=round(now - since, 3))
 
     async def stop(self) -> None:
@@ -430,8 +435,9 @@ class Coordinator:
         self.policy.check_kem(claim.kem_alg)
         if not handshake.is_fresh(claim.timestamp, time.time(), self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "enrollment timestamp outside the freshness window")
-        if claim.reply_key is not None and handshake.KEM_V2 not in self.accepted_handshakes:
-            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "handshake kem-v2 is not accepted here (crypto.accepted_handshakes)")
+        if claim.reply_key is not None and not self.mac_grants:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "handshakes kem-v2/kem-v3 are not accepted here "
+                              "(crypto.accepted_handshakes)")
         existing = self.registry.get_device(claim.device_id)
         if existing is not None and existing.status == "revoked":
             raise QflareError(Reason.REVOKED, f"device {claim.device_id} is revoked")
@@ -458,8 +464,14 @@ class Coordinator:
             outcome = self.registry.consume_token(claim.token, claim.device_id)  # atomic burn: the final word
             if outcome != "ok":
                 raise QflareError(Reason(outcome), "token refused")
-            return self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
-                                               claim.kem_pk)
+            device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
+                                                 claim.kem_pk)
+            if claim.reply_key is not None and handshake.KEM_V3 in self.accepted_handshakes:
+                # kem-v3's device MAC key, from the reply key only this device and we know
+                auth = handshake.device_auth_key(claim.reply_key, device.device_id, device.sig_fp)
+                self.registry.set_device_auth(device.device_id, device.sig_fp, session_keys.wrap_device_key(
+                    self.device_wrap, handshake.device_auth_aad(device.device_id, device.sig_fp), auth))
+            return device
 
         device = await self.commits.run(burn_and_enroll)  # committed with concurrent enrolments
         metrics.ENROLLMENTS.labels("ok").inc()
@@ -568,7 +580,7 @@ class Coordinator:
         """Give the admitted enclave (if any) this identity's grant key, signed, on its control
         queue: after a coordinator key rotation the key differs from the one it was admitted with."""
         report = self.registry.get_meta(META_ENCLAVE_REPORT)
-        if not report or self.broker is None or handshake.KEM_V2 not in self.accepted_handshakes:
+        if not report or self.broker is None or not self.mac_grants:
             return
         enclave, sealed = self._sealed_grant_key(report)
         await self.broker.publisher.publish(self.broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY,
@@ -599,20 +611,33 @@ class Coordinator:
                               "(crypto.accepted_handshakes)")
         if hello.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "encapsulated to a key this coordinator does not hold")
-        device = self._active_device(hello.device_id)
+        v3 = hello.suite == handshake.KEM_V3
+        if v3:  # the device row and its MAC key in one statement
+            found = self.registry.get_device_auth(hello.device_id)
+            device = self._require_active(found[0] if found else None, hello.device_id)
+            auth_key = self._device_auth_key(device, found[1] if found else None)
+            if hello.auth_tag is None or not handshake.tags_equal(hello.auth_tag, handshake.hello_tag(
+                    auth_key, hello.suite, hello.device_id, hello.coordinator_kem_fp, hello.static_ct,
+                    hello.eph_kem_alg, hello.eph_pk, hello.nonce, hello.timestamp)):
+                raise QflareError(Reason.BAD_SIGNATURE, "session hello fails the device's MAC")
+        else:
+            device = self._active_device(hello.device_id)
         self.policy.check_kem(hello.eph_kem_alg)
         if not handshake.is_fresh(hello.timestamp, now, self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "session request outside the freshness window")
         try:
             ss_static = self._kem(self.identity.kem_alg).decapsulate(self.identity.kem_sk, hello.static_ct)
             eph_ct, ss_eph = self._kem(hello.eph_kem_alg).encapsulate(hello.eph_pk)
-            device_ct, ss_device = self._kem(device.kem_alg).encapsulate(device.kem_pk)
+            if v3:
+                device_ct, ss_device = None, auth_key
+            else:
+                device_ct, ss_device = self._kem(device.kem_alg).encapsulate(device.kem_pk)
         except (ValueError, pqc.errors.QflareCryptoError) as exc:
             raise QflareError(Reason.MALFORMED, f"KEM input refused: {exc}") from None
         session_id = handshake.kem_session_id(hello.nonce)
         nonce = secrets.token_bytes(32)
         not_after = now + self.settings.crypto.session_ttl_seconds
-        transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct, nonce, session_id)
+        transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct or b"", nonce, session_id)
         report = self.registry.get_meta(META_ENCLAVE_REPORT)
         gkey, key_id, digest, _ = self.grant_key_for(report)
         # model_construct: every field is ours or the registry's, already valid (no re-validation)
@@ -621,7 +646,8 @@ class Coordinator:
             sig_fp=device.sig_fp, issued_at=now, not_after=not_after, transcript=transcript, enclave_digest=digest))
         grant = encode(GrantMac.model_construct(body=body, key_id=key_id, tag=handshake.grant_tag(gkey, body)))
         final = handshake.kem_final_transcript(transcript, grant, digest)
-        key, confirm_key = handshake.kem_session_keys(ss_eph, ss_static, ss_device, hello.nonce, nonce, final)
+        derive = handshake.kem_v3_session_keys if v3 else handshake.kem_session_keys
+        key, confirm_key = derive(ss_eph, ss_static, ss_device, hello.nonce, nonce, final)
         if not await self.session_rows.run((session_id, device.device_id, not_after, now,
                                             session_keys.wrap(self.session_wrap, session_id, key))):
             raise QflareError(Reason.REPLAY, "session request seen before")  # its nonce names a session
@@ -633,7 +659,20 @@ class Coordinator:
 
     def _active_device(self, device_id: str):
         """The enrolled, active device a session is asked for, or refuse (not_enrolled, revoked)."""
-        device = self.registry.get_device(device_id)
+        return self._require_active(self.registry.get_device(device_id), device_id)
+
+    def _device_auth_key(self, device, wrapped: bytes | None) -> bytes:
+        """The device's kem-v3 MAC key, or refuse (unsupported_algorithm: the device falls back
+        to kem-v2) when none is kept for its current signature key: enrolled before kem-v3 or
+        with sig-v1, or its keys rotated since."""
+        key = None if wrapped is None else session_keys.unwrap_device_key(
+            self.device_wrap, handshake.device_auth_aad(device.device_id, device.sig_fp), wrapped)
+        if key is None:
+            raise QflareError(Reason.UNSUPPORTED_ALGORITHM, f"no kem-v3 key for device {device.device_id} "
+                              "(enrolled before kem-v3, or its keys rotated): use kem-v2")
+        return key
+
+    def _require_active(self, device, device_id: str):
         if device is None:
             raise QflareError(Reason.NOT_ENROLLED, f"device {device_id} is not enrolled")
         if device.status != "active":
@@ -752,7 +791,7 @@ class Coordinator:
             raise await self._refuse("attestation", err, None) from None
         self.registry.set_meta(META_ENCLAVE_REPORT, req.report)
         self.registry.audit("coordinator", "enclave.admitted", measurement=report.measurement)
-        grant_key = (self._sealed_grant_key(req.report)[1] if handshake.KEM_V2 in self.accepted_handshakes
+        grant_key = (self._sealed_grant_key(req.report)[1] if self.mac_grants
                      else None)
         await self._event("enclave.attested", measurement=report.measurement,
                           kem_fp=pqc.fingerprint(report.kem_pk, report.kem_alg),
@@ -1051,6 +1090,7 @@ async def rotate_coordinator_keys(settings: Settings) -> tuple[str, str]:
     registry = open_registry(settings)
     try:
         chain = rotations(registry) + [encode(statement)]
+        rewrap_device_keys(registry, old, new)
         registry.set_meta(META_ROTATIONS, msgpack.packb(chain, use_bin_type=True))
         archive = coordinator_dir(settings) / "previous" / old.sig_fp[:16]
         old.save(archive)
@@ -1063,6 +1103,22 @@ async def rotate_coordinator_keys(settings: Settings) -> tuple[str, str]:
         await broker.close()
         registry.close()
     return old.sig_fp, new.sig_fp
+
+
+def rewrap_device_keys(registry: Registry, old: Identity, new: Identity) -> int:
+    """Re-wrap every device's kem-v3 MAC key from ``old``'s KEM key to ``new``'s (a coordinator
+    key rotation), in one transaction, so devices keep kem-v3 across it; how many."""
+    old_wrap = session_keys.device_wrapping_key(old.kem_sk)
+    new_wrap = session_keys.device_wrapping_key(new.kem_sk)
+    n = 0
+    with registry.transaction():
+        for device_id, sig_fp, blob in registry.device_auth_rows():
+            aad = handshake.device_auth_aad(device_id, sig_fp)
+            key = session_keys.unwrap_device_key(old_wrap, aad, blob)
+            if key is not None:
+                registry.set_device_auth(device_id, sig_fp, session_keys.wrap_device_key(new_wrap, aad, key))
+                n += 1
+    return n
 
 
 async def revoke_device(settings: Settings, device_id: str, reason: str = "operator", *,

@@ -40,3 +40,25 @@ def unwrap(wrapping: bytes, session_id: str, blob: bytes) -> bytes | None:
         return AESGCM(wrapping).decrypt(blob[:12], blob[12:], _AAD + session_id.encode())
     except (InvalidTag, ValueError):
         return None
+
+
+# --- device MAC keys (handshake kem-v3), wrapped the same way under their own key -------------
+
+DEVICE_WRAP_INFO = b"qflare/v3/device-auth-wrap"
+
+
+def device_wrapping_key(kem_sk: bytes) -> bytes:
+    return pqc.hkdf_sha256(kem_sk, b"", DEVICE_WRAP_INFO, 32)
+
+
+def wrap_device_key(wrapping: bytes, aad: bytes, key: bytes) -> bytes:
+    nonce = secrets.token_bytes(12)
+    return nonce + _aead(wrapping).encrypt(nonce, key, aad)
+
+
+def unwrap_device_key(wrapping: bytes, aad: bytes, blob: bytes) -> bytes | None:
+    """The device's MAC key, or None if ``blob`` was not wrapped by this identity for ``aad``."""
+    try:
+        return _aead(wrapping).decrypt(blob[:12], blob[12:], aad)
+    except (InvalidTag, ValueError):
+        return None

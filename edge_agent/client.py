@@ -67,6 +67,9 @@ class Device:
     #: pinned signature key through the key chain; None until first learnt.
     coordinator_kem_alg: str | None = None
     coordinator_kem_pk: bytes | None = None
+    #: The kem-v3 MAC key from enrolment (common/handshake.py: device_auth_key); None when the
+    #: device enrolled without one (sig-v1, before kem-v3) or rotated its keys since.
+    auth_key: bytes | None = field(default=None, repr=False)
 
 
 def _enclave_report(raw: bytes | None) -> AttestationReport | None:
@@ -105,7 +108,7 @@ async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coord
     if keys is None or pqc.fingerprint(keys.sig_pk, keys.sig_alg) != coordinator_fp:
         keys = await coordinator_keys(rpc, names, coordinator_fp, timeout)
     ident = identity or Identity.generate(sig_alg, kem_alg)
-    reply_key = secrets.token_bytes(32) if suite == handshake.KEM_V2 else None
+    reply_key = secrets.token_bytes(32) if suite in handshake.KEM_SUITES else None
     claim = EnrollClaim(device_id=device_id, token=token, sig_alg=ident.sig_alg, sig_pk=ident.sig_pk,
                         kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32),
                         timestamp=time.time(), reply_key=reply_key)
@@ -125,51 +128,86 @@ async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coord
     if accept.request_nonce != claim.nonce or accept.device_id != device_id or accept.sig_fp != ident.sig_fp:
         raise QflareError(Reason.BAD_SIGNATURE, "enrollment reply does not answer this request")
     return Device(device_id, ident, keys.sig_alg, keys.sig_pk, _enclave_report(accept.enclave_report),
-                  coordinator_kem_alg=keys.kem_alg, coordinator_kem_pk=keys.kem_pk)
+                  coordinator_kem_alg=keys.kem_alg, coordinator_kem_pk=keys.kem_pk,
+                  auth_key=handshake.device_auth_key(reply_key, device_id, ident.sig_fp) if reply_key else None)
 
 
 async def open_session(rpc: RpcClient, names: Names, device: Device, *, kem_alg: str = pqc.ids.DEFAULT_KEM,
                        timeout: float = 15.0, suite: str = handshake.DEFAULT_SUITE) -> Session:
-    """Open a forward-secret session with handshake ``suite`` (kem-v2 or sig-v1)."""
+    """Open a forward-secret session with handshake ``suite`` (kem-v3, kem-v2 or sig-v1).
+
+    kem-v3 needs the device's MAC key from enrolment; without one (or when the coordinator
+    keeps none for the device's current keys) the device uses kem-v2.
+    """
     if suite == handshake.SIG_V1:
         return await _open_signed_session(rpc, names, device, kem_alg, timeout)
-    if suite != handshake.KEM_V2:
-        raise QflareError(Reason.UNSUPPORTED_ALGORITHM, f"unknown handshake {suite!r} (kem-v2 or sig-v1)")
+    if suite not in handshake.KEM_SUITES:
+        raise QflareError(Reason.UNSUPPORTED_ALGORITHM, f"unknown handshake {suite!r} (kem-v3, kem-v2 or sig-v1)")
+    if suite == handshake.KEM_V3 and device.auth_key is None:
+        suite = handshake.KEM_V2
     if device.coordinator_kem_pk is None:  # enrolled before kem-v2: learn the KEM key from the chain
         await refresh_coordinator_key(rpc, names, device, timeout)
     try:
-        return await _open_kem_session(rpc, names, device, kem_alg, timeout)
+        return await _open_kem_session(rpc, names, device, kem_alg, timeout, suite)
     except QflareError as err:
-        # the coordinator holds another KEM key: it rotated; follow the chain and try once more
-        if err.reason != Reason.UNSUPPORTED_ALGORITHM or not await refresh_coordinator_key(rpc, names, device,
-                                                                                            timeout):
+        if err.reason != Reason.UNSUPPORTED_ALGORITHM:
             raise
-        return await _open_kem_session(rpc, names, device, kem_alg, timeout)
+        # the coordinator holds another KEM key: it rotated; follow the chain and try once more
+        if await refresh_coordinator_key(rpc, names, device, timeout):
+            return await _open_kem_session(rpc, names, device, kem_alg, timeout, suite)
+        if suite != handshake.KEM_V3:
+            raise
+        # no kem-v3 here for this device (not accepted, or no key kept for it): kem-v2
+        return await _open_kem_session(rpc, names, device, kem_alg, timeout, handshake.KEM_V2)
 
 
-async def _open_kem_session(rpc: RpcClient, names: Names, device: Device, kem_alg: str, timeout: float) -> Session:
-    """Handshake kem-v2 (docs/crypto.md): encapsulate to the pinned coordinator KEM key, check
-    its key confirmation; the ephemeral secret key is dropped before returning."""
+def kem_hello(device: Device, suite: str, kem: pqc.Kem) -> tuple[SessionHello, bytes, bytes]:
+    """(hello, ephemeral secret key, static shared secret) of a kem-v2/kem-v3 handshake; a
+    kem-v3 hello carries the device's MAC over its other fields."""
     assert device.coordinator_kem_alg is not None and device.coordinator_kem_pk is not None
-    kem = pqc.get_kem(kem_alg)
     eph_pk, eph_sk = kem.generate_keypair()
     static_ct, ss_static = pqc.get_kem(device.coordinator_kem_alg).encapsulate(device.coordinator_kem_pk)
-    hello = SessionHello(suite=handshake.KEM_V2, device_id=device.device_id,
-                         coordinator_kem_fp=pqc.fingerprint(device.coordinator_kem_pk, device.coordinator_kem_alg),
-                         static_ct=static_ct, eph_kem_alg=kem.name, eph_pk=eph_pk, nonce=secrets.token_bytes(32),
-                         timestamp=time.time())
+    fields = {"suite": suite, "device_id": device.device_id,
+                  "coordinator_kem_fp": pqc.fingerprint(device.coordinator_kem_pk, device.coordinator_kem_alg),
+                  "static_ct": static_ct, "eph_kem_alg": kem.name, "eph_pk": eph_pk, "nonce": secrets.token_bytes(32),
+                  "timestamp": time.time()}
+    if suite == handshake.KEM_V3:
+        assert device.auth_key is not None
+        fields["auth_tag"] = handshake.hello_tag(device.auth_key, **fields)
+    return SessionHello(**fields), eph_sk, ss_static
+
+
+async def _open_kem_session(rpc: RpcClient, names: Names, device: Device, kem_alg: str, timeout: float,
+                            suite: str = handshake.KEM_V2) -> Session:
+    """Handshake kem-v2 or kem-v3 (docs/crypto.md): encapsulate to the pinned coordinator KEM
+    key, check its key confirmation; the ephemeral secret key is dropped before returning."""
+    kem = pqc.get_kem(kem_alg)
+    hello, eph_sk, ss_static = kem_hello(device, suite, kem)
     reply = await rpc.call(names.rpc_exchange, Names.COORDINATOR_KEY, hello, SessionConfirm, timeout)
+    return finish_kem_session(device, hello, kem, eph_sk, ss_static, reply)
+
+
+def finish_kem_session(device: Device, hello: SessionHello, kem: pqc.Kem, eph_sk: bytes, ss_static: bytes,
+                       reply: SessionConfirm) -> Session:
+    """Check a SessionConfirm against its hello (key confirmation, then the grant); the
+    device's new session, or QflareError(bad_signature)."""
     ident = device.identity
+    v3 = hello.suite == handshake.KEM_V3
+    if reply.suite != hello.suite or (reply.device_ct is None) != v3:
+        raise QflareError(Reason.BAD_SIGNATURE, "session reply is not of the handshake asked for")
     try:
         ss_eph = kem.decapsulate(eph_sk, reply.eph_ct)
-        ss_device = pqc.get_kem(ident.kem_alg).decapsulate(ident.kem_sk, reply.device_ct)
+        ss_device = device.auth_key if v3 else pqc.get_kem(ident.kem_alg).decapsulate(ident.kem_sk, reply.device_ct)
     except (ValueError, pqc.errors.QflareCryptoError):
         raise QflareError(Reason.BAD_SIGNATURE, "session reply carries malformed ciphertexts") from None
     del eph_sk  # forward secrecy: nothing kept can recompute ss_eph
-    transcript = handshake.kem_transcript(encode(hello), reply.eph_ct, reply.device_ct, reply.nonce, reply.session_id)
+    assert ss_device is not None
+    transcript = handshake.kem_transcript(encode(hello), reply.eph_ct, reply.device_ct or b"", reply.nonce,
+                                          reply.session_id)
     digest = handshake.enclave_digest(reply.enclave_report)
     final = handshake.kem_final_transcript(transcript, reply.grant, digest)
-    key, confirm_key = handshake.kem_session_keys(ss_eph, ss_static, ss_device, hello.nonce, reply.nonce, final)
+    derive = handshake.kem_v3_session_keys if v3 else handshake.kem_session_keys
+    key, confirm_key = derive(ss_eph, ss_static, ss_device, hello.nonce, reply.nonce, final)
     if not handshake.tags_equal(handshake.confirm_tag(confirm_key, final), reply.confirm):
         raise QflareError(Reason.BAD_SIGNATURE, "session reply fails key confirmation (not the pinned coordinator)")
     grant = decode(decode(reply.grant, GrantMac).body, SessionGrant)
@@ -240,4 +278,5 @@ async def rotate_keys(rpc: RpcClient, names: Names, device: Device, *, timeout: 
         raise QflareError(Reason.BAD_SIGNATURE, "rotation reply names another key")
     device.identity = new
     device.session = None
+    device.auth_key = None  # bound to the old key: the coordinator keeps it no longer (kem-v2 from now)
     return device

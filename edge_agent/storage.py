@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from common.state import private_file
 from edge_agent.client import Device
 from pqc.identity import Identity
 from schemas.codec import decode, encode
@@ -26,6 +27,11 @@ def save_device(state_dir: Path, device: Device) -> Path:
             "coordinator_kem_alg": device.coordinator_kem_alg,
             "coordinator_kem_pk": base64.b64encode(device.coordinator_kem_pk).decode() if device.coordinator_kem_pk
             else None}
+    auth = d / "keys" / "kem-v3.key"  # the kem-v3 MAC key: a secret, beside the private keys
+    if device.auth_key is not None:
+        private_file(auth).write_bytes(device.auth_key)
+    else:
+        auth.unlink(missing_ok=True)
     tmp = d / "device.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1))
     os.replace(tmp, d / "device.json")
@@ -39,7 +45,9 @@ def load_device(state_dir: Path, device_id: str) -> Device:
     meta = json.loads((d / "device.json").read_text())
     enclave = decode(base64.b64decode(meta["enclave"]), AttestationReport) if meta["enclave"] else None
     kem_pk = meta.get("coordinator_kem_pk")  # absent when saved before handshake kem-v2
+    auth = d / "keys" / "kem-v3.key"  # absent when saved before kem-v3 or without its key
     return Device(device_id, Identity.load(d / "keys"), meta["coordinator_sig_alg"],
                   base64.b64decode(meta["coordinator_sig_pk"]), enclave,
                   coordinator_kem_alg=meta.get("coordinator_kem_alg"),
-                  coordinator_kem_pk=base64.b64decode(kem_pk) if kem_pk else None)
+                  coordinator_kem_pk=base64.b64decode(kem_pk) if kem_pk else None,
+                  auth_key=auth.read_bytes() if auth.exists() else None)

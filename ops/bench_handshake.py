@@ -37,7 +37,7 @@ from schemas.messages import EnrollClaim, EnrollRequest, SessionGrant, SessionHe
 
 SUITES = [("ML-KEM-768", "ML-DSA-44"), ("ML-KEM-1024", "ML-DSA-65"), ("ML-KEM-768+X25519", "ML-DSA-44"),
           ("FrodoKEM-640-AES", "ML-DSA-44")]
-HANDSHAKES = (handshake.KEM_V2, handshake.SIG_V1)
+HANDSHAKES = (handshake.KEM_V3, handshake.KEM_V2, handshake.SIG_V1)
 #: Repetitions of each coordinator-side session measurement (and of the signing rate beside
 #: it); the median is reported, so one burst of another process's load does not decide.
 REPEATS = 3
@@ -73,15 +73,19 @@ def sign_rate(alg: str = "ML-DSA-44", seconds: float = 0.5) -> float:
     return n / elapsed
 
 
-def _enroll_requests(coord: Coordinator, idents: list[Identity], prefix: str, suite: str) -> list[EnrollRequest]:
+def _enroll_requests(coord: Coordinator, idents: list[Identity], prefix: str, suite: str,
+                     auth_keys: list | None = None) -> list[EnrollRequest]:
+    """Sealed enrolment requests; ``auth_keys`` receives each device's kem-v3 MAC key."""
     keys = coord.identity
     reqs = []
     for i, ident in enumerate(idents):
         token = coord.registry.create_token(f"{prefix}{i}", 600)
+        reply_key = secrets.token_bytes(32) if suite in handshake.KEM_SUITES else None
+        if auth_keys is not None:
+            auth_keys.append(handshake.device_auth_key(reply_key, f"{prefix}{i}", ident.sig_fp) if reply_key else None)
         claim = EnrollClaim(device_id=f"{prefix}{i}", token=token, sig_alg=ident.sig_alg, sig_pk=ident.sig_pk,
                             kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32),
-                            timestamp=time.time(),
-                            reply_key=secrets.token_bytes(32) if suite == handshake.KEM_V2 else None)
+                            timestamp=time.time(), reply_key=reply_key)
         body = encode(signing.sign(claim, ident.sig_alg, ident.sig_sk, ident.sig_pk))
         reqs.append(EnrollRequest(device_id=claim.device_id, kem_alg=keys.kem_alg, coordinator_kem_fp=keys.kem_fp,
                                   sealed=pqc.seal(keys.kem_alg, keys.kem_pk, body, handshake.enroll_aad(claim.device_id))))
@@ -89,7 +93,7 @@ def _enroll_requests(coord: Coordinator, idents: list[Identity], prefix: str, su
 
 
 def _session_requests(coord: Coordinator, idents: list[Identity], prefix: str, suite: str, kem: str,
-                      per_device: int) -> list:
+                      per_device: int, auth_keys: list | None = None) -> list:
     keys = coord.identity
     eph = pqc.get_kem(kem)
     static = pqc.get_kem(keys.kem_alg)
@@ -97,11 +101,13 @@ def _session_requests(coord: Coordinator, idents: list[Identity], prefix: str, s
     for i, ident in enumerate(idents):
         for _ in range(per_device):
             pk, _ = eph.generate_keypair()
-            if suite == handshake.KEM_V2:
+            if suite in handshake.KEM_SUITES:
                 ct, _ = static.encapsulate(keys.kem_pk)
-                out.append(SessionHello(suite=suite, device_id=f"{prefix}{i}", coordinator_kem_fp=keys.kem_fp,
-                                        static_ct=ct, eph_kem_alg=eph.name, eph_pk=pk, nonce=secrets.token_bytes(32),
-                                        timestamp=time.time()))
+                fields = {"suite": suite, "device_id": f"{prefix}{i}", "coordinator_kem_fp": keys.kem_fp, "static_ct": ct,
+                              "eph_kem_alg": eph.name, "eph_pk": pk, "nonce": secrets.token_bytes(32), "timestamp": time.time()}
+                if suite == handshake.KEM_V3:
+                    fields["auth_tag"] = handshake.hello_tag(auth_keys[i], **fields)
+                out.append(SessionHello(**fields))
             else:
                 req = SessionRequest(device_id=f"{prefix}{i}", eph_kem_alg=eph.name, eph_pk=pk,
                                      nonce=secrets.token_bytes(32), timestamp=time.time())
@@ -130,17 +136,19 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int, suit
                             measure_sign: bool = False) -> dict[str, float]:
     """Per-request coordinator cost on one core, requests prepared (encoded) beforehand, so
     the device's work is excluded and everything the coordinator does is included."""
-    prefix = f"b{suite[:3]}"
+    prefix = f"b{suite}"
     idents = [Identity.generate(sig, kem) for _ in range(n)]
-    reqs = [encode(r) for r in _enroll_requests(coord, idents, prefix, suite)]
+    auth_keys: list = []
+    reqs = [encode(r) for r in _enroll_requests(coord, idents, prefix, suite, auth_keys)]
     # "bench": a shared (non-device) broker user, as in the simulator
     enroll_s = await _serve(coord, reqs, IN_FLIGHT)
-    per_device = 16 if suite == handshake.KEM_V2 else 4  # each measurement lasts a few hundred ms
+    per_device = 16 if suite in handshake.KEM_SUITES else 4  # each measurement lasts a few hundred ms
     rates, signs = [], []
     for _ in range(REPEATS):
         if measure_sign:
             signs.append(sign_rate(sig))
-        batch = [encode(s) for s in _session_requests(coord, idents, prefix, suite, kem, per_device)]
+        batch = [encode(s) for s in _session_requests(coord, idents, prefix, suite, kem, per_device,
+                                                                   auth_keys)]
         rates.append(await _serve(coord, batch, IN_FLIGHT))
     out = {"enroll_per_s": enroll_s, "session_per_s": statistics.median(rates)}
     if measure_sign:
@@ -157,7 +165,7 @@ async def _over_broker(coord: Coordinator, settings: Settings, n: int, suite: st
     try:
         rpc = await broker.rpc()
         fp = coord.identity.sig_fp
-        prefix = f"w{suite[:3]}"
+        prefix = f"w{suite}{'s' if shared_keys else ''}"
         tokens = [coord.registry.create_token(f"{prefix}{i}", 600) for i in range(n)]
         sem = asyncio.Semaphore(concurrency)
         devices: list[client.Device] = []

@@ -26,7 +26,8 @@ class WithFingerprint(Detail):
 
 class SessionsOpened(Detail):
     count: int  # sessions opened by this coordinator since its last sessions.opened
-    kem_v2: int = 0  # of which with handshake kem-v2 (docs/crypto.md)
+    kem_v3: int = 0  # of which with handshake kem-v3 (docs/crypto.md)
+    kem_v2: int = 0  # of which with handshake kem-v2
     sig_v1: int = 0  # of which with handshake sig-v1
     seconds: float  # the span they were opened in
 

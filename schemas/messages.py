@@ -185,16 +185,16 @@ class SessionAccept(Message):
 
 #: Handshake suites a device may ask for: ``sig-v1`` (a signed SessionRequest, a signed
 #: grant) and ``kem-v2`` (KEM authentication and key confirmation, a MACed grant).
-KemSuite = Literal["kem-v2"]
+KemSuite = Literal["kem-v3", "kem-v2"]
 
 
 class SessionHello(Message):
-    """Handshake ``kem-v2``, device → coordinator (docs/crypto.md, "KEM handshake").
+    """Handshakes ``kem-v2`` and ``kem-v3``, device → coordinator (docs/crypto.md, "KEM handshake").
 
     ``static_ct`` encapsulates to the coordinator's static KEM key (fingerprint
     ``coordinator_kem_fp``, pinned through the device's key chain); ``eph_pk`` is a fresh KEM
-    key for forward secrecy. Not signed: the device is authenticated by decapsulating the
-    coordinator's ciphertext to its enrolled KEM key.
+    key for forward secrecy. Not signed: in kem-v2 the device is authenticated by decapsulating
+    the coordinator's ciphertext to its enrolled KEM key, in kem-v3 by ``auth_tag``.
     """
 
     TYPE: ClassVar[str] = "session.hello"
@@ -206,6 +206,9 @@ class SessionHello(Message):
     eph_pk: Key
     nonce: Nonce
     timestamp: float
+    #: kem-v3 only: HMAC-SHA-256 under the device's enrolment MAC key over every other field
+    #: (common/handshake.py: hello_tag); kem-v2 leaves it out.
+    auth_tag: Sha256 | None = None
 
 
 class SessionConfirm(Message):
@@ -218,7 +221,7 @@ class SessionConfirm(Message):
     device_id: DeviceId
     session_id: Annotated[str, Field(min_length=8, max_length=64)]
     eph_ct: Key
-    device_ct: Key
+    device_ct: Key | None = None  # kem-v2 only: to the device's enrolled KEM key
     nonce: Nonce
     grant: Encoded  # GrantMac(SessionGrant)
     enclave_report: Encoded | None = None

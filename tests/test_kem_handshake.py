@@ -275,7 +275,7 @@ async def test_kem_v2_session_end_to_end_and_sig_v1_still_negotiable(broker, set
         dev = await enrolled(broker, coord, "kem-1", session=False)
         assert dev.coordinator_kem_pk == coord.identity.kem_pk
         rpc = await broker.rpc()
-        sess = await client.open_session(rpc, broker.names, dev)
+        sess = await client.open_session(rpc, broker.names, dev, suite=handshake.KEM_V2)
         assert decode(sess.grant, GrantMac)  # a MACed grant, no coordinator signature
         assert (await client.status(rpc, broker.names, dev)).status == "active"  # the session key works
         ev = await EventLog.bind(broker, "update.#", "round.opened")
@@ -313,9 +313,9 @@ async def test_a_wrong_key_confirmation_is_refused_by_the_device(broker, setting
                 return reply.model_copy(update=change) if isinstance(reply, SessionConfirm) else reply
 
             rpc.call = altered
-            await expect_reason(client.open_session(rpc, broker.names, dev), Reason.BAD_SIGNATURE)
+            await expect_reason(client.open_session(rpc, broker.names, dev, suite=handshake.KEM_V2), Reason.BAD_SIGNATURE)
         rpc.call = original
-        await client.open_session(rpc, broker.names, dev)  # unaltered, it works
+        await client.open_session(rpc, broker.names, dev, suite=handshake.KEM_V2)  # unaltered, it works
 
 
 @pytest.mark.broker
@@ -346,7 +346,7 @@ async def test_an_impostor_coordinator_cannot_confirm(broker, settings):
                                   device_ct=device_ct, nonce=nonce, grant=grant, confirm=handshake.confirm_tag(ck, final))
 
         rpc.call = impostor_answers
-        err = await expect_reason(client.open_session(rpc, broker.names, dev), Reason.BAD_SIGNATURE)
+        err = await expect_reason(client.open_session(rpc, broker.names, dev, suite=handshake.KEM_V2), Reason.BAD_SIGNATURE)
         assert "key confirmation" in err.detail
         assert dev.session is None
 
@@ -418,7 +418,7 @@ async def test_kem_v2_session_key_is_forward_secret(broker, settings):
             return reply
 
         rpc.call = recording_call
-        session = await client.open_session(rpc, broker.names, dev)
+        session = await client.open_session(rpc, broker.names, dev, suite=handshake.KEM_V2)
         rpc.call = original
         hello, reply = recorded[-1]
         kem = pqc.get_kem("ML-KEM-768")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 
 import psycopg
@@ -243,3 +244,32 @@ def test_a_commit_group_keeps_each_steps_outcome(open_store):
     assert isinstance(out[1], RuntimeError) and reg.get_device("dev-x") is None  # its write undone
     assert isinstance(out[2], RegistryError) and out[2].reason == "token_used"
     assert reg.get_device("dev-a") is not None and reg.check_token(b, "dev-b") == "token_used"
+
+
+def test_session_rows_commit_together_and_a_replayed_id_is_refused(open_store):
+    """The session batch (coordinator/service.py: session_rows): one transaction, each row's
+    own outcome; an id kept already, in the batch or before it, is refused (kem replay)."""
+    reg, other = open_store(), open_store()
+    enroll(reg, "d1")
+    now = time.time()
+    rows = [("s-a", "d1", now + 60, now, b"k1"), ("s-b", "d1", now + 60, now, b"k2"), ("s-a", "d1", now + 60, now, b"k3")]
+    assert reg.record_sessions(rows) == [True, True, False]
+    assert other.get_session("s-a").wrapped_key == b"k1" and other.get_session("s-b") is not None
+    assert other.record_sessions([("s-b", "d1", now + 60, now, None)]) == [False]
+    assert reg.record_sessions([]) == []
+
+
+def test_a_device_auth_key_is_bound_to_its_signature_key(open_store):
+    """kem-v3's wrapped MAC key is served only for the signature key it was enrolled with: a
+    key rotation (or a re-enrolment with other keys) leaves it behind."""
+    reg, other = open_store(), open_store()
+    dev = enroll(reg, "d1")
+    assert reg.get_device_auth("d1") == (dev, None)
+    assert reg.get_device_auth("ghost") is None
+    reg.set_device_auth("d1", dev.sig_fp, b"wrapped-1")
+    assert other.get_device_auth("d1") == (dev, b"wrapped-1")
+    reg.set_device_auth("d1", dev.sig_fp, b"wrapped-2")  # a new enrolment's key replaces it
+    assert other.device_auth_rows() == [("d1", dev.sig_fp, b"wrapped-2")]
+    new = Identity.generate("ML-DSA-44", "ML-KEM-768")
+    rotated = reg.rotate_device_keys("d1", new.sig_alg, new.sig_pk, new.kem_alg, new.kem_pk)
+    assert other.get_device_auth("d1") == (rotated, None)
