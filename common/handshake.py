@@ -141,7 +141,11 @@ ENROLL_REPLY_AAD = b"qflare/v2/enroll-accept\0"
 
 def _lp(*parts: bytes) -> bytes:
     """Length-prefixed concatenation (8-byte big-endian lengths): no two inputs collide."""
-    return b"".join(len(p).to_bytes(8, "big") + p for p in parts)
+    out: list[bytes] = []
+    for p in parts:  # no per-part concatenation: the parts are kilobytes of KEM keys and ciphertexts
+        out.append(len(p).to_bytes(8, "big"))
+        out.append(p)
+    return b"".join(out)
 
 
 def kem_transcript(hello: bytes, eph_ct: bytes, device_ct: bytes, coordinator_nonce: bytes, session_id: str) -> bytes:
@@ -177,7 +181,7 @@ def kem_session_keys(ss_eph: bytes, ss_static: bytes, ss_device: bytes, device_n
 
 def confirm_tag(confirm_key: bytes, transcript: bytes) -> bytes:
     """The coordinator's key confirmation: HMAC-SHA-256(confirm key, label ‖ transcript)."""
-    return hmac.new(confirm_key, CONFIRM_LABEL + transcript, hashlib.sha256).digest()
+    return hmac.digest(confirm_key, CONFIRM_LABEL + transcript, "sha256")
 
 
 def grant_root(kem_sk: bytes) -> bytes:
@@ -209,7 +213,7 @@ def grant_key_aad(enclave: bytes) -> bytes:
 
 def grant_tag(key: bytes, body: bytes) -> bytes:
     """HMAC-SHA-256 of an encoded SessionGrant under the enclave's grant key."""
-    return hmac.new(key, GRANT_TAG_LABEL + body, hashlib.sha256).digest()
+    return hmac.digest(key, GRANT_TAG_LABEL + body, "sha256")
 
 
 def tags_equal(a: bytes, b: bytes) -> bool:
@@ -240,6 +244,7 @@ def open_enroll_accept(reply_key: bytes, device_id: str, sealed: bytes) -> bytes
 DEVICE_AUTH_INFO = b"qflare/v3/device-auth"
 HELLO_TAG_LABEL = b"qflare/v3/device-hello\0"
 KEM_V3_KEYS_INFO = b"qflare/v3/session-keys"
+KEM_V3_TRANSCRIPT_LABEL = b"qflare/v3/transcript\0"
 
 
 def device_auth_key(reply_key: bytes, device_id: str, sig_fp: str) -> bytes:
@@ -259,7 +264,16 @@ def hello_tag(auth_key: bytes, suite: str, device_id: str, coordinator_kem_fp: s
     """The device's MAC over every other field of a kem-v3 SessionHello."""
     body = _lp(suite.encode(), device_id.encode(), coordinator_kem_fp.encode(), static_ct, eph_kem_alg.encode(),
                eph_pk, nonce, struct.pack(">d", timestamp))
-    return hmac.new(auth_key, HELLO_TAG_LABEL + body, hashlib.sha256).digest()
+    return hmac.digest(auth_key, HELLO_TAG_LABEL + body, "sha256")
+
+
+def kem_v3_transcript(auth_tag: bytes, eph_ct: bytes, coordinator_nonce: bytes, session_id: str) -> bytes:
+    """SHA3-256 over the kem-v3 exchange before the grant. The hello enters through its tag:
+    an HMAC-SHA-256 of every hello field, so for the two holders of the key equal tags mean
+    equal hellos (SHA-256 collision resistance), and nobody else can tag a changed hello;
+    the kilobytes of KEM key and ciphertext in the hello are hashed once, by the tag."""
+    return hashlib.sha3_256(KEM_V3_TRANSCRIPT_LABEL + _lp(auth_tag, eph_ct, coordinator_nonce,
+                                                         session_id.encode())).digest()
 
 
 def kem_v3_session_keys(ss_eph: bytes, ss_static: bytes, auth_key: bytes, device_nonce: bytes,

@@ -64,9 +64,12 @@ MIGRATIONS: list[str] = [
     CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at REAL NOT NULL);
     """,
     # handshake kem-v3: each device's enrolment MAC key, wrapped under the coordinator's identity
-    # and bound to the signature key it was enrolled with (docs/crypto.md, "kem-v3")
+    # and bound to the signature key it was enrolled with (docs/crypto.md, "kem-v3"); and the
+    # sessions whose keys are still kept, by expiry, so forgetting expired keys (done now and
+    # then as sessions open) reads only those instead of every session row
     """
     CREATE TABLE device_auth (device_id TEXT PRIMARY KEY, sig_fp TEXT NOT NULL, wrapped_key BLOB NOT NULL);
+    CREATE INDEX sessions_key_expiry ON sessions(not_after) WHERE wrapped_key IS NOT NULL;
     """,
 ]
 
@@ -186,6 +189,9 @@ class Registry:
 
     #: How :meth:`transaction` begins: take SQLite's write lock at once (no upgrade deadlock).
     BEGIN = "BEGIN IMMEDIATE"
+    #: Session rows per INSERT of :meth:`record_sessions` (5 parameters each: well under
+    #: SQLite's 32766 and PostgreSQL's 65535 bound parameters).
+    SESSION_ROWS_PER_STATEMENT = 200
 
     def __init__(self, path: str) -> None:
         if path != ":memory:":
@@ -428,20 +434,28 @@ class Registry:
         """:meth:`record_session` for many ``(session_id, device_id, not_after, now, wrapped_key)``
         rows in one transaction (one commit instead of one per session: coordinator/service.py,
         SessionRows); each row's own outcome, False for an id kept already (a replay)."""
-        out: list[bool] = []
+        if not rows:
+            return []
+        new: set[str] = set()
         with self.lock:
             self.fast.execute("BEGIN")
             try:
-                for session_id, device_id, not_after, now, wrapped_key in rows:
-                    cur = self.fast.execute("INSERT INTO sessions VALUES (?,?,?,?,?,0) ON CONFLICT DO NOTHING",
-                                            (session_id, device_id, now, not_after, wrapped_key))
-                    out.append(cur.rowcount == 1)
+                for i in range(0, len(rows), self.SESSION_ROWS_PER_STATEMENT):  # one statement per chunk
+                    chunk = rows[i:i + self.SESSION_ROWS_PER_STATEMENT]
+                    args = [v for sid, dev, not_after, now, key in chunk for v in (sid, dev, now, not_after, key)]
+                    cur = self.fast.execute("INSERT INTO sessions VALUES " + ",".join(["(?,?,?,?,?,0)"] * len(chunk))
+                                            + " ON CONFLICT DO NOTHING RETURNING session_id", args)
+                    new.update(r[0] for r in cur.fetchall())
                 self.fast.execute("COMMIT")
             except BaseException:
                 self.fast.execute("ROLLBACK")
                 raise
-            if rows and secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
+            if secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
                 self.forget_expired_session_keys(rows[-1][3])
+        out: list[bool] = []
+        for sid, *_ in rows:  # a second row with one id (a replay within the batch) is not new
+            out.append(sid in new)
+            new.discard(sid)
         return out
 
     def forget_expired_session_keys(self, now: float | None = None) -> int:

@@ -58,6 +58,7 @@ PG_MIGRATIONS: list[str] = [
     """,
     """
     CREATE TABLE device_auth (device_id TEXT PRIMARY KEY, sig_fp TEXT NOT NULL, wrapped_key BYTEA NOT NULL);
+    CREATE INDEX sessions_key_expiry ON sessions(not_after) WHERE wrapped_key IS NOT NULL;
     """,
 ]
 #: pg_advisory_xact_lock key held while migrating (any constant of our own).

@@ -34,7 +34,7 @@ from coordinator.ratelimit import RateLimiter
 from coordinator.registry import Registry, SessionRecord, identity_meta_key, open_registry
 from pqc.identity import Identity
 from schemas import signing
-from schemas.codec import CodecError, decode, encode
+from schemas.codec import CodecError, decode, encode, encode_fields
 from schemas.messages import (
     AttestAccept,
     AttestationReport,
@@ -637,14 +637,18 @@ class Coordinator:
         session_id = handshake.kem_session_id(hello.nonce)
         nonce = secrets.token_bytes(32)
         not_after = now + self.settings.crypto.session_ttl_seconds
-        transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct or b"", nonce, session_id)
+        if v3:
+            transcript = handshake.kem_v3_transcript(hello.auth_tag, eph_ct, nonce, session_id)
+        else:
+            transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct, nonce, session_id)
         report = self.registry.get_meta(META_ENCLAVE_REPORT)
         gkey, key_id, digest, _ = self.grant_key_for(report)
-        # model_construct: every field is ours or the registry's, already valid (no re-validation)
-        body = encode(SessionGrant.model_construct(
-            device_id=device.device_id, session_id=session_id, sig_alg=device.sig_alg, sig_pk=device.sig_pk,
-            sig_fp=device.sig_fp, issued_at=now, not_after=not_after, transcript=transcript, enclave_digest=digest))
-        grant = encode(GrantMac.model_construct(body=body, key_id=key_id, tag=handshake.grant_tag(gkey, body)))
+        # encode_fields: every field is ours or the registry's, already valid (no model, no re-validation)
+        body = encode_fields(SessionGrant, {
+            "device_id": device.device_id, "session_id": session_id, "sig_alg": device.sig_alg,
+            "sig_pk": device.sig_pk, "sig_fp": device.sig_fp, "issued_at": now, "not_after": not_after,
+            "transcript": transcript, "enclave_digest": digest})
+        grant = encode_fields(GrantMac, {"body": body, "key_id": key_id, "tag": handshake.grant_tag(gkey, body)})
         final = handshake.kem_final_transcript(transcript, grant, digest)
         derive = handshake.kem_v3_session_keys if v3 else handshake.kem_session_keys
         key, confirm_key = derive(ss_eph, ss_static, ss_device, hello.nonce, nonce, final)

@@ -202,8 +202,12 @@ def finish_kem_session(device: Device, hello: SessionHello, kem: pqc.Kem, eph_sk
         raise QflareError(Reason.BAD_SIGNATURE, "session reply carries malformed ciphertexts") from None
     del eph_sk  # forward secrecy: nothing kept can recompute ss_eph
     assert ss_device is not None
-    transcript = handshake.kem_transcript(encode(hello), reply.eph_ct, reply.device_ct or b"", reply.nonce,
-                                          reply.session_id)
+    if v3:
+        assert hello.auth_tag is not None
+        transcript = handshake.kem_v3_transcript(hello.auth_tag, reply.eph_ct, reply.nonce, reply.session_id)
+    else:
+        transcript = handshake.kem_transcript(encode(hello), reply.eph_ct, reply.device_ct, reply.nonce,
+                                              reply.session_id)
     digest = handshake.enclave_digest(reply.enclave_report)
     final = handshake.kem_final_transcript(transcript, reply.grant, digest)
     derive = handshake.kem_v3_session_keys if v3 else handshake.kem_session_keys

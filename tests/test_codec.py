@@ -137,3 +137,21 @@ def test_every_variable_length_field_of_every_message_is_bounded():
     with pytest.raises(CodecError) as exc:
         decode(msgpack.packb({"v": WIRE_VERSION, "t": "ping", "b": {"nonce": b"\0" * (1024 * 1024)}}))
     assert exc.value.reason == Reason.INVALID_FIELD
+
+
+@pytest.mark.parametrize("digest", [None, b"\x07" * 32])
+def test_encode_fields_gives_the_bytes_encode_gives(digest):
+    """The coordinator's hot path builds grants with encode_fields (no model): the bytes must
+    be exactly those of the validated model's encoding, or the enclave and the device would
+    see another grant than the one the MAC and the transcript cover."""
+    from schemas.codec import encode_fields
+    from schemas.messages import GrantMac, SessionGrant
+
+    fields = {"device_id": "dev-1", "session_id": "0123456789abcdef", "sig_alg": "ML-DSA-44", "sig_pk": b"k" * 1312,
+              "sig_fp": "a" * 64, "issued_at": 1.5, "not_after": 2.5, "transcript": b"t" * 32, "enclave_digest": digest}
+    body = encode_fields(SessionGrant, fields)
+    assert body == encode(SessionGrant(**fields))
+    assert list(fields) == list(SessionGrant.model_fields)  # every field, in declaration order
+    mac = {"body": body, "key_id": b"i" * 16, "tag": b"g" * 32}
+    assert encode_fields(GrantMac, mac) == encode(GrantMac(**mac))
+    assert list(mac) == list(GrantMac.model_fields)

@@ -39,6 +39,8 @@ def test_kem_v3_known_answers():
     tag = handshake.hello_tag(auth, "kem-v3", "dev-1", "f" * 64, b"ct", "ML-KEM-768", b"ek", DN, 1.5)
     body = _lp(b"kem-v3", b"dev-1", b"f" * 64, b"ct", b"ML-KEM-768", b"ek", DN, struct.pack(">d", 1.5))
     assert tag == hmac.new(auth, b"qflare/v3/device-hello\0" + body, hashlib.sha256).digest()
+    tr = handshake.kem_v3_transcript(tag, b"ct-e", CN, "0123456789abcdef")
+    assert tr == hashlib.sha3_256(b"qflare/v3/transcript\0" + _lp(tag, b"ct-e", CN, b"0123456789abcdef")).digest()
     t = hashlib.sha3_256(b"final").digest()
     key, confirm_key = handshake.kem_v3_session_keys(SS_E, SS_S, auth, DN, CN, t)
     okm = _hkdf(_lp(SS_E, SS_S, auth), DN + CN, b"qflare/v3/session-keys" + t, 64)
@@ -199,7 +201,7 @@ async def test_kem_v3_key_confirmation_forgery_is_refused(broker, settings):
             eph_ct, ss_eph = kem.encapsulate(hello.eph_pk)
             ss_static = kem.decapsulate(impostor.kem_sk, hello.static_ct)  # its best guess
             nonce, sid = secrets.token_bytes(32), handshake.kem_session_id(hello.nonce)
-            t = handshake.kem_transcript(encode(hello), eph_ct, b"", nonce, sid)
+            t = handshake.kem_v3_transcript(hello.auth_tag, eph_ct, nonce, sid)
             body = encode(SessionGrant(device_id=dev.device_id, session_id=sid, sig_alg=dev.identity.sig_alg,
                                        sig_pk=dev.identity.sig_pk, sig_fp=dev.identity.sig_fp, issued_at=time.time(),
                                        not_after=time.time() + 600, transcript=t))
@@ -230,7 +232,7 @@ async def test_kem_v3_session_key_is_forward_secret(broker, settings):
         kem = pqc.get_kem("ML-KEM-768")
         assert kem.decapsulate(coord.identity.kem_sk, hello.static_ct) == ss_static
         final = handshake.kem_final_transcript(
-            handshake.kem_transcript(encode(hello), reply.eph_ct, b"", reply.nonce, reply.session_id),
+            handshake.kem_v3_transcript(hello.auth_tag, reply.eph_ct, reply.nonce, reply.session_id),
             reply.grant, handshake.enclave_digest(reply.enclave_report))
         for guess in (kem.decapsulate(dev.identity.kem_sk, reply.eph_ct),
                       kem.decapsulate(coord.identity.kem_sk, reply.eph_ct)):
