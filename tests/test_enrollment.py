@@ -260,8 +260,19 @@ async def test_coordinator_key_rotation_is_followed_by_devices_and_enclave(broke
         async with coordinator(settings) as coord:
             assert coord.identity.sig_fp == new
             rpc = await broker.rpc()
-            # an enrolled device follows the chain from the key it pinned
+            # an enrolled device follows the chain from the key it pinned, and keeps kem-v3: its
+            # MAC key was re-wrapped under the new coordinator key
+            hellos = []
+            original = rpc.call
+
+            async def recording(*args, **kw):
+                hellos.append(getattr(args[2], "suite", None))
+                return await original(*args, **kw)
+
+            rpc.call = recording
             await client.open_session(rpc, broker.names, dev)
+            rpc.call = original
+            assert hellos[-1] == "kem-v3"
             assert pqc.fingerprint(dev.coordinator_sig_pk, dev.coordinator_sig_alg) == new
             # a device given the old fingerprint before the rotation still enrolls
             await enroll(broker, coord, "rot-2", old_token)
