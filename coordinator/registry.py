@@ -450,7 +450,7 @@ class Registry:
             except BaseException:
                 self.fast.execute("ROLLBACK")
                 raise
-            if secrets.randbelow(64) == 0:  # now and then: expired sessions' keys are forgotten
+            if secrets.randbelow(64) < len(rows):  # as often per session as record_session does
                 self.forget_expired_session_keys(rows[-1][3])
         out: list[bool] = []
         for sid, *_ in rows:  # a second row with one id (a replay within the batch) is not new

@@ -157,7 +157,9 @@ async def open_session(rpc: RpcClient, names: Names, device: Device, *, kem_alg:
             return await _open_kem_session(rpc, names, device, kem_alg, timeout, suite)
         if suite != handshake.KEM_V3:
             raise
-        # no kem-v3 here for this device (not accepted, or no key kept for it): kem-v2
+        # no kem-v3 here for this device (not accepted, or no key kept for it): kem-v2 from now
+        # on, not a refused round trip before every session; it gets a key again at enrolment
+        device.auth_key = None
         return await _open_kem_session(rpc, names, device, kem_alg, timeout, handshake.KEM_V2)
 
 

@@ -175,6 +175,7 @@ async def test_kem_v3_rotated_devices_old_key_is_refused(broker, settings):
         seen.clear()
         await client.open_session(rpc, broker.names, stolen)  # refused kem-v3, falls back, works
         assert [h.suite for h in seen if isinstance(h, SessionHello)] == ["kem-v3", "kem-v2"]
+        assert stolen.auth_key is None  # and asks kem-v2 from now on, not kem-v3 first every time
 
 
 @pytest.mark.broker
