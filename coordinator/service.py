@@ -466,7 +466,7 @@ class Coordinator:
                 raise QflareError(Reason(outcome), "token refused")
             device = self.registry.enroll_device(claim.device_id, claim.sig_alg, claim.sig_pk, claim.kem_alg,
                                                  claim.kem_pk)
-            if claim.reply_key is not None and handshake.KEM_V3 in self.accepted_handshakes:
+            if claim.reply_key is not None:  # kept even where kem-v3 is not (yet) accepted
                 # kem-v3's device MAC key, from the reply key only this device and we know
                 auth = handshake.device_auth_key(claim.reply_key, device.device_id, device.sig_fp)
                 self.registry.set_device_auth(device.device_id, device.sig_fp, session_keys.wrap_device_key(

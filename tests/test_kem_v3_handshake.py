@@ -260,3 +260,17 @@ def test_a_coordinator_key_rotation_rewraps_device_keys(tmp_path):
     assert session_keys.unwrap_device_key(session_keys.device_wrapping_key(new.kem_sk),
                                           handshake.device_auth_aad("d2", dev.sig_fp), blob) is None
     reg.close()
+
+
+@pytest.mark.broker
+async def test_kem_v3_refused_where_not_accepted_and_usable_once_it_is(broker, settings):
+    """A coordinator that does not accept kem-v3 refuses it (the device falls back to kem-v2),
+    yet keeps the device's MAC key from enrolment, so kem-v3 works once it is accepted."""
+    only_v2 = settings.model_copy(update={"crypto": settings.crypto.model_copy(
+        update={"accepted_handshakes": ["kem-v2", "sig-v1"]})})
+    async with coordinator(only_v2) as coord:
+        dev = await enrolled(broker, coord, "v3-9", session=False)
+        call = caller(broker, await broker.rpc())
+        await expect_reason(call(v3_hello(dev)[0]), Reason.UNSUPPORTED_ALGORITHM)
+    async with coordinator(settings):
+        await call(v3_hello(dev)[0])
