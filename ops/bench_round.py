@@ -361,17 +361,22 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
     cases = [(d, counts.get(d, 20 if quick else 100)) for d in sizes]
     results = []
     for d, k in cases:
-        results.append(await _one(base, d, k))
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # the neighbours' load, stated
+        results.append({**await _one(base, d, k), "load_average_1m": None if load is None else round(load, 2)})
         print(results[-1], file=sys.stderr, flush=True)
     md = ("The enclave runs in its own process; the devices' publisher (updates built beforehand) and\n"
           "the plaintext consumer share the benchmark's process. Plaintext: the same number and size of\n"
           "bodies through a quorum queue to a consumer that only parses and sums the floats, run just\n"
           "before and just after the sealed path (shown as before/after); the ratio is against their mean.\n"
-          "Goals: >= 300 updates/s of 100k parameters; sealed >= 0.8x plaintext; FedAvg memory flat.\n\n")
-    md += md_table(["parameters", "updates", "sealed updates/s", "plaintext updates/s (before/after)", "ratio",
+          "Goals: >= 300 updates/s of 100k parameters; sealed >= 0.8x plaintext; FedAvg memory flat.\n"
+          "On a loaded host both paths share the cores with the other load, which squeezes the\n"
+          "plaintext path (more of its cost is the broker's) more than the sealed one: read the\n"
+          "ratio with the load average (1 minute, at the start of each case).\n\n")
+    md += md_table(["parameters", "updates", "load average", "sealed updates/s", "plaintext updates/s (before/after)",
+                    "ratio",
                     "last update → model (ms)", "enclave peak RSS MiB", "FedAvg close traced peak MiB (n: MiB)",
                     "disk MB/s (write + fsync)", "bounded by"],
-                   [[r["params"], r["updates"], r["sealed_updates_per_s"],
+                   [[r["params"], r["updates"], r["load_average_1m"], r["sealed_updates_per_s"],
                      f"{r['plaintext_updates_per_s']} ({'/'.join(map(str, r['plaintext_before_after']))})", r["ratio"],
                      r["last_update_to_model_ms"], r["enclave_peak_rss_mib"],
                      ", ".join(f"{n}: {m}" for n, m in r["fedavg_peak_mib"].items()),
