@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from yarl import URL
 
+from broker import framing
 from broker.principals import refuse_remote_guest
 from common.settings import Settings
 
@@ -171,6 +172,7 @@ async def connect(settings: Settings, *, name: str = "qflare", timeout: float = 
     a plain one (``robust=False``) ends at the first outage, for callers that run their own
     reconnect loop (``qflare agent run``'s backoff).
     """
+    framing.install()  # delivered bodies in one copy (broker/framing.py)
     urls = settings.amqp_urls
     for url in urls:
         refusal = refuse_remote_guest(url)

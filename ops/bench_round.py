@@ -110,6 +110,7 @@ class _CpuWindow:
 
     def cores(self) -> dict[str, float]:
         end, seconds = self._read(), time.perf_counter() - self.t0
+        self.seconds = seconds
         used = [None if a is None or b is None else (b - a) / seconds
                 for a, b in zip(self.start, end, strict=True)]
         if used[1] is None or used[2] is None:
@@ -121,9 +122,14 @@ class _CpuWindow:
         return out
 
 
-async def _plaintext(broker: BrokerClient, bodies: list[bytes]) -> tuple[float, dict[str, float]]:
+def _cpu_ms(cores: dict[str, float], seconds: float, k: int) -> dict[str, float]:
+    """CPU milliseconds per update by each part, from its cores over a window of ``seconds``."""
+    return {n: round(c * seconds / k * 1e3, 2) for n, c in cores.items()}
+
+
+async def _plaintext(broker: BrokerClient, bodies: list[bytes]) -> tuple[float, dict[str, float], dict[str, float]]:
     """Updates/s of the same sizes through a consumer that only parses floats and sums them,
-    and the cores used meanwhile."""
+    the cores used meanwhile, and the CPU ms per update."""
     qname = f"{broker.names.namespace}.bench.plain"
     ch = await broker.connection.channel()
     await ch.set_qos(prefetch_count=64)
@@ -155,7 +161,7 @@ async def _plaintext(broker: BrokerClient, bodies: list[bytes]) -> tuple[float, 
     cores = cpu.cores()
     await q.delete(if_unused=False, if_empty=False)
     await ch.close()
-    return rate, cores
+    return rate, cores, _cpu_ms(cores, cpu.seconds, len(bodies))
 
 
 async def _one(base: Settings, d: int, k: int) -> dict:
@@ -211,7 +217,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
         plain_bodies = [np.ascontiguousarray(rng.normal(size=d), dtype="<f4").tobytes() for _ in range(k)]
         while not any(e.type == "round.opened" for _, e in events):
             await asyncio.sleep(0.01)
-        plain_before, _ = await _plaintext(b, plain_bodies)
+        plain_before, _, _ = await _plaintext(b, plain_bodies)
         cpu = _CpuWindow(child.pid)
         t0 = time.perf_counter()
         pub_sem = asyncio.Semaphore(16)
@@ -222,14 +228,20 @@ async def _one(base: Settings, d: int, k: int) -> dict:
 
         await asyncio.gather(*(pub(key, body) for _, key, body in built))
         published = time.perf_counter() - t0
-        while not any(e.type in ("round.completed", "round.failed") for _, e in events):
+        def ended() -> bool:
+            return any(e.type in ("round.completed", "round.failed") for _, e in events)
+
+        while sum(e.type == "update.accepted" for _, e in events) < k and not ended():
             await asyncio.sleep(0.01)
-        sealed_cores = cpu.cores()  # to the round's end: a little past the last acceptance
+        sealed_cores = cpu.cores()  # to the last acceptance: the round's close is not intake
+        sealed_ms = _cpu_ms(sealed_cores, cpu.seconds, k)
+        while not ended():
+            await asyncio.sleep(0.01)
         accepted = [t for t, e in events if e.type == "update.accepted"]
         done = next((t, e) for t, e in events if e.type in ("round.completed", "round.failed"))
         sealed_rate = len(accepted) / (max(accepted) - t0)
         latency = done[0] - max(accepted)
-        plain_after, plain_cores = await _plaintext(b, plain_bodies)
+        plain_after, plain_cores, plain_ms = await _plaintext(b, plain_bodies)
         plain_rate = (plain_before + plain_after) / 2
         del plain_bodies
         stop.set()
@@ -247,12 +259,13 @@ async def _one(base: Settings, d: int, k: int) -> dict:
                 "device_ms_per_update": device, "publish_ms_per_update": round(published / k * 1e3, 2),
                 "window_ms_per_update": round(window / k * 1e3, 2),
                 "cores_sealed": sealed_cores, "cores_plaintext": plain_cores,
+                "cpu_ms_per_update_sealed": sealed_ms, "cpu_ms_per_update_plaintext": plain_ms,
                 "last_update_to_model_ms": round(latency * 1e3, 1),
                 "fedavg_peak_mib": {str(k // 2): round(peaks[0], 1), str(k): round(peaks[1], 1)},
                 "status": done[1].type, "publish_s": round(published, 3),
                 "first_accept_s": round(min(accepted) - t0, 3), "last_accept_s": round(window, 3),
                 "stage_ms_per_update": per_update, "enclave_cpu_share": round(enclave_cpu / window, 2),
-                "bound": _bound(stages, window, published, sealed_cores),
+                "bound": _bound(stages, window, published, sealed_cores, sealed_ms, plain_ms),
                 "disk_write_fsync_mb_s": round(disk, 1)}
     finally:
         stop.set()
@@ -303,7 +316,8 @@ def _disk_mb_s(directory: Path, mib: int = 64) -> float:
     return mib * 2**20 / 1e6 / seconds
 
 
-def _bound(stages: dict[str, float], window: float, published: float, cores: dict[str, float]) -> str:
+def _bound(stages: dict[str, float], window: float, published: float, cores: dict[str, float],
+           sealed_ms: dict[str, float] | None = None, plain_ms: dict[str, float] | None = None) -> str:
     """Which stage bounds the sealed path, from the enclave's busy time per stage and the cores.
 
     ``index`` and ``commit`` run one at a time (under the enclave's lock): if their sum nears
@@ -311,13 +325,19 @@ def _bound(stages: dict[str, float], window: float, published: float, cores: dic
     store's writer threads beside them, and bounds the path if it keeps them all busy.
     Else, if the host's cores are (nearly) all busy, CPU is, and the figure says who used it.
     Else, if publishing took the whole window, the broker's intake is (the enclave kept up
-    with what arrived). The heaviest enclave stage is named in every case.
+    with what arrived). The heaviest enclave stage is named in every case, and, given the
+    CPU ms per update of both paths, what the sealed one costs the host beyond the plaintext.
     """
     serial = sum(stages.get(s, 0.0) for s in ("index", "commit"))
     busy = {s: v for s, v in stages.items() if s != "ack"}
     heaviest = max(busy, key=busy.get) if busy else "-"
     share = f"heaviest enclave stage: {heaviest} {busy.get(heaviest, 0.0) / window:.0%} of the window"
     ncpu = os.cpu_count() or 1
+    if sealed_ms and plain_ms and "host" in sealed_ms and "host" in plain_ms:
+        share += (f"; host CPU per update {sealed_ms['host']} ms sealed (enclave {sealed_ms.get('enclave', '?')}, "
+                  f"devices' publisher {sealed_ms['this_process']}, broker and other load "
+                  f"{sealed_ms['rest_of_host']}) vs {plain_ms['host']} ms plaintext (publisher and consumer "
+                  f"{plain_ms['this_process']}, broker and other load {plain_ms['rest_of_host']})")
     if serial >= 0.5 * window:
         return (f"the enclave's durable store (index + fsync and commit, one at a time): {serial / window:.0%} "
                 f"of the window")
@@ -341,17 +361,22 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
     cases = [(d, counts.get(d, 20 if quick else 100)) for d in sizes]
     results = []
     for d, k in cases:
-        results.append(await _one(base, d, k))
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # the neighbours' load, stated
+        results.append({**await _one(base, d, k), "load_average_1m": None if load is None else round(load, 2)})
         print(results[-1], file=sys.stderr, flush=True)
     md = ("The enclave runs in its own process; the devices' publisher (updates built beforehand) and\n"
           "the plaintext consumer share the benchmark's process. Plaintext: the same number and size of\n"
           "bodies through a quorum queue to a consumer that only parses and sums the floats, run just\n"
           "before and just after the sealed path (shown as before/after); the ratio is against their mean.\n"
-          "Goals: >= 300 updates/s of 100k parameters; sealed >= 0.8x plaintext; FedAvg memory flat.\n\n")
-    md += md_table(["parameters", "updates", "sealed updates/s", "plaintext updates/s (before/after)", "ratio",
+          "Goals: >= 300 updates/s of 100k parameters; sealed >= 0.8x plaintext; FedAvg memory flat.\n"
+          "On a loaded host both paths share the cores with the other load, which squeezes the\n"
+          "plaintext path (more of its cost is the broker's) more than the sealed one: read the\n"
+          "ratio with the load average (1 minute, at the start of each case).\n\n")
+    md += md_table(["parameters", "updates", "load average", "sealed updates/s", "plaintext updates/s (before/after)",
+                    "ratio",
                     "last update → model (ms)", "enclave peak RSS MiB", "FedAvg close traced peak MiB (n: MiB)",
                     "disk MB/s (write + fsync)", "bounded by"],
-                   [[r["params"], r["updates"], r["sealed_updates_per_s"],
+                   [[r["params"], r["updates"], r["load_average_1m"], r["sealed_updates_per_s"],
                      f"{r['plaintext_updates_per_s']} ({'/'.join(map(str, r['plaintext_before_after']))})", r["ratio"],
                      r["last_update_to_model_ms"], r["enclave_peak_rss_mib"],
                      ", ".join(f"{n}: {m}" for n, m in r["fedavg_peak_mib"].items()),
@@ -367,14 +392,18 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
            "one at a time, under the enclave's lock); store = the segment write (O_DIRECT for large\n"
            "deltas) on the store's writer threads (2), and ack = acks and events, both beside them.\n"
            "Cores: CPU used over the window by the enclave, the benchmark's process, and the rest of\n"
-           "the host (the broker and any other load).\n\n")
+           "the host (the broker and any other load); the sealed window ends at the last acceptance, so\n"
+           "the round's close is not counted. CPU ms per update: the same, as CPU time per update.\n\n")
     md += md_table(["parameters", "devices: seal, sign", "window", "publish", "enclave stages",
-                    "cores, sealed window", "cores, plaintext window"],
+                    "cores, sealed window", "cores, plaintext window", "CPU ms per update, sealed",
+                    "CPU ms per update, plaintext"],
                    [[r["params"], ", ".join(f"{st} {ms}" for st, ms in r["device_ms_per_update"].items()),
                      r["window_ms_per_update"], r["publish_ms_per_update"],
                      ", ".join(f"{st} {ms}" for st, ms in r["stage_ms_per_update"].items()),
                      ", ".join(f"{n} {c}" for n, c in r["cores_sealed"].items()),
-                     ", ".join(f"{n} {c}" for n, c in r["cores_plaintext"].items())]
+                     ", ".join(f"{n} {c}" for n, c in r["cores_plaintext"].items()),
+                     ", ".join(f"{n} {c}" for n, c in r["cpu_ms_per_update_sealed"].items()),
+                     ", ".join(f"{n} {c}" for n, c in r["cpu_ms_per_update_plaintext"].items())]
                     for r in results])
     if write_docs:
         write_section("round", "## Rounds through the enclave (`qflare bench round`)\n\n" + md)

@@ -118,3 +118,30 @@ async def test_rpc_times_out_with_a_reason(broker):
     with pytest.raises(QflareError) as exc:
         await rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY, Ping(), Pong, 0.3)
     assert exc.value.reason == Reason.TIMEOUT
+
+
+async def test_bodies_of_every_frame_layout_arrive_whole(broker):
+    """Bodies put together by broker/framing.py: empty, one frame, exactly a frame, a frame
+    and a byte, and a 4 MB body of many frames all arrive byte for byte, in order."""
+    import os
+
+    from aiormq.channel import Channel
+
+    from broker import framing
+
+    assert getattr(Channel, "_read_content") is framing._read_content  # installed by connect()
+    frame = broker.connection.transport.connection.connection_tune.frame_max - 8  # content bytes a frame
+    bodies = [b"", b"x", os.urandom(frame), os.urandom(frame + 1), os.urandom(4_000_000 + 7)]
+    ch = await broker.connection.channel()
+    q = await ch.declare_queue(exclusive=True, auto_delete=True)
+    got: list[bytes] = []
+
+    async def on(message) -> None:
+        got.append(message.body)
+
+    await q.consume(on, no_ack=True)
+    for body in bodies:
+        await broker.publisher.publish("", q.name, body)
+    await wait_for(lambda: len(got) == len(bodies), 20)
+    assert got == bodies
+    await ch.close()
