@@ -182,9 +182,9 @@ class FLSettings(Section):
     trust_relative: bool = True
     reputation_decay: float = Field(0.7, ge=0, lt=1)
     quarantine_below: float | None = Field(0.5, gt=0, lt=1)
-    #: Most floats the defence holds at once: the k x d updates and about 10 k x k for its Gram
+    #: Most floats the defence holds at once: the k x d updates and about 12 k x k for its Gram
     #: matrix and the copies of it (enclave_worker/service.py: defend_floats); larger rounds
-    #: close with the legacy streaming filters. 2**28 floats = 1 GiB: up to about 5,000 updates.
+    #: close with the legacy streaming filters. 2**28 floats = 1 GiB: up to about 4,700 updates.
     defend_max_floats: int = Field(2**28, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)

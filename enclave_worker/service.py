@@ -79,10 +79,11 @@ REFERENCE_SAMPLE = 32
 REFERENCE_BLOCK = 1 << 20
 
 
-#: Floats defend() holds per pair of a round's updates: its k x k Gram matrix in float64 and
-#: the copies its steps make of it (measured: 4.0 GB peak for 10,000 updates of 1,058 floats,
-#: 42 MB of them the updates). Quadratic in k: this, not k x d, bounds a many-device round.
-DEFEND_FLOATS_PER_PAIR = 10
+#: Floats defend() holds per pair of a round's updates, at most: its k x k Gram matrix in
+#: float64 and the copies its steps make of it (10-11.3 measured with tracemalloc; 4.0 GB peak
+#: RSS for 10,000 updates of 1,058 floats, 42 MB of them the updates). Quadratic in k: this,
+#: not k x d, bounds a round of many devices.
+DEFEND_FLOATS_PER_PAIR = 12
 
 
 def defend_floats(k: int, d: int) -> int:

@@ -25,6 +25,7 @@ import numpy as np
 from broker.client import BrokerClient
 from broker.topology import delete_topology
 from common.data import Partition
+from common.report import md_table
 from common.settings import Settings
 from common.training import runner_for
 from coordinator.registry import open_registry
@@ -160,6 +161,42 @@ def summarize(step: Step, began: float) -> dict:
             "p95_ms": round(float(p95), 1), "p99_ms": round(float(p99), 1), "max_ms": round(float(lat.max()), 1)}
 
 
+def machine() -> dict:
+    """CPU count and load averages now: what the figures of a shared machine mean."""
+    one, five, fifteen = os.getloadavg()
+    return {"cpus": os.cpu_count(), "loadavg": [round(one, 2), round(five, 2), round(fifteen, 2)]}
+
+
+def markdown(report: dict, command: str) -> str:
+    """docs/benchmarks.md's load section from a report."""
+    m0, m1 = report["machine_before"], report["machine_after"]
+    rows = [[name, st["count"], st["rate_per_s"], st["p50_ms"], st["p95_ms"], st["p99_ms"]]
+            for name, st in report["steps"].items()]
+    phase_rows = [[name, ph["wall_s"], *(ph.get(f"{p}_cpu_s") for p in ("devices", "coordinator", "enclave", "broker"))]
+                  for name, ph in report["phases"].items()]
+    met = report["devices_completed"] >= 10_000 and report["total_seconds"] <= 120
+    rejected = ", ".join(f"{k} {v}" for k, v in sorted(report["rejected"].items())) or "none"
+    return (
+        "## Load generator (`qflare load`)\n\n"
+        f"`{command}`: the coordinator and the enclave each in a process of their own, "
+        f"{report['devices']:,} devices in this one over {report['connections']} connections "
+        f"({report['concurrency']} enrolments/sessions in flight), task `{report['task']}`, "
+        f"`{report['compression']}` updates; each device enrols with its own token, opens a kem-v2 session "
+        "and sends one signed, sealed update in a round that expects all of them.\n\n"
+        f"Machine: {m0['cpus']} cores shared with other work; load average {m0['loadavg'][0]} "
+        f"(1 min) at the start, {m1['loadavg'][0]} at the end.\n\n"
+        "Goal: 10,000 devices enrolled, in session and through one round in <= 120 s: "
+        + ("**met**" if met else "**not met**") + f" ({report['devices_completed']:,} of "
+        f"{report['devices']:,} through the round, round {report['round_status']}, "
+        f"`total_seconds` {report['total_seconds']}).\n\n"
+        + md_table(["step", "devices", "per s", "p50 (ms)", "p95 (ms)", "p99 (ms)"], rows) + "\n\n"
+        "Where the time and the CPU went (seconds; broker: every `beam.smp` of this host, shared with "
+        "other users of the broker):\n\n"
+        + md_table(["phase", "wall", "devices CPU", "coordinator CPU", "enclave CPU", "broker CPU"], phase_rows)
+        + f"\n\nThe enclave accepted {report['accepted']:,}; refused: {rejected}. "
+        "Per-device costs and the extrapolation: docs/scaling.md.\n")
+
+
 def plot(steps: dict[str, Step], report: dict, path: Path) -> None:
     """Completions over time and the latency percentiles of each step, as a PNG."""
     import matplotlib
@@ -217,6 +254,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
     registry = None
     brokers: list[BrokerClient] = []
     origin = time.perf_counter()
+    before = machine()
     try:
         await coordinator.start()
         await enclave.start()  # after the coordinator: it attests to it
@@ -296,6 +334,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
             "round_seconds": round(ended - round_began, 2),
             "total_seconds": round(ended - origin, 2),
             "phases": clock.phases(),
+            "machine_before": before, "machine_after": machine(),
             "steps": {"enroll": summarize(steps["enroll"], 0.0), "session": summarize(steps["session"], 0.0),
                       "update": summarize(steps["update"], round_began - origin)},
         }
