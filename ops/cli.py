@@ -826,6 +826,7 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
          namespace: str | None = typer.Option(None, help="Broker namespace (default: a new load-<hex>)."),
          task: str | None = typer.Option(None, "--task", help=TASK_HELP),
          compression: str = typer.Option("int8", help="fl.compression of the devices' updates: none, int8, topk."),
+         prefetch: int = typer.Option(256, min=1, max=10_000, help="broker.prefetch of the coordinator and the enclave."),
          write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md's load section."),
          json_out: bool = typer.Option(False, "--json", help="Print only the JSON report.")) -> None:
     """Load test: N devices enrol, open sessions and send one round's update through the real
@@ -837,7 +838,7 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
     if compression not in ("none", "int8", "topk"):
         raise typer.BadParameter("none, int8 or topk", param_hint="--compression")
     kw = {"connections": connections, "concurrency": concurrency, "deadline": deadline, "namespace": namespace,
-          "plot_path": out / "load.png", "compression": compression}
+          "plot_path": out / "load.png", "compression": compression, "prefetch": prefetch}
     if json_out:
         report = run(run_load(s, devices, **kw))
     else:
