@@ -687,9 +687,9 @@ class Enclave:
 
     async def _ack(self, pending: list) -> None:
         """Ack a committed batch and send its events, all at once. One after the other, each
-        await waited a turn of the busy event loop (two per update): a 10,000-device round's
-        intake ran at 69 updates/s on a fifth of a core; at 1,000 devices (load average 5-7)
-        the last update's wait for the round's close went from 6.5 s to 3.2-4.4 s."""
+        await waited a turn of the busy event loop (two per update, the heaviest stage of
+        ``bench round``): with ``qflare load`` at 1,000 devices (load average 5-7) the time from
+        the last update sent to the round's close went from 6.5 s to 3.2-4.4 s."""
         t0 = time.perf_counter()
         await asyncio.gather(*(self._ack_one(raw, event) for raw, event in pending))
         self.stages.add("ack", time.perf_counter() - t0)

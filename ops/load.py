@@ -187,7 +187,8 @@ def markdown(report: dict, command: str) -> str:
         f"(1 min) at the start, {m1['loadavg'][0]} at the end.\n\n"
         "Goal: 10,000 devices enrolled, in session and through one round in <= 120 s: "
         + ("**met**" if met else "**not met**") + f" ({report['devices_completed']:,} of "
-        f"{report['devices']:,} through the round, {report['updates_sent']:,} updates sent, round "
+        f"{report['devices']:,} through the round, {report['updates_sent']:,} updates confirmed by the "
+        f"broker, {report.get('updates_unconfirmed', 0):,} not confirmed in time, round "
         f"{report['round_status']}, "
         f"`total_seconds` {report['total_seconds']}).\n\n"
         + md_table(["step", "devices", "per s", "p50 (ms)", "p95 (ms)", "p99 (ms)"], rows) + "\n\n"
@@ -266,14 +267,26 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
         rpcs = [await b.rpc() for b in brokers]
         round_began = 0.0
 
+        unconfirmed = [0]  # the fleet calls on_unconfirmed, then on_sent, with no await between
+
+        def not_confirmed(_update_id: str) -> None:
+            unconfirmed[0] += 1
+
         def sent(_device_id: str, _round_id: int) -> None:
+            if unconfirmed[0] > len(lost):  # this one was not confirmed: it stays in the outbox
+                lost.append(time.perf_counter() - round_began)
+                return
             steps["update"].add(round_began, time.perf_counter(), origin)
             say("update", len(steps["update"].latencies), devices)
+
+        lost: list[float] = []
 
         # The devices share this host's disk: their outboxes skip the fsync per commit that each
         # real device makes on its own storage (three per update, serialised here).
         fleets = [Fleet(b, Outbox(state / f"outbox-{k}.sqlite3", power_safe=False), task=task, on_sent=sent)
                   for k, b in enumerate(brokers)]
+        for f in fleets:
+            f.on_unconfirmed = not_confirmed
         events = await round_events(brokers[0])
         fp = load_identity(settings).sig_fp  # what an operator hands each device: the pinned fingerprint
         gate = asyncio.Semaphore(concurrency)
@@ -330,9 +343,10 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
             "concurrency": concurrency,
             # through the round: sent, and taken into the round by the enclave before it closed
             # (accepted or refused by its screening); an update still queued at the deadline is not
-            "devices_completed": min(len(steps["update"].latencies), accepted + sum(rejected.values()))
-            if completed else 0,
-            "updates_sent": len(steps["update"].latencies),
+            "devices_completed": min(devices, accepted + sum(rejected.values())) if completed else 0,
+            "updates_sent": len(steps["update"].latencies),  # confirmed by the broker
+            # not confirmed within the publish's confirm timeout; kept in the device's outbox
+            "updates_unconfirmed": len(lost),
             "round_status": ev.type.removeprefix("round."),
             "accepted": accepted,
             "rejected": rejected,
