@@ -1,10 +1,10 @@
 """``qflare load --devices N``: a load generator through the real protocol.
 
-Starts a coordinator and an enclave in this process (as ``qflare demo`` does) and N simulated
-devices multiplexed over a few broker connections; each device enrols with its own token,
+Starts a coordinator and an enclave, each in a process of its own, and N simulated devices in
+this one, multiplexed over a few broker connections; each device enrols with its own token,
 opens a forward-secret session, and trains and sends its signed, sealed update in one round.
-Reports per step (enrol, session, update) the rate and the p50/p95/p99 latency, as JSON and
-as a PNG plot.
+Reports per step (enrol, session, update) the rate and the p50/p95/p99 latency, and per phase
+the CPU of each process (devices, coordinator, enclave, broker), as JSON and as a PNG plot.
 """
 
 from __future__ import annotations
