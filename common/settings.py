@@ -185,8 +185,9 @@ class FLSettings(Section):
     trust_relative: bool = True
     reputation_decay: float = Field(0.7, ge=0, lt=1)
     quarantine_below: float | None = Field(0.5, gt=0, lt=1)
-    #: Most update floats (k x d) the defence holds at once; larger rounds close with the
-    #: legacy streaming filters. 2**28 floats = 1 GiB.
+    #: Most floats the defence holds at once: the k x d updates and about 12 k x k for its Gram
+    #: matrix and the copies of it (enclave_worker/service.py: defend_floats); larger rounds
+    #: close with the legacy streaming filters. 2**28 floats = 1 GiB: about 4,500 updates of 4,810 floats.
     defend_max_floats: int = Field(2**28, ge=1)
     partition: Literal["iid", "dirichlet"] = "iid"
     dirichlet_alpha: float = Field(0.5, gt=0)

@@ -15,11 +15,15 @@ import msgpack
 
 
 class Outbox:
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, power_safe: bool = True) -> None:
+        """``power_safe`` False: a commit survives a crash of the process but not a power loss
+        (WAL without an fsync per commit), for simulated devices that share one host's disk
+        (``qflare load``): each real device syncs its own storage, in parallel with the others."""
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=" + ("FULL" if power_safe else "NORMAL"))
         self.db.execute("CREATE TABLE IF NOT EXISTS outbox (update_id TEXT PRIMARY KEY, device_id TEXT NOT NULL, "
                         "routing_key TEXT NOT NULL, body BLOB NOT NULL, round_id INTEGER NOT NULL, "
                         "created_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0)")

@@ -79,6 +79,18 @@ REFERENCE_SAMPLE = 32
 REFERENCE_BLOCK = 1 << 20
 
 
+#: Floats defend() holds per pair of a round's updates, at most: its k x k Gram matrix in
+#: float64 and the copies its steps make of it (10-11.3 measured with tracemalloc; 4.0 GB peak
+#: RSS for 10,000 updates of 1,058 floats, 42 MB of them the updates). Quadratic in k: this,
+#: not k x d, bounds a round of many devices.
+DEFEND_FLOATS_PER_PAIR = 12
+
+
+def defend_floats(k: int, d: int) -> int:
+    """Floats the robust defence holds for ``k`` updates of ``d`` floats (``fl.defend_max_floats``)."""
+    return k * d + DEFEND_FLOATS_PER_PAIR * k * k
+
+
 def reference_by_blocks(load_slice, picks, d: int, block: int = REFERENCE_BLOCK) -> np.ndarray:
     """The coordinate-wise median of the ``picks`` updates, ``block`` coordinates at a time."""
     out = np.empty(d, dtype=np.float32)
@@ -674,18 +686,24 @@ class Enclave:
             await asyncio.gather(*list(self._acking), return_exceptions=True)
 
     async def _ack(self, pending: list) -> None:
+        """Ack a committed batch and send its events, all at once. One after the other, each
+        await waited a turn of the busy event loop (two per update, the heaviest stage of
+        ``bench round``): with ``qflare load`` at 1,000 devices (load average 5-7) the time from
+        the last update sent to the round's close went from 6.5 s to 3.2-4.4 s."""
         t0 = time.perf_counter()
-        for raw, event in pending:
-            try:
-                await raw.ack()
-            except TRANSIENT:
-                pass  # the broker redelivers it; the update id keeps it from counting twice
-            if event is not None:
-                try:
-                    await self.broker.publisher.event(**event)
-                except TRANSIENT as exc:  # events are notifications: the stored state is the truth
-                    log.warning("event %s not sent: %s", event["type_"], exc)
+        await asyncio.gather(*(self._ack_one(raw, event) for raw, event in pending))
         self.stages.add("ack", time.perf_counter() - t0)
+
+    async def _ack_one(self, raw, event: dict | None) -> None:
+        try:
+            await raw.ack()
+        except TRANSIENT:
+            pass  # the broker redelivers it; the update id keeps it from counting twice
+        if event is not None:
+            try:
+                await self.broker.publisher.event(**event)
+            except TRANSIENT as exc:  # events are notifications: the stored state is the truth
+                log.warning("event %s not sent: %s", event["type_"], exc)
 
     def _timed(self, stage: str, fn, *args):
         """``fn(*args)``, its time added to ``stages`` (runs in worker threads)."""
@@ -710,7 +728,7 @@ class Enclave:
     def _screen_and_aggregate(self, stored: list, weights: np.ndarray,
                               spec: RoundSpec) -> tuple[np.ndarray | None, filters.ScreenResult | Defence]:
         fl = self.settings.fl
-        if fl.defend and len(stored) * int(self.params.shape[0]) <= fl.defend_max_floats:
+        if fl.defend and defend_floats(len(stored), int(self.params.shape[0])) <= fl.defend_max_floats:
             reference = (rootdata.reference_update(self.task, self.layout_id, self.params, self.root[1],
                                                    self.root[2], spec)
                          if self.root else None)
@@ -718,8 +736,8 @@ class Enclave:
                          [u.device_id for u in stored], fl, reference=reference, state=self.defence_state)
             return out.aggregate, out
         if fl.defend:
-            log.warning("round of %d updates is over fl.defend_max_floats: closing with the streaming filters",
-                        len(stored))
+            log.warning("round of %d updates is over fl.defend_max_floats (the updates and the defence's k x k "
+                        "matrices): closing with the streaming filters", len(stored))
         if fl.aggregator == "fedavg":
             return close_round_streaming(lambda i: self.store.load_delta(stored[i]), len(stored), weights, fl,
                                          norms=np.array([u.norm for u in stored]),

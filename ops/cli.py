@@ -825,6 +825,9 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
          out: Path = typer.Option(Path("qflare-load"), help="Directory for load.json and load.png."),
          namespace: str | None = typer.Option(None, help="Broker namespace (default: a new load-<hex>)."),
          task: str | None = typer.Option(None, "--task", help=TASK_HELP),
+         compression: str = typer.Option("int8", help="fl.compression of the devices' updates: none, int8, topk."),
+         prefetch: int = typer.Option(256, min=1, max=10_000, help="broker.prefetch of the coordinator and the enclave."),
+         write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md's load section."),
          json_out: bool = typer.Option(False, "--json", help="Print only the JSON report.")) -> None:
     """Load test: N devices enrol, open sessions and send one round's update through the real
     protocol, multiplexed over a few connections; rates and p50/p95/p99 per step."""
@@ -832,8 +835,10 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
 
     s = with_task(settings(), task)
     out.mkdir(parents=True, exist_ok=True)
+    if compression not in ("none", "int8", "topk"):
+        raise typer.BadParameter("none, int8 or topk", param_hint="--compression")
     kw = {"connections": connections, "concurrency": concurrency, "deadline": deadline, "namespace": namespace,
-          "plot_path": out / "load.png"}
+          "plot_path": out / "load.png", "compression": compression, "prefetch": prefetch}
     if json_out:
         report = run(run_load(s, devices, **kw))
     else:
@@ -849,6 +854,11 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
 
             report = run(run_load(s, devices, progress=progress, **kw))
     (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    if write_docs:
+        from common.report import write_section
+        from ops.load import markdown
+
+        write_section("load", markdown(report, "qflare load " + " ".join(sys.argv[2:])))
     if json_out:
         print_json(report)
         return

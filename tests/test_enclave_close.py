@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from common.settings import FLSettings
-from enclave_worker.service import close_round, close_round_streaming
+from enclave_worker.defend import defend
+from enclave_worker.service import close_round, close_round_streaming, defend_floats
 
 
 def round_of(k: int, d: int, bad: dict[int, float], seed: int = 0) -> np.ndarray:
@@ -57,3 +58,22 @@ def test_norms_from_intake_give_the_same_verdict():
     b, vb = close_round_streaming(lambda i: u[i], 12, w, FLSettings(), norms=norms)
     assert va.reasons == vb.reasons
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_the_defence_bound_counts_its_k_by_k_matrices_not_only_the_updates():
+    """10,000 small updates fit fl.defend_max_floats as k x d, but defend() holds k x k float64
+    matrices too (4 GB, 18 s at 10,000 here): such a round must close with the streaming filters."""
+    import tracemalloc
+
+    fl = FLSettings()
+    assert 10_000 * 1058 <= fl.defend_max_floats < defend_floats(10_000, 1058)
+    assert defend_floats(1000, 4810) <= fl.defend_max_floats  # the robust defence still runs at 1,000
+    k, d = 800, 40
+    u = round_of(k, d, {})
+    tracemalloc.start()
+    try:
+        defend(u, np.ones(k), [f"d{i}" for i in range(k)], fl)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 8 * k * k <= peak <= 4 * defend_floats(k, d)  # at least its float64 Gram, at most the bound

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ops.load import run_load
+from common.report import write_section
+from edge_agent.outbox import Outbox
+from ops.load import markdown, run_load
 
 pytestmark = pytest.mark.broker
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +30,25 @@ async def test_load_drives_every_device_through_the_round_and_reports_each_step(
         assert step["count"] == 12 and step["rate_per_s"] > 0
         assert 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"] <= step["max_ms"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the coordinator and the enclave ran in processes of their own, each measured per phase
+    phases = report["phases"]
+    assert phases["enroll_and_session"]["coordinator_cpu_s"] > 0 and phases["round"]["enclave_cpu_s"] > 0
+    assert phases["enroll_and_session"]["enclave_cpu_s"] < phases["enroll_and_session"]["coordinator_cpu_s"]
+    assert report["machine_before"]["cpus"] >= 1 and len(report["machine_after"]["loadavg"]) == 3
+    doc = tmp_path / "benchmarks.md"
+    write_section("load", markdown(report, "qflare load --devices 12"), doc)
+    text = doc.read_text()
+    assert "<!-- bench:load -->" in text and "**not met**" in text and "| enroll | 12 |" in text
+
+
+def test_a_simulated_fleets_outbox_skips_the_fsync_but_keeps_an_update_across_a_restart(tmp_path):
+    box = Outbox(tmp_path / "fleet.sqlite3", power_safe=False)
+    box.put("u1", "load-00001", "key", b"sealed", 1)
+    box.close()
+    again = Outbox(tmp_path / "fleet.sqlite3", power_safe=False)
+    assert again.pending() == [("u1", "load-00001", "key", b"sealed")]
+    assert again.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL: no fsync per commit
+    assert Outbox(tmp_path / "device.sqlite3").db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_qflare_load_prints_only_json_and_writes_the_report(settings, tmp_path):
