@@ -16,9 +16,11 @@ Five steps, each named by the reason it gives a rejected update (docs/robustness
    ``fl.quarantine_below`` after repeated rejections.
 
 The survivors are rescaled to their median norm (adaptive clipping) and averaged with their
-(already capped) sample weights times their trust (positive cosine to the reference, capped at
-the survivors' median, squared); near-copies (cosine above ``fl.copy_cosine``) share one vote,
-so colluders sending one crafted vector count as one device (FoolsGold's observation).
+(already capped) sample weights times their trust (positive cosine to the reference, relative to
+the survivors' median, capped at 1, to a power of up to ``fl.trust_power``: the power, chosen
+per round, whose aggregate is best aligned with the reference, and none unless that gains
+``fl.trust_min_gain``); near-copies (cosine above ``fl.copy_cosine``) share one vote, so
+colluders sending one crafted vector count as one device (FoolsGold's observation).
 
 Everything is computed from one Gram matrix of the updates (k x k, one pass over the data)
 and, with root data, one product with the reference: 100 updates of 1M parameters take a
@@ -82,6 +84,33 @@ def _copy_votes(gram: np.ndarray, norms: np.ndarray, copy_cosine: float | None) 
         return np.ones(gram.shape[0])
     n = np.maximum(norms, 1e-30)
     return 1.0 / ((gram / np.outer(n, n)) > copy_cosine).sum(axis=1)
+
+
+def _trust_power(gram: np.ndarray, ref_dots: np.ndarray, ref_norm: float, coef: np.ndarray,
+                 trust: np.ndarray, most: float, min_gain: float) -> float:
+    """The trust power of the round: the one of 0, most/3, 2 most/3, most whose aggregate
+    sum_i coef_i trust_i^p u_i is best aligned with the reference, and 0 unless that beats the
+    plain aggregate's cosine by ``min_gain``.
+
+    Trust weighting exists to pull the aggregate towards what clean data says (a backdoor's
+    updates point away from it; fading them raises the aggregate's cosine by 0.05-0.2). On
+    fleets of one-class shards every update is poorly aligned alone and the classes differ in
+    how much: weighting by trust then starves classes and *lowers* the aggregate's cosine.
+    Judging the aggregate, not the individuals, tells the two apart (k x k work, no pass over
+    the data).
+    """
+    def cosine(p: float) -> float:
+        c = coef * trust ** p
+        sq = float(c @ gram @ c)
+        return float(c @ ref_dots) / (np.sqrt(sq) * ref_norm) if sq > 0 else -np.inf
+
+    base = cosine(0.0)
+    best, best_cos = 0.0, base
+    for p in (most / 3.0, 2.0 * most / 3.0, most):
+        cp = cosine(p)
+        if cp > best_cos:
+            best, best_cos = p, cp
+    return best if best_cos >= base + min_gain else 0.0
 
 
 def _geometric_median(gram: np.ndarray, votes: np.ndarray) -> np.ndarray:
@@ -232,7 +261,11 @@ def defend(deltas: np.ndarray, weights: np.ndarray, devices: Sequence[str], fl, 
             # relative to the survivors' (vote-weighted) median trust, never above 1: an update
             # as aligned as a typical honest one counts fully; less aligned ones fade quickly
             t = np.minimum(1.0, t / max(_weighted_median(t, votes), 1e-12))
-        coef *= t ** fl.trust_power
+        power = fl.trust_power
+        if fl.trust_min_gain is not None:
+            power = _trust_power(gram[np.ix_(keep, keep)], ref_dots[keep], ref_norm, coef * scale, t,
+                                 fl.trust_power, fl.trust_min_gain)
+        coef *= t ** power
     if coef.sum() <= 0:  # every survivor has zero weight or trust: average them plainly
         coef = np.ones(keep.size)
     if fl.aggregator == "fedavg":
