@@ -230,6 +230,26 @@ def test_trust_weighting_does_not_starve_classes_less_aligned_with_the_root_data
     assert cos(fixed, plain) < 0.99
 
 
+def test_once_a_round_shows_trust_weighting_helps_it_stays_on_for_the_attackers_next_rounds():
+    u, direction, ref = honest_round()
+    rng = np.random.default_rng(5)
+    side = rng.normal(size=D)
+    side -= (side @ direction) * direction
+    side /= np.linalg.norm(side)
+    u[-9:] = (0.2 * direction + side + 0.5 * rng.normal(size=(9, D)) / np.sqrt(D)).astype(np.float32)  # a side task
+    first = run(u, reference=ref)
+    assert first.accepted[-9:].all() and first.state.trust_on  # passes the tests, so only weighting fades it
+    assert cos(first.aggregate, direction) > cos(agg.fedavg(u, np.ones(K)), direction) + 0.05
+    clean, _ = one_class_round([20] * 10)
+    _, class_ref = one_class_round([20] * 10)
+    plain = agg.fedavg(clean, np.ones(len(clean)))
+    fresh = run(clean, reference=class_ref)
+    assert not fresh.state.trust_on and cos(fresh.aggregate, plain) > 0.999
+    kept = run(clean, reference=class_ref, state=first.state)
+    assert kept.state.trust_on and cos(kept.aggregate, plain) < 0.99
+    assert DefenceState.from_json(kept.state.as_json()) == kept.state
+
+
 def test_new_reasons_are_documented():
     for reason in (Reason.OUTLIER, Reason.QUARANTINED):
         assert DESCRIPTIONS[reason]
