@@ -12,7 +12,11 @@ from functools import lru_cache
 
 import numpy as np
 
+import pqc
 from common.data import load_digits_split
+from schemas import signing
+from schemas.codec import decode
+from schemas.messages import AttestationReport, Signed
 
 #: Root samples held out per class (10 classes: 200 samples).
 ROOT_PER_CLASS = 20
@@ -60,6 +64,14 @@ def pack(x: np.ndarray, y: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, x=x, y=y)
     return buf.getvalue()
+
+
+def seal_to(signed_report: bytes, x: np.ndarray, y: np.ndarray) -> tuple[str, bytes]:
+    """(enclave KEM fingerprint, root data sealed to it) for the enclave whose
+    ``Signed(AttestationReport)`` the coordinator admitted (verified there, at admission)."""
+    report = signing.unverified(decode(signed_report, Signed), AttestationReport)
+    kem_fp = pqc.fingerprint(report.kem_pk, report.kem_alg)
+    return kem_fp, pqc.seal(report.kem_alg, report.kem_pk, pack(x, y), root_aad(kem_fp))
 
 
 def unpack(data: bytes) -> tuple[np.ndarray, np.ndarray]:

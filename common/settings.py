@@ -178,10 +178,14 @@ class FLSettings(Section):
     #: norm + cosine-to-median filters with streaming FedAvg.
     defend: bool = True
     outlier_mads: float | None = Field(None, gt=0)
-    copy_cosine: float | None = Field(0.95, gt=0, lt=1)
+    copy_cosine: float | None = Field(0.99, gt=0, lt=1)
     rescale: Literal["median", "clip", "none"] = "median"
     trust_weighting: bool = True
     trust_power: float = Field(3.0, gt=0, le=8)
+    #: Trust weighting applies in a round only if it raises the aggregate's cosine to the
+    #: reference by this much (docs/robustness.md): on one-class shards it would lower it.
+    #: None: always ``trust_power`` (FLTrust's fixed rule).
+    trust_min_gain: float | None = Field(0.02, ge=0, le=1)
     trust_relative: bool = True
     reputation_decay: float = Field(0.7, ge=0, lt=1)
     quarantine_below: float | None = Field(0.5, gt=0, lt=1)

@@ -19,10 +19,9 @@ from typing import TYPE_CHECKING
 
 import pqc
 from broker.principals import require_role
-from common import handshake
+from common import operator_auth
 from common.settings import Settings
 from coordinator.registry import Device, RoundRecord
-from schemas import signing
 from schemas.codec import CodecError
 from schemas.messages import (
     OPERATOR_REQUESTS,
@@ -31,8 +30,12 @@ from schemas.messages import (
     DeviceRevoke,
     DeviceRevoked,
     DeviceTable,
+    EnclaveReport,
+    EnclaveReportRequest,
     Message,
     OperatorRequest,
+    RootDataForwarded,
+    RootDataSubmit,
     RoundCancel,
     RoundCancelled,
     RoundInfo,
@@ -46,6 +49,7 @@ from schemas.messages import (
     TokenCreate,
     TokenCreated,
 )
+from schemas.names import Names
 from schemas.reasons import QflareError, Reason
 
 if TYPE_CHECKING:
@@ -59,16 +63,7 @@ def authenticate(signed: Signed, pinned: set[str], freshness_seconds: float, now
 
     The nonce is checked by the caller (it needs the registry); nothing here has effects.
     """
-    req = signing.unverified(signed, OPERATOR_REQUESTS)
-    fp = pqc.fingerprint(req.operator_pk, req.operator_alg)
-    if not pinned:
-        raise QflareError(Reason.NOT_OPERATOR, "no operator key is pinned (operator.pinned_fingerprints)")
-    if fp not in pinned or signed.signer != fp:
-        raise QflareError(Reason.NOT_OPERATOR, f"key {fp[:16]} is not a pinned operator key")
-    signing.verify(signed, type(req), req.operator_alg, req.operator_pk)
-    if not handshake.is_fresh(req.issued_at, now, freshness_seconds):
-        raise QflareError(Reason.STALE, "operator request outside the freshness window")
-    return req
+    return operator_auth.authenticate(signed, OPERATOR_REQUESTS, pinned, freshness_seconds, now)
 
 
 def check_round_start(req: RoundStart, settings: Settings, device_status: Callable[[str], str | None]) -> None:
@@ -137,14 +132,14 @@ class OperatorDesk:
             if not self.coord.registry.remember_nonce(
                     req.nonce, window_seconds=self.coord.settings.crypto.freshness_seconds * 2):
                 raise QflareError(Reason.REPLAY, f"{req.TYPE} request seen before")
-            reply = await self._act(req)
+            reply = await self._act(req, signed)
         except CodecError as err:
             raise await self.coord._refuse("operator", err, None) from None
         except QflareError as err:
             raise await self.coord._refuse("operator", err, None) from None
         return self.coord._sign(reply)
 
-    async def _act(self, req: OperatorRequest) -> Message:
+    async def _act(self, req: OperatorRequest, signed: Signed) -> Message:
         who = f"operator:{pqc.fingerprint(req.operator_pk, req.operator_alg)[:16]}"
         registry = self.coord.registry
         if isinstance(req, RoundStart):
@@ -179,6 +174,21 @@ class OperatorDesk:
             device = registry.get_device(req.device_id)
             return DeviceRevoked(request_nonce=req.nonce, device_id=req.device_id,
                                  revoked_at=device.revoked_at or time.time())
+        if isinstance(req, EnclaveReportRequest):
+            from coordinator.service import META_ENCLAVE_REPORT
+
+            raw = registry.get_meta(META_ENCLAVE_REPORT)
+            if raw is None:
+                raise QflareError(Reason.NO_ENCLAVE, "no attested enclave yet: start `qflare enclave run` first")
+            return EnclaveReport(request_nonce=req.nonce, report=raw)
+        if isinstance(req, RootDataSubmit):
+            # forwarded as the operator signed it: the enclave checks that signature itself
+            broker = self.coord.broker
+            if broker is None:  # pragma: no cover - the desk only serves a running coordinator
+                raise QflareError(Reason.TIMEOUT, "the coordinator is not connected to the broker")
+            await broker.publisher.publish(broker.names.control_exchange, Names.ENCLAVE_CONTROL_KEY, signed)
+            registry.audit(who, "root_data.forwarded", kem_fp=req.kem_fp, samples=req.n_samples)
+            return RootDataForwarded(request_nonce=req.nonce, kem_fp=req.kem_fp)
         raise QflareError(Reason.UNKNOWN_TYPE, req.TYPE)  # pragma: no cover - OPERATOR_REQUESTS is exhaustive
 
     def _plan(self) -> RoundPlan | None:

@@ -1,9 +1,11 @@
-"""``qflare enclave root-data``: seal the operator's clean root data to the attested enclave.
+"""Root data sent with the coordinator's own key, on the coordinator's host (the demo's path).
 
 The data is sealed (ML-KEM HPKE) to the KEM key in the enclave's attestation report the
 coordinator admitted, and signed with the coordinator's key, which the enclave already trusts
 for control messages: no device can send, read or replace root data. It travels on the
-enclave's control queue; the enclave keeps it, still sealed, in its state directory.
+enclave's control queue; the enclave keeps it, still sealed, in its state directory. An
+operator on its own host uses ``qflare enclave root-data`` instead, over the operator plane
+(``ops.operator_client.OperatorClient.send_root_data``), signed by the operator key.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ import time
 
 import numpy as np
 
-import pqc
 from broker.client import BrokerClient
 from common import rootdata
 from common.settings import Settings
 from coordinator.registry import Registry
 from coordinator.service import META_ENCLAVE_REPORT, load_identity
 from schemas import signing
-from schemas.codec import decode
-from schemas.messages import AttestationReport, RootData, Signed
+from schemas.messages import RootData, Signed
 from schemas.names import Names
 from schemas.reasons import QflareError, Reason
 
@@ -37,10 +37,7 @@ def seal_root_data(settings: Settings, x: np.ndarray, y: np.ndarray, *, registry
             registry.close()
     if raw is None:
         raise QflareError(Reason.NO_ENCLAVE, "no attested enclave yet: start `qflare enclave run` first")
-    report = signing.unverified(decode(raw, Signed), AttestationReport)  # verified when admitted
-    kem_fp = pqc.fingerprint(report.kem_pk, report.kem_alg)
-    payload = rootdata.pack(x, y)
-    sealed = pqc.seal(report.kem_alg, report.kem_pk, payload, rootdata.root_aad(kem_fp))
+    kem_fp, sealed = rootdata.seal_to(raw, x, y)
     identity = identity or load_identity(settings)
     msg = RootData(kem_fp=kem_fp, sealed=sealed, n_samples=int(len(y)), issued_at=time.time())
     return signing.sign(msg, identity.sig_alg, identity.sig_sk, identity.sig_pk)

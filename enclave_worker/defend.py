@@ -16,9 +16,11 @@ Five steps, each named by the reason it gives a rejected update (docs/robustness
    ``fl.quarantine_below`` after repeated rejections.
 
 The survivors are rescaled to their median norm (adaptive clipping) and averaged with their
-(already capped) sample weights times their trust (positive cosine to the reference, capped at
-the survivors' median, squared); near-copies (cosine above ``fl.copy_cosine``) share one vote,
-so colluders sending one crafted vector count as one device (FoolsGold's observation).
+(already capped) sample weights times their trust (positive cosine to the reference, relative
+to the survivors' median, capped at 1, to the power ``fl.trust_power``) in rounds where
+weighting by trust raises the aggregate's cosine to the reference by ``fl.trust_min_gain``;
+near-copies (cosine above ``fl.copy_cosine``) share one vote, so colluders sending one crafted
+vector count as one device (FoolsGold's observation).
 
 Everything is computed from one Gram matrix of the updates (k x k, one pass over the data)
 and, with root data, one product with the reference: 100 updates of 1M parameters take a
@@ -46,17 +48,20 @@ WEISZFELD_ITERATIONS = 64
 
 @dataclass(frozen=True)
 class DefenceState:
-    """What the next round needs: each device's reputation (absent = new device)."""
+    """What the next round needs: each device's reputation (absent = new device), and whether
+    an earlier round showed that trust weighting helps (then it stays on)."""
 
     reputations: dict[str, float] = field(default_factory=dict)
+    trust_on: bool = False
 
     def as_json(self) -> dict:
-        return {"reputations": {k: round(v, 6) for k, v in sorted(self.reputations.items())}}
+        return {"reputations": {k: round(v, 6) for k, v in sorted(self.reputations.items())},
+                "trust_on": self.trust_on}
 
     @classmethod
     def from_json(cls, data: dict | None) -> DefenceState:
         reps = (data or {}).get("reputations", {})
-        return cls({str(k): float(v) for k, v in reps.items()})
+        return cls({str(k): float(v) for k, v in reps.items()}, bool((data or {}).get("trust_on", False)))
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,28 @@ def _copy_votes(gram: np.ndarray, norms: np.ndarray, copy_cosine: float | None) 
         return np.ones(gram.shape[0])
     n = np.maximum(norms, 1e-30)
     return 1.0 / ((gram / np.outer(n, n)) > copy_cosine).sum(axis=1)
+
+
+def _trust_helps(gram: np.ndarray, ref_dots: np.ndarray, ref_norm: float, coef: np.ndarray,
+                 trust: np.ndarray, most: float, min_gain: float) -> bool:
+    """Whether weighting by trust (at ``most``/3, 2 ``most``/3 or ``most``) raises the cosine of
+    the aggregate sum_i coef_i trust_i^p u_i to the reference by ``min_gain`` over the plain
+    aggregate's.
+
+    Trust weighting exists to pull the aggregate towards what clean data says (a backdoor's
+    updates point away from it; fading them raises the aggregate's cosine by 0.05-0.2). On
+    fleets of one-class shards every update is poorly aligned alone and the classes differ in
+    how much: weighting by trust then starves classes and does not raise the aggregate's cosine
+    (at most +0.007 measured). Judging the aggregate, not the individuals, tells the two apart
+    (k x k work, no pass over the data).
+    """
+    def cosine(p: float) -> float:
+        c = coef * trust ** p
+        sq = float(c @ gram @ c)
+        return float(c @ ref_dots) / (np.sqrt(sq) * ref_norm) if sq > 0 else -np.inf
+
+    base = cosine(0.0)
+    return bool(max(cosine(p) for p in (most / 3.0, 2.0 * most / 3.0, most)) - base >= min_gain)
 
 
 def _geometric_median(gram: np.ndarray, votes: np.ndarray) -> np.ndarray:
@@ -208,11 +235,11 @@ def defend(deltas: np.ndarray, weights: np.ndarray, devices: Sequence[str], fl, 
         if now and reasons[i] is None:
             reasons[i] = Reason.QUARANTINED
             alive[i] = False
-    new_state = DefenceState(reps)
+    trust_on = state.trust_on
 
     keep = np.flatnonzero(alive)
     if keep.size == 0:
-        return Defence(None, reasons, new_state, trust, newly)
+        return Defence(None, reasons, DefenceState(reps, trust_on), trust, newly)
     # Near-copies share one vote: honest devices never send copies of each other's update
     # unless they hold the same data (then the copy adds nothing); colluders crafting one
     # vector from shared statistics (ALIE, min-max, IPM) count as one device, not many.
@@ -232,7 +259,14 @@ def defend(deltas: np.ndarray, weights: np.ndarray, devices: Sequence[str], fl, 
             # relative to the survivors' (vote-weighted) median trust, never above 1: an update
             # as aligned as a typical honest one counts fully; less aligned ones fade quickly
             t = np.minimum(1.0, t / max(_weighted_median(t, votes), 1e-12))
-        coef *= t ** fl.trust_power
+        if fl.trust_min_gain is None:
+            trust_on = True
+        elif not trust_on:  # once a round showed it helps (an attack), it stays on
+            trust_on = bool(_trust_helps(gram[np.ix_(keep, keep)], ref_dots[keep], ref_norm, coef * scale, t,
+                                         fl.trust_power, fl.trust_min_gain))
+        if trust_on:
+            coef *= t ** fl.trust_power
+    new_state = DefenceState(reps, trust_on)
     if coef.sum() <= 0:  # every survivor has zero weight or trust: average them plainly
         coef = np.ones(keep.size)
     if fl.aggregator == "fedavg":

@@ -1,7 +1,9 @@
 """The enclave's side of root data: open it, keep it sealed at rest, train the reference.
 
-Root data arrives as a :class:`RootData` signed by a trusted coordinator key (checked by the
-caller) and sealed to this enclave's KEM key. It is stored exactly as received, still sealed,
+Root data arrives sealed to this enclave's KEM key, either as a :class:`RootData` signed by the
+trusted coordinator key (checked by the caller; the demo's path) or as the operator's own
+:class:`RootDataSubmit`, forwarded by the coordinator and obeyed only under a key of this
+enclave's ``operator.pinned_fingerprints`` (:func:`from_operator`). It is stored exactly as received, still sealed,
 so a restarted enclave with the same keys reopens it and nothing readable touches the disk.
 The reference update of a round is the task trained on it from the current global model with
 the round's own hyper-parameters: what an honest device with clean data would send.
@@ -16,16 +18,23 @@ from pathlib import Path
 import numpy as np
 
 import pqc
-from common import rootdata
+from common import operator_auth, rootdata
 from common.state import private_dir, private_file
 from common.task import TaskError, TrainConfig
 from schemas.codec import decode, encode
-from schemas.messages import RootData, RoundSpec
+from schemas.messages import RootData, RootDataSubmit, RoundSpec, Signed
 from schemas.reasons import QflareError, Reason
 
 log = logging.getLogger("qflare.enclave")
 
 FILE = "root-data.msgpack"
+
+
+def from_operator(signed: Signed, pinned: set[str], freshness_seconds: float, now: float) -> RootData:
+    """The :class:`RootData` inside an operator's signed submission, or QflareError
+    (``not_operator``: no pinned key signed it; ``stale``: outside the freshness window)."""
+    req = operator_auth.authenticate(signed, RootDataSubmit, pinned, freshness_seconds, now)
+    return RootData(kem_fp=req.kem_fp, sealed=req.sealed, n_samples=req.n_samples, issued_at=req.issued_at)
 
 
 def open_root(msg: RootData, kem_sk: bytes, kem_fp: str, newer_than: float | None = None) -> tuple[np.ndarray,

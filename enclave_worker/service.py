@@ -54,6 +54,7 @@ from schemas.messages import (
     Message,
     Revocation,
     RootData,
+    RootDataSubmit,
     RoundAbort,
     RoundOpen,
     RoundResult,
@@ -364,7 +365,10 @@ class Enclave:
     async def _on_control(self, signed: Signed, raw) -> None:
         require_role(self.settings, "coordinator", raw.user_id)  # broker-verified sender, before any crypto
         inner_type = signing.unverified(signed, (RoundOpen, RoundAbort, Revocation, CoordinatorKeys, RootData,
-                                                 KeyEpoch, GrantKey))
+                                                 KeyEpoch, GrantKey, RootDataSubmit))
+        if isinstance(inner_type, RootDataSubmit):  # the operator's signature, checked against our own pins
+            await self._take_root_data(signed)
+            return
         msg = self._verify_coordinator(signed, type(inner_type))
         if isinstance(msg, GrantKey):
             self._take_grant_key(msg.enclave, msg.sealed, msg.issued_at)
@@ -400,9 +404,12 @@ class Enclave:
         async with self.lock:
             await self._open_round(msg.spec)
 
-    async def _take_root_data(self, msg: RootData) -> None:
+    async def _take_root_data(self, msg: RootData | Signed) -> None:
         """Keep the operator's sealed root data: the trusted reference of every later round."""
         try:
+            if isinstance(msg, Signed):
+                msg = rootdata.from_operator(msg, set(self.settings.operator.pinned_fingerprints),
+                                             self.settings.crypto.freshness_seconds, time.time())
             x, y = rootdata.open_root(msg, self.identity.kem_sk, self.identity.kem_fp,
                                       newer_than=self.root[0] if self.root else None)
         except QflareError as err:

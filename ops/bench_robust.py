@@ -45,7 +45,8 @@ def defence_settings(name: str, base: FLSettings | None = None) -> FLSettings:
     fl = base or FLSettings()
     if name == "fltrust":  # FLTrust alone: root reference, ReLU trust, no distance test or reputation
         return fl.model_copy(update={"outlier_mads": None, "quarantine_below": None, "norm_median_multiple": None,
-                                     "copy_cosine": None, "trust_relative": False, "trust_power": 1.0})
+                                     "copy_cosine": None, "trust_relative": False, "trust_power": 1.0,
+                                     "trust_min_gain": None})
     return fl
 
 

@@ -310,11 +310,12 @@ def enclave_root_data(file: Path | None = typer.Argument(None, help=".npz with x
                                                                    "y (int64, n); at most 1000 samples."),
                       digits: bool = typer.Option(False, "--digits", help="The digits task's held-out root set "
                                                                            "(what the demo seals).")) -> None:
-    """Seal clean root data to the attested enclave: its trusted reference each round (FLTrust)."""
+    """Seal clean root data to the attested enclave, signed by this host's operator key and
+    sent over the operator plane (any host): the enclave's trusted reference each round (FLTrust)."""
     import numpy as np
 
     from common import rootdata
-    from coordinator.rootdata import send_root_data
+    from ops.operator_client import OperatorClient
 
     if (file is None) == (not digits):
         raise fail("give a FILE or --digits (one of them)", 2)
@@ -325,8 +326,14 @@ def enclave_root_data(file: Path | None = typer.Argument(None, help=".npz with x
             x, y = rootdata.unpack(file.read_bytes())
         except (OSError, ValueError) as exc:
             raise fail(f"{file}: {exc}", 2) from None
-    fp = run(send_root_data(settings(), np.asarray(x), np.asarray(y)))
-    console.print(f"{len(y)} root samples sealed to enclave KEM key {fp[:16]} and sent")
+
+    async def go() -> str:
+        async with OperatorClient(settings()) as op:
+            return await op.send_root_data(np.asarray(x), np.asarray(y))
+
+    fp = run(go())
+    console.print(f"{len(y)} root samples sealed to enclave KEM key {fp[:16]} and sent; the enclave obeys "
+                  "only operator keys in its own operator.pinned_fingerprints (event enclave.root_data)")
 
 
 @enclave_app.command("measurement")

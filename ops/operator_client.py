@@ -15,20 +15,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import aio_pika
+import numpy as np
 
 import pqc
 from broker.client import BrokerClient
-from common import handshake
+from common import handshake, rootdata
 from common.attestation import local_coordinator_fingerprint
 from common.settings import Settings
 from pqc.identity import Identity
 from schemas import signing
 from schemas.messages import (
     CoordinatorKeys,
+    EnclaveReport,
+    EnclaveReportRequest,
     KeyChain,
     KeysRequest,
     Message,
     OperatorRequest,
+    RootDataForwarded,
+    RootDataSubmit,
     Signed,
 )
 from schemas.names import Names
@@ -132,6 +137,17 @@ class OperatorClient:
     async def call(self, request_type: type[OperatorRequest], reply_type: type[R], **fields: Any) -> R:
         req, signed = self.sign(request_type, **fields)
         return await self.send(req, signed, reply_type)
+
+    async def send_root_data(self, x: np.ndarray, y: np.ndarray) -> str:
+        """Seal root data to the enclave the coordinator admitted, sign it with the operator key
+        and have the coordinator forward it; the enclave KEM fingerprint it was sealed to.
+
+        The enclave obeys it only if this key is in its own ``operator.pinned_fingerprints``;
+        its verdict is the event ``enclave.root_data`` (or ``enclave.root_data.rejected.*``)."""
+        report = await self.call(EnclaveReportRequest, EnclaveReport)
+        kem_fp, sealed = rootdata.seal_to(report.report, x, y)
+        sent = await self.call(RootDataSubmit, RootDataForwarded, kem_fp=kem_fp, sealed=sealed, n_samples=len(y))
+        return sent.kem_fp
 
     def open_token(self, sealed: bytes, request_nonce: bytes) -> str:
         """The token the coordinator sealed to this operator's KEM key."""

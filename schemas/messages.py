@@ -594,6 +594,46 @@ class DeviceRevoked(Message):
     revoked_at: float
 
 
+class EnclaveReportRequest(OperatorRequest):
+    """Operator → coordinator: the admitted enclave's attestation report (to seal root data).
+
+    The operator seals root data to that report's KEM key on its own host."""
+
+    TYPE: ClassVar[str] = "enclave.report.request"
+
+
+class EnclaveReport(Message):
+    """Coordinator → operator, signed: the admitted enclave's ``Signed(AttestationReport)``."""
+
+    TYPE: ClassVar[str] = "enclave.report"
+    request_nonce: Nonce
+    report: Encoded
+
+
+class RootDataSubmit(OperatorRequest):
+    """Operator → coordinator → enclave, signed by the operator key: sealed root data.
+
+    Sealed to the attested enclave's KEM key (fields as :class:`RootData`). The coordinator
+    checks it like any operator request and forwards it unchanged; the enclave obeys it only
+    under a key of its own ``operator.pinned_fingerprints``, fresh, and newer than the root
+    data it holds."""
+
+    TYPE: ClassVar[str] = "enclave.root_data.submit"
+    kem_fp: Fingerprint
+    sealed: Annotated[bytes, Field(min_length=1, max_length=16 * 1024 * 1024)]
+    n_samples: Annotated[int, Field(ge=1, le=10_000)]
+
+
+class RootDataForwarded(Message):
+    """Coordinator → operator, signed: the root data went to the enclave's control queue.
+
+    The enclave's verdict is the event ``enclave.root_data`` or ``enclave.root_data.rejected.*``."""
+
+    TYPE: ClassVar[str] = "enclave.root_data.forwarded"
+    request_nonce: Nonce
+    kem_fp: Fingerprint
+
+
 class Revocation(Message):
     """Coordinator → enclave, signed: refuse this device from now on."""
 
@@ -613,8 +653,10 @@ class KeyEpoch(Message):
 
 
 class RootData(Message):
-    """Operator (coordinator key) → enclave, signed: clean root data for the enclave's trusted
-    reference update, sealed to the attested enclave's KEM key (docs/robustness.md).
+    """Coordinator → enclave, signed by the coordinator key: sealed clean root data (demo).
+
+    The enclave's trusted reference update, sealed to the attested enclave's KEM key
+    (docs/robustness.md); an operator on its own host sends :class:`RootDataSubmit` instead.
 
     ``sealed`` opens, with associated data ``qflare-root-data|`` + ``kem_fp``, to an ``.npz``
     holding ``x`` (float32, n samples) and ``y`` (int64, n labels).
@@ -735,7 +777,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundSpec, RoundOpen, RoundAbort, Revocation, KeyEpoch, RootData,
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
-    DeviceRevoked,
+    DeviceRevoked, EnclaveReportRequest, EnclaveReport, RootDataSubmit, RootDataForwarded,
     UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, Event,
 )
 BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
@@ -744,4 +786,5 @@ assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"
 #: Every request the coordinator accepts on its operator queue, each inside Signed.
 OPERATOR_REQUESTS: tuple[type[OperatorRequest], ...] = (
     RoundStart, RoundCancel, RoundListRequest, RoundStatusRequest, TokenCreate, DeviceListRequest, DeviceRevoke,
+    EnclaveReportRequest, RootDataSubmit,
 )

@@ -194,6 +194,62 @@ def test_without_attack_honest_updates_pass():
     assert cos(out.aggregate, direction) > 0.95
 
 
+def one_class_round(counts, d: int = D, seed: int = 0):
+    """(updates, root reference) of devices holding one class each (a fleet of tiny shards):
+    same-class updates are near-copies (cosine ~0.98), classes differ in how well they align
+    with the reference, and the root data holds every class equally."""
+    rng = np.random.default_rng(seed)
+    shared = rng.normal(size=d)
+    shared /= np.linalg.norm(shared)
+    c = np.linspace(0.1, 0.6, len(counts))[:, None] * shared + rng.normal(size=(len(counts), d)) / np.sqrt(d)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    label = np.repeat(np.arange(len(counts)), counts)
+    u = c[label] + 0.15 * rng.normal(size=(len(label), d)) / np.sqrt(d)
+    u *= rng.uniform(0.8, 1.2, size=(len(label), 1))
+    return u.astype(np.float32), (c.sum(axis=0) + 0.5 * rng.normal(size=d) / np.sqrt(d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tiny_shards_of_one_class_keep_their_class_mass_not_one_vote(seed):
+    u, ref = one_class_round(np.arange(5, 45, 4), seed=seed)  # 5 .. 41 devices per class
+    plain = agg.fedavg(u, np.ones(len(u)))
+    out = run(u, reference=ref)
+    assert out.accepted.all()
+    assert cos(out.aggregate, plain) > 0.999
+    # what the test measures: one vote per class (the old 0.95 copy threshold) moves it
+    assert cos(run(u, reference=ref, fl=FLSettings(copy_cosine=0.95)).aggregate, plain) < 0.97
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trust_weighting_does_not_starve_classes_less_aligned_with_the_root_data(seed):
+    u, ref = one_class_round([20] * 10, seed=seed)
+    plain = agg.fedavg(u, np.ones(len(u)))
+    assert cos(run(u, reference=ref).aggregate, plain) > 0.999
+    # what the test measures: a fixed trust power (judging individuals) fades whole classes
+    fixed = run(u, reference=ref, fl=FLSettings(trust_min_gain=None)).aggregate
+    assert cos(fixed, plain) < 0.99
+
+
+def test_once_a_round_shows_trust_weighting_helps_it_stays_on_for_the_attackers_next_rounds():
+    u, direction, ref = honest_round()
+    rng = np.random.default_rng(5)
+    side = rng.normal(size=D)
+    side -= (side @ direction) * direction
+    side /= np.linalg.norm(side)
+    u[-9:] = (0.2 * direction + side + 0.5 * rng.normal(size=(9, D)) / np.sqrt(D)).astype(np.float32)  # a side task
+    first = run(u, reference=ref)
+    assert first.accepted[-9:].all() and first.state.trust_on  # passes the tests, so only weighting fades it
+    assert cos(first.aggregate, direction) > cos(agg.fedavg(u, np.ones(K)), direction) + 0.05
+    clean, _ = one_class_round([20] * 10)
+    _, class_ref = one_class_round([20] * 10)
+    plain = agg.fedavg(clean, np.ones(len(clean)))
+    fresh = run(clean, reference=class_ref)
+    assert not fresh.state.trust_on and cos(fresh.aggregate, plain) > 0.999
+    kept = run(clean, reference=class_ref, state=first.state)
+    assert kept.state.trust_on and cos(kept.aggregate, plain) < 0.99
+    assert DefenceState.from_json(kept.state.as_json()) == kept.state
+
+
 def test_new_reasons_are_documented():
     for reason in (Reason.OUTLIER, Reason.QUARANTINED):
         assert DESCRIPTIONS[reason]

@@ -106,3 +106,80 @@ async def test_root_data_survives_an_enclave_restart(broker, settings):
             first = enc.root
         async with enclave(settings) as again:
             assert again.root is not None and np.array_equal(again.root[1], first[1])
+
+
+# --- root data over the operator plane: signed by the operator's own key ------------------
+
+
+def _submission(settings, identity, x, y, *, issued_at: float | None = None):
+    """A ``Signed(RootDataSubmit)`` for the attested enclave, signed by ``identity``."""
+    import secrets
+
+    from coordinator.registry import Registry
+    from coordinator.service import META_ENCLAVE_REPORT
+    from schemas.messages import RootDataSubmit
+
+    registry = Registry(str(settings.registry_file))
+    try:
+        kem_fp, sealed = rootdata.seal_to(registry.get_meta(META_ENCLAVE_REPORT), x, y)
+    finally:
+        registry.close()
+    req = RootDataSubmit(operator_alg=identity.sig_alg, operator_pk=identity.sig_pk, nonce=secrets.token_bytes(32),
+                         issued_at=time.time() if issued_at is None else issued_at, kem_fp=kem_fp, sealed=sealed,
+                         n_samples=len(y))
+    return signing.sign(req, identity.sig_alg, identity.sig_sk, identity.sig_pk)
+
+
+async def test_root_data_sent_by_the_operator_from_its_own_host_is_kept(broker, settings):
+    from ops.operator_client import OperatorClient
+    from tests.services import with_operator
+
+    s = with_operator(settings)  # both the coordinator and the enclave pin the operator key
+    async with coordinator(s), enclave(s) as enc:
+        events = await EventLog.bind(broker, "enclave.#")
+        async with OperatorClient(s) as op:  # no coordinator key, no registry: only the operator's own
+            fp = await op.send_root_data(*rootdata.digits_root())
+        assert fp == enc.identity.kem_fp
+        await events.wait("enclave.root_data")
+        await wait_for(lambda: enc.root is not None)
+        assert len(enc.root[2]) == 10 * rootdata.ROOT_PER_CLASS
+
+
+async def test_root_data_from_an_unpinned_operator_key_is_refused(broker, settings):
+    from pqc.identity import Identity
+    from tests.services import with_operator
+
+    s = with_operator(settings)
+    stranger = Identity.generate(s.crypto.signature, s.crypto.kem)
+    async with coordinator(s), enclave(s) as enc:
+        events = await EventLog.bind(broker, "enclave.#")
+        # published straight to the enclave's control queue, as a coordinator that forwards
+        # anything would: the enclave checks the operator's key against its own pins
+        await broker.publisher.publish(broker.names.control_exchange, "enclave",
+                                       _submission(s, stranger, *rootdata.digits_root()))
+        refused = await events.wait("enclave.root_data.rejected.not_operator")
+        assert refused[0].reason == "not_operator"
+        assert enc.root is None
+
+
+async def test_replayed_root_data_is_refused(broker, settings):
+    from ops.operator_client import load_operator
+    from tests.services import with_operator
+
+    s = with_operator(settings)
+    operator = load_operator(s)
+    async with coordinator(s), enclave(s) as enc:
+        events = await EventLog.bind(broker, "enclave.#")
+        signed = _submission(s, operator, np.zeros((3, 64), np.float32), np.zeros(3, np.int64))
+        await broker.publisher.publish(broker.names.control_exchange, "enclave", signed)
+        await events.wait("enclave.root_data")
+        newer = _submission(s, operator, *rootdata.digits_root())
+        await broker.publisher.publish(broker.names.control_exchange, "enclave", newer)
+        await events.wait("enclave.root_data", 2)
+        await broker.publisher.publish(broker.names.control_exchange, "enclave", signed)  # the old one again
+        await events.wait("enclave.root_data.rejected.replay")
+        assert len(enc.root[2]) == 10 * rootdata.ROOT_PER_CLASS  # still the newer root data
+        # one from outside the freshness window is refused too, however new it claims to be
+        stale = _submission(s, operator, *rootdata.digits_root(), issued_at=time.time() - 10 * 3600)
+        await broker.publisher.publish(broker.names.control_exchange, "enclave", stale)
+        await events.wait("enclave.root_data.rejected.stale")
