@@ -49,11 +49,22 @@ def load(directory: Path) -> dict[str, float]:
         return {}
 
 
-def save(directory: Path, reputations: Mapping[str, float], quarantine_below: float | None) -> None:
-    """Write reputations atomically, with who is quarantined (``qflare device list`` reads it)."""
+def load_trust_on(directory: Path) -> bool:
+    """Whether an earlier round switched trust weighting on (kept across restarts, like reputations)."""
+    try:
+        return bool(json.loads((directory / FILE).read_text()).get("trust_on", False))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save(directory: Path, reputations: Mapping[str, float], quarantine_below: float | None,
+         trust_on: bool = False) -> None:
+    """Write reputations atomically, with who is quarantined (``qflare device list`` reads it) and
+    whether trust weighting is on (a restarted enclave must not wait for another attack round)."""
     private_dir(directory)
     body = {"reputations": {k: round(v, 6) for k, v in sorted(reputations.items())},
-            "quarantined": sorted(d for d in reputations if quarantined(reputations, d, quarantine_below))}
+            "quarantined": sorted(d for d in reputations if quarantined(reputations, d, quarantine_below)),
+            "trust_on": bool(trust_on)}
     tmp = private_file(directory / (FILE + ".tmp"))  # 0600 like the rest of the enclave's state
     tmp.write_text(json.dumps(body, indent=1))
     os.replace(tmp, directory / FILE)

@@ -218,7 +218,8 @@ class Enclave:
         self._expiry: asyncio.Task | None = None
         self._acking: set[asyncio.Task] = set()
         self._enclave_dir = settings.state_dir / "enclave"
-        self.defence_state = DefenceState(reputation.load(self._enclave_dir))
+        self.defence_state = DefenceState(reputation.load(self._enclave_dir),
+                                          reputation.load_trust_on(self._enclave_dir))
         stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
         self.root: tuple[float, np.ndarray, np.ndarray] | None = (
             (stored_root[0].issued_at, stored_root[1], stored_root[2]) if stored_root else None)
@@ -818,7 +819,8 @@ class Enclave:
                 await self._refuse_stored(spec.round_id, u, getattr(reason, "value", reason), rejected)
         if isinstance(verdict, Defence):
             self.defence_state = verdict.state
-            reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below)
+            reputation.save(self._enclave_dir, verdict.state.reputations, self.settings.fl.quarantine_below,
+                            verdict.state.trust_on)
             for device in verdict.newly_quarantined:
                 log.warning("device %s quarantined: repeated rejections", device)
                 await self.broker.publisher.event("device.quarantined", device_id=device, round_id=spec.round_id,

@@ -272,3 +272,16 @@ def test_unboosted_backdoor_is_stopped_with_root_data():
     assert undefended.backdoor >= 0.5  # the attack works when nothing stops it ...
     assert defended.backdoor <= 0.05  # ... and the defence stops it
     assert defended.accuracy >= undefended.accuracy - 0.03
+
+
+def test_trust_weighting_switched_on_survives_an_enclave_restart(tmp_path):
+    """An enclave restarted after an attack round must not wait for another one to fade the
+    attackers again: ``trust_on`` is written with the reputations and read back."""
+    from enclave_worker import reputation
+
+    reputation.save(tmp_path, {"dev-0": 0.5}, FLSettings().quarantine_below, trust_on=True)
+    assert reputation.load_trust_on(tmp_path) is True
+    assert reputation.load(tmp_path) == {"dev-0": 0.5}
+    reputation.save(tmp_path, {"dev-0": 0.5}, FLSettings().quarantine_below)
+    assert reputation.load_trust_on(tmp_path) is False
+    assert reputation.load_trust_on(tmp_path / "absent") is False
