@@ -77,6 +77,8 @@ class Publisher:
         self.connection = connection
         #: That channel, once a nack was seen (None: the main channel).
         self.confirmed_channel: AbstractChannel | None = None
+        #: Seconds :meth:`publish` waits for the broker's confirm (a test makes it tiny to force a miss).
+        self.confirm_timeout = CONFIRM_TIMEOUT
 
     async def exchange(self, name: str) -> AbstractExchange:
         if name == "":
@@ -106,7 +108,7 @@ class Publisher:
             ex = await self.exchange(exchange)
         else:
             ex = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
-        await ex.publish(message, routing_key, mandatory=mandatory, timeout=CONFIRM_TIMEOUT)
+        await ex.publish(message, routing_key, mandatory=mandatory, timeout=self.confirm_timeout)
 
     async def _fresh_confirmed_channel(self) -> None:
         """After a nack, a new channel for what must be confirmed: on a cluster, a channel that
