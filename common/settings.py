@@ -99,6 +99,14 @@ class BrokerSettings(Section):
     vhost_max_queues: int | None = Field(None, ge=16)
     #: Connections one device's broker user may hold at once.
     device_max_connections: int = Field(4, ge=1, le=1000)
+    #: Updates a fleet's channel has awaiting the broker's confirm at once; the next device's
+    #: update waits for a slot, and that wait is not counted against the confirm timeout (a
+    #: fleet of thousands queued all its publishes on one channel, where they timed out
+    #: unsent: docs/scaling.md, the load generator).
+    publish_window: int = Field(64, ge=1, le=10_000)
+    #: Confirming channels a fleet spreads its devices' updates over, on its one connection
+    #: (each channel writes one message at a time).
+    publish_channels: int = Field(1, ge=1, le=64)
     #: Further nodes of the same RabbitMQ cluster, tried in turn when ``amqp_url`` does not
     #: answer or its connection is lost (docs/scaling.md, A RabbitMQ cluster). Also written as
     #: a comma list in ``amqp_url``: ``QFLARE_AMQP_URL=amqp://u:p@a:5672/,amqp://u:p@b:5672/``.

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from broker.client import BrokerClient
-from broker.messaging import TRANSIENT
+from broker.messaging import RETRY_MAX_SECONDS, TRANSIENT
 from common import compression
 from common.settings import Settings
 from common.task import TaskError, TrainConfig
@@ -51,6 +51,21 @@ class Member:
     trained_on: tuple[int, int] = (0, -1)
     #: Simulated hardware (edge_agent/availability.py): local training takes at least this long.
     pace_seconds: float = 0.0
+
+
+#: First pause before a fleet resends an update the broker did not confirm (doubling up to
+#: broker.messaging's RETRY_MAX_SECONDS, while the update's round is open).
+RESEND_FIRST_SECONDS = 1.0
+
+
+@dataclass
+class Lane:
+    """A confirming channel a fleet publishes its updates on (None: the client's main one), and
+    its window: ``broker.publish_window`` publishes awaiting a confirm at once."""
+
+    channel: AbstractChannel | None
+    slots: asyncio.Semaphore
+    load: int = 0  # publishes holding or waiting for a slot: the next update takes the least loaded lane
 
 
 def verify_model(body: bytes, device: Device) -> GlobalModel:
@@ -92,6 +107,12 @@ class Fleet:
         self._assembly: ModelAssembly | None = None
         #: Updates built, their encoded deltas' bytes and their messages' bytes (benchmarks, demo).
         self.built = {"updates": 0, "payload_bytes": 0, "message_bytes": 0}
+        #: Publishes the broker did not confirm in time, and resends of such updates (same update id).
+        self.unconfirmed = 0
+        self.resent = 0
+        self._lanes: list[Lane] = []
+        self._lanes_of: object | None = None  # the BrokerClient the lanes' channels belong to
+        self._lanes_lock = asyncio.Lock()
         self._level = logging.INFO if narrate else logging.DEBUG
         self._warm = False
         self._hooked: object | None = None  # the connection whose reconnects we follow
@@ -278,29 +299,64 @@ class Fleet:
         m.train_seconds = time.monotonic() - t0
         self._say("%s: trained for round %d on %d samples in %.1f s", m.device.device_id, spec.round_id, n,
                   m.train_seconds)
-        s = self.settings
+        # Compress, seal, sign and keep it in the outbox in a worker thread: on the event loop, a
+        # fleet's devices finishing training together ran these back to back (seconds for
+        # thousands), and the publishes and confirms waited behind them.
+        built = await asyncio.to_thread(self._build, m, model, delta, n)
+        if isinstance(built, int):
+            # The enclave would dead-letter it as oversize; say so here, where it can be fixed.
+            log.error("a message of %s's update is %d bytes, over broker.max_message_bytes (%d): not sent; "
+                      "lower chunking.chunk_bytes", m.device.device_id, built, self.settings.broker.max_message_bytes)
+            if self.on_reject:
+                self.on_reject(m.device.device_id, "oversize")
+            return
+        update_id, key, body, payload_bytes = built
+        self.built["updates"] += 1
+        self.built["payload_bytes"] += payload_bytes
+        self.built["message_bytes"] += len(body) if isinstance(body, bytes) else sum(len(b) for b in body)
+        self._say("%s: sent update %s for round %d", m.device.device_id, update_id, spec.round_id)
+        if await self._send_until_confirmed(m, spec, update_id, key, body) and self.on_sent:
+            self.on_sent(m.device.device_id, spec.round_id)
+
+    def _build(self, m: Member, model: GlobalModel, delta: np.ndarray,
+               n: int) -> tuple[str, str, bytes | list[bytes], int] | int:
+        """(update id, routing key, message or chunk messages, encoded delta's bytes) of ``m``'s
+        sealed, signed update, kept in the outbox; or the size of a message over the broker's
+        limit (not kept, not sent)."""
+        s, spec = self.settings, model.next_round
         encoded, m.residual = compression.encode_with_feedback(
             delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,
             s.fl.topk_fraction)
         update_id, key, bodies = updates.build_parts(m.device, spec.round_id, model.version, model.layout_id,
                                                      encoded, n)
-        limit = s.broker.max_message_bytes
-        if max(len(b) for b in bodies) > limit:
-            # The enclave would dead-letter it as oversize; say so here, where it can be fixed.
-            log.error("a message of %s's update is %d bytes, over broker.max_message_bytes (%d): not sent; "
-                      "lower chunking.chunk_bytes", m.device.device_id, max(len(b) for b in bodies), limit)
-            if self.on_reject:
-                self.on_reject(m.device.device_id, "oversize")
-            return
-        self.built["updates"] += 1
-        self.built["payload_bytes"] += encoded.nbytes
-        self.built["message_bytes"] += sum(len(b) for b in bodies)
+        if max(len(b) for b in bodies) > s.broker.max_message_bytes:
+            return max(len(b) for b in bodies)
         body = bodies[0] if len(bodies) == 1 else bodies
         self.outbox.put(update_id, m.device.device_id, key, body, spec.round_id)
-        self._say("%s: sent update %s for round %d", m.device.device_id, update_id, spec.round_id)
-        await self.send(update_id, key, body)
-        if self.on_sent:
-            self.on_sent(m.device.device_id, spec.round_id)
+        return update_id, key, body, encoded.nbytes
+
+    async def _send_until_confirmed(self, m: Member, spec: RoundSpec, update_id: str, key: str,
+                                    body: bytes | list[bytes]) -> bool:
+        """Send, and resend (same update id: the enclave counts it once) what the broker did not
+        confirm, while the round is open and the update is still in the outbox; True once confirmed.
+
+        Offline, or once the round closed, it stays in the outbox (a reconnect or ``flush`` sends it).
+        """
+        pause = RESEND_FIRST_SECONDS
+        if await self.send(update_id, key, body):
+            return True
+        while time.time() + pause < spec.deadline and not self.paused and m.device.device_id in self.members:
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, RETRY_MAX_SECONDS)
+            if self.paused or self.broker is None:
+                return False
+            if not self.outbox.is_pending(update_id):
+                return True  # a reconnect's flush sent it meanwhile
+            self.resent += 1
+            self._say("%s: resending update %s (not confirmed)", m.device.device_id, update_id)
+            if await self.send(update_id, key, body):
+                return True
+        return False
 
     async def send(self, update_id: str, routing_key: str, body: bytes | list[bytes]) -> bool:
         """Publish with confirm; the outbox keeps the update until the broker confirmed it.
@@ -310,15 +366,22 @@ class Fleet:
         """
         if self.broker is None or self.paused:
             return False  # offline: it stays in the outbox until the device is back
-        self.outbox.attempt(update_id)
         broker = self.broker
         try:
-            # mandatory: an update no queue takes comes back as an error, never vanishes
-            for part in body if isinstance(body, list) else [body]:
-                await broker.publisher.publish(broker.names.updates_exchange, routing_key, part,
-                                               message_id=update_id, mandatory=True)
+            lane = await self._lane(broker)
+            lane.load += 1
+            try:
+                async with lane.slots:  # backpressure: waiting here is not counted in the confirm timeout
+                    self.outbox.attempt(update_id)
+                    # mandatory: an update no queue takes comes back as an error, never vanishes
+                    for part in body if isinstance(body, list) else [body]:
+                        await broker.publisher.publish(broker.names.updates_exchange, routing_key, part,
+                                                       message_id=update_id, mandatory=True, channel=lane.channel)
+            finally:
+                lane.load -= 1
         except TRANSIENT as exc:
-            log.warning("update %s not confirmed (%s); kept in the outbox", update_id, exc)
+            self.unconfirmed += 1
+            log.warning("update %s not confirmed (%s: %s); kept in the outbox", update_id, type(exc).__name__, exc)
             if self.on_unconfirmed:
                 self.on_unconfirmed(update_id)
             return False
@@ -332,6 +395,19 @@ class Fleet:
         self.outbox.confirmed(update_id)
         self._say("update %s confirmed by the broker", update_id)
         return True
+
+    async def _lane(self, broker: BrokerClient) -> Lane:
+        """The least loaded of ``broker.publish_channels`` confirming channels on ``broker``'s
+        connection (the first is its main channel), opened at the first update."""
+        async with self._lanes_lock:
+            if self._lanes_of is not broker:
+                s = self.settings.broker
+                lanes = [Lane(None, asyncio.Semaphore(s.publish_window))]
+                for _ in range(s.publish_channels - 1):
+                    channel = await broker.connection.channel(publisher_confirms=True)
+                    lanes.append(Lane(channel, asyncio.Semaphore(s.publish_window)))
+                self._lanes, self._lanes_of = lanes, broker
+        return min(self._lanes, key=lambda lane: lane.load)
 
     async def flush(self) -> int:
         """Resend every pending update of this fleet's devices (same update ids)."""

@@ -49,6 +49,11 @@ class Outbox:
         with self.lock:
             self.db.execute("DELETE FROM outbox WHERE update_id=?", (update_id,))
 
+    def is_pending(self, update_id: str) -> bool:
+        """Whether ``update_id`` still waits for the broker's confirm (a resend, or a flush, sent it if not)."""
+        with self.lock:
+            return self.db.execute("SELECT 1 FROM outbox WHERE update_id=?", (update_id,)).fetchone() is not None
+
     def pending(self, device_id: str | None = None) -> list[tuple[str, str, str, bytes | list[bytes]]]:
         """(update_id, device_id, routing_key, body or chunk bodies) of every unconfirmed update, oldest first."""
         q = "SELECT update_id, device_id, routing_key, body, chunked FROM outbox"
