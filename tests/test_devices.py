@@ -76,6 +76,37 @@ async def test_outbox_keeps_an_unconfirmed_update_and_resends_it_with_the_same_i
         assert [u.update_id for u in enc.store.round_updates(1)] == [uid]
 
 
+async def test_a_fleet_resends_an_update_the_broker_did_not_confirm_and_the_enclave_counts_it_once(
+        broker, settings, tmp_path):
+    async with coordinator(settings) as coord, enclave(settings) as enc:
+        events = await EventLog.bind(broker, "round.completed")
+        dev = await enrolled(broker, coord, "unconfirmed")
+        device_broker = await BrokerClient.open(settings, name="unconfirmed", declare=False)
+        try:
+            fleet = Fleet(device_broker, Outbox(tmp_path / "o.sqlite3"))
+            fleet.add(Member(dev, *device_shard(0, 2)))
+            # a real publish with a timeout too short for any confirm: the first attempt fails
+            device_broker.publisher.confirm_timeout = 1e-6
+            missed: list[str] = []
+
+            def on_unconfirmed(update_id: str) -> None:
+                missed.append(update_id)
+                device_broker.publisher.confirm_timeout = 30.0  # the broker answers the resend in time
+
+            fleet.on_unconfirmed = on_unconfirmed
+            await fleet.listen()
+            await start_round(coord, broker, 1, ["unconfirmed"])
+            done = await events.wait("round.completed", 1, timeout=45)
+            await fleet.drain()
+        finally:
+            await device_broker.close()
+        assert len(missed) == 1 and fleet.unconfirmed == 1 and fleet.resent == 1
+        assert fleet.outbox.pending() == []  # confirmed on the resend
+        # the same update id both times: one update in the round, however many copies arrived
+        assert [u.update_id for u in enc.store.round_updates(1)] == missed
+        assert done[0].detail["accepted"] == 1
+
+
 async def test_an_update_over_the_message_limit_is_not_sent_and_says_why(broker, settings, tmp_path, caplog):
     small = settings.model_copy(update={"broker": settings.broker.model_copy(update={"max_message_bytes": 8192})})
     async with coordinator(settings) as coord, enclave(settings):
