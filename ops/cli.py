@@ -834,6 +834,7 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
          task: str | None = typer.Option(None, "--task", help=TASK_HELP),
          compression: str = typer.Option("int8", help="fl.compression of the devices' updates: none, int8, topk."),
          prefetch: int = typer.Option(256, min=1, max=10_000, help="broker.prefetch of the coordinator and the enclave."),
+         publish_channels: int = typer.Option(4, min=1, max=64, help="broker.publish_channels of each connection's devices."),
          write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md's load section."),
          json_out: bool = typer.Option(False, "--json", help="Print only the JSON report.")) -> None:
     """Load test: N devices enrol, open sessions and send one round's update through the real
@@ -845,7 +846,8 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
     if compression not in ("none", "int8", "topk"):
         raise typer.BadParameter("none, int8 or topk", param_hint="--compression")
     kw = {"connections": connections, "concurrency": concurrency, "deadline": deadline, "namespace": namespace,
-          "plot_path": out / "load.png", "compression": compression, "prefetch": prefetch}
+          "plot_path": out / "load.png", "compression": compression, "prefetch": prefetch,
+          "publish_channels": publish_channels}
     if json_out:
         report = run(run_load(s, devices, **kw))
     else:
