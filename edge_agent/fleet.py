@@ -97,8 +97,8 @@ class Fleet:
         self.latest: GlobalModel | None = None
         self.on_sent = on_sent
         self.on_reject = on_reject
-        #: Called when the broker did not confirm an update (it stays in the outbox): ``qflare
-        #: agent run`` then connects again, since a channel that nacked (a queue leader lost on a
+        #: Called when the broker did not confirm an update (it stays in the outbox, and the fleet
+        #: resends it while its round is open): ``qflare agent run`` also connects again, since a channel that nacked (a queue leader lost on a
         #: cluster) may go on nacking, and a new connection resends the outbox.
         self.on_unconfirmed: Callable[[str], None] | None = None
         self.attacker = attacker

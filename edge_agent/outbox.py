@@ -61,7 +61,8 @@ class Outbox:
         if device_id is not None:
             q += " WHERE device_id=?"
             args = (device_id,)
-        rows = self.db.execute(q + " ORDER BY created_at", args).fetchall()
+        with self.lock:  # a fleet's worker threads put updates while the loop reads
+            rows = self.db.execute(q + " ORDER BY created_at", args).fetchall()
         return [(u, d, k, msgpack.unpackb(b) if chunked else b) for u, d, k, b, chunked in rows]
 
     def close(self) -> None:
