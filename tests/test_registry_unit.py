@@ -275,3 +275,95 @@ def test_a_device_auth_key_is_bound_to_its_signature_key(open_store):
     new = Identity.generate("ML-DSA-44", "ML-KEM-768")
     rotated = reg.rotate_device_keys("d1", new.sig_alg, new.sig_pk, new.kem_alg, new.kem_pk)
     assert other.get_device_auth("d1") == (rotated, None)
+
+
+def test_an_enrolment_nonce_replayed_with_another_token_is_refused_and_burns_nothing(open_store):
+    """The claim's nonce is kept in the enrolment's own step (coordinator/service.py:
+    burn_and_enroll): a second claim with the same nonce, in the same group or later, is a
+    replay, and its refused step leaves its token unburnt; the first nonce stays kept."""
+    reg = open_store()
+    a, b, c = (reg.create_token(d, 600) for d in ("dev-a", "dev-b", "dev-c"))
+    nonce = b"n" * 32
+
+    def claim(token: str, device_id: str):
+        def step():
+            if not reg.remember_nonce_in_step(nonce, window_seconds=600):
+                raise RegistryError("replay", device_id)
+            if reg.consume_token(token, device_id) != "ok":
+                raise RegistryError("token_used", device_id)
+            return enroll(reg, device_id)
+        return step
+
+    out = reg.commit_group([claim(a, "dev-a"), claim(b, "dev-b")])
+    assert out[0].device_id == "dev-a"
+    assert isinstance(out[1], RegistryError) and out[1].reason == "replay"
+    assert reg.check_token(b, "dev-b") == "ok" and reg.get_device("dev-b") is None
+    later = reg.commit_group([claim(c, "dev-c")])  # a later group, another connection's view too
+    assert isinstance(later[0], RegistryError) and later[0].reason == "replay"
+    assert not open_store().remember_nonce(nonce)  # the kept nonce is every coordinator's
+
+
+async def test_an_off_loop_commit_is_not_read_by_the_event_loop_before_it_commits(open_store):
+    """Attack: read a batch still being committed (a dirty read: a device told it is enrolled,
+    or served a session, by a batch that then rolls back). The off-loop group commit runs on
+    its own thread and connection; the event loop meanwhile runs and sees only committed rows."""
+    import asyncio
+
+    from coordinator.service import GroupCommit
+
+    reg = open_store()
+    token = reg.create_token("dev-a", 600)
+    inside, release = threading.Event(), threading.Event()
+    threads: list[str] = []
+
+    def step():
+        threads.append(threading.current_thread().name)
+        assert reg.consume_token(token, "dev-a") == "ok"
+        device = enroll(reg, "dev-a")
+        inside.set()
+        assert release.wait(10)
+        return device
+
+    commits = GroupCommit(reg, off_loop=True)
+    pending = asyncio.ensure_future(commits.run(step))
+    while not inside.is_set():  # the loop turns while the step runs elsewhere
+        await asyncio.sleep(0.001)
+    assert reg.get_device("dev-a") is None and reg.check_token(token, "dev-a") == "ok"
+    release.set()
+    device = await pending
+    assert device.device_id == "dev-a" and threads != [threading.current_thread().name]
+    assert reg.get_device("dev-a") is not None and reg.check_token(token, "dev-a") == "token_used"
+    await commits.close()
+
+
+async def test_off_loop_group_commits_batch_what_arrives_during_a_commit(open_store):
+    """Steps arriving while a batch commits wait for it and go in the next batch, each with its
+    own outcome; a token raced across the batches still burns exactly once."""
+    import asyncio
+
+    from coordinator.service import GroupCommit
+
+    reg = open_store()
+    token = reg.create_token("dev-a", 600)
+    batches: list[int] = []
+    commit = reg.commit_group_off_loop
+
+    def counting(steps):
+        batches.append(len(steps))
+        time.sleep(0.05)  # a slow disk: the others arrive meanwhile
+        return commit(steps)
+
+    commits = GroupCommit(reg, off_loop=True)
+    commits._commit = counting
+
+    def burn():
+        if reg.consume_token(token, "dev-a") != "ok":
+            raise RegistryError("token_used", "dev-a")
+        return "burnt"
+
+    first = asyncio.ensure_future(commits.run(burn))
+    await asyncio.sleep(0.01)  # the first batch is committing now
+    rest = await asyncio.gather(*(commits.run(burn) for _ in range(5)), return_exceptions=True)
+    assert await first == "burnt" and batches == [1, 5]
+    assert all(isinstance(r, RegistryError) and r.reason == "token_used" for r in rest)
+    await commits.close()
