@@ -131,10 +131,10 @@ class GroupCommit:
         self._commit = commit or registry.commit_group
         self._pending: list[tuple[object, asyncio.Future]] = []
         self._scheduled = False
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        if off_loop and commit is None and getattr(registry, "commits_off_loop", False):
+        self._off_loop = off_loop and commit is None and getattr(registry, "commits_off_loop", False)
+        if self._off_loop:
             self._commit = registry.commit_group_off_loop
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry-commit")
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first batch
         self._in_flight: asyncio.Future | None = None
 
     async def run(self, step):
@@ -162,9 +162,11 @@ class GroupCommit:
     def _flush(self) -> None:
         self._scheduled = False
         batch, self._pending = self._pending, []
-        if self._executor is None:
+        if not self._off_loop:
             self._settle(batch, self._commit_batch([step for step, _ in batch]))
             return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry-commit")
         loop = asyncio.get_running_loop()
         self._in_flight = loop.run_in_executor(self._executor, self._commit_batch, [step for step, _ in batch])
         self._in_flight.add_done_callback(lambda done: self._committed(batch, done))
@@ -191,6 +193,7 @@ class GroupCommit:
             await asyncio.shield(self._in_flight)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+            self._executor = None  # a coordinator started again makes a new one
 
 
 def coordinator_dir(settings: Settings) -> Path:
