@@ -180,7 +180,6 @@ class RegistryStore(Protocol):
     def release_lease(self, name: str, holder: str) -> None: ...
     def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
     def remember_nonce_in_step(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
-    def commit_group_off_loop(self, steps: list[Callable[[], object]]) -> list[object]: ...
     def audit(self, actor: str, action: str, device_id: str | None = None, **detail: object) -> None: ...
     def get_meta(self, key: str) -> bytes | None: ...
     def set_meta(self, key: str, value: bytes) -> None: ...
@@ -199,10 +198,12 @@ class Registry:
         if path != ":memory:":
             private_file(Path(path))  # 0600 before SQLite opens it (its -wal/-shm follow the mode)
         self.path = path
-        self.db = self._durable_connection()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self.lock = threading.RLock()
         if path != ":memory:":
             self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")  # tokens and devices survive a power loss
+        self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
         # Sessions and seen nonces are written at handshake rate; on this second connection a
         # commit survives a process crash but not a power loss (WAL, synchronous=NORMAL).
@@ -215,44 +216,6 @@ class Registry:
             self.fast.execute("PRAGMA synchronous=NORMAL")
         for conn in {self.db, self.fast}:
             conn.execute("PRAGMA secure_delete=ON")  # an erased session key leaves no page behind
-
-    def _durable_connection(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA synchronous=FULL")  # tokens and devices survive a power loss
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA secure_delete=ON")
-        return conn
-
-    # ``db`` is the durable connection of the calling thread: the group-commit thread has one
-    # of its own (:meth:`commit_group_off_loop`), so what the event loop reads meanwhile is the
-    # last committed state, never a batch still in flight that might yet roll back.
-    @property
-    def db(self):  # sqlite3.Connection here, the psycopg wrapper in registry_pg
-        local = self.__dict__.get("_local")
-        return getattr(local, "db", None) or self.__dict__["_db"]
-
-    @db.setter
-    def db(self, conn) -> None:
-        self.__dict__["_db"] = conn
-
-    #: Whether :meth:`commit_group_off_loop` may run in another thread (a second connection to
-    #: the same database exists: not for ``:memory:``).
-    @property
-    def commits_off_loop(self) -> bool:
-        return self.path != ":memory:"
-
-    def _open_group_connection(self):
-        return self._durable_connection()
-
-    def commit_group_off_loop(self, steps: list[Callable[[], object]]) -> list[object]:
-        """:meth:`commit_group` on the calling (worker) thread's own durable connection, so the
-        commit's fsync (or PostgreSQL round trip) waits there, not in the event loop. The steps
-        run in that thread; the registry lock keeps every other writer out until the commit."""
-        local = self.__dict__.setdefault("_local", threading.local())
-        if getattr(local, "db", None) is None:
-            local.db = self._open_group_connection()
-            self.__dict__.setdefault("_group_connections", []).append(local.db)
-        return self.commit_group(steps)
 
     def _migrate(self) -> None:
         with self.lock:
@@ -304,8 +267,6 @@ class Registry:
         return out
 
     def close(self) -> None:
-        for conn in self.__dict__.pop("_group_connections", []):
-            conn.close()
         if self.fast is not self.db:
             self.fast.close()
         self.db.close()

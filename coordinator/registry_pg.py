@@ -93,14 +93,10 @@ class PgRegistry(Registry):
 
     def __init__(self, url: str) -> None:
         self.path = redact(url)
-        self._url = url
         self.db = _Connection(url)
         self.fast = self.db  # one durable connection: PostgreSQL's commit is already cheap enough
         self.lock = threading.RLock()
         self._migrate()
-
-    def _open_group_connection(self) -> _Connection:
-        return _Connection(self._url)  # the group-commit thread's own (its commit waits there)
 
     def _migrate(self) -> None:
         with self.lock, self.db.conn.transaction():

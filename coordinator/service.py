@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
 import secrets
 import time
@@ -113,36 +112,26 @@ class GroupCommit:
     nobody is answered before the commit. The batch is committed once the event loop has gone
     ``ROUNDS`` times through the requests that were ready with the first step (those the
     broker delivered meanwhile join it): a lone enrolment waits microseconds, a burst shares
-    the disk's cost.
-
-    ``off_loop``: the batch commits in a thread of its own, on a connection of its own
-    (:meth:`Registry.commit_group_off_loop`), one batch at a time: the event loop goes on
-    decoding, checking and answering while the disk syncs (before, the fsync stopped it:
-    ~15 % of an enrolment over the broker), and what arrives meanwhile is the next batch.
+    the disk's cost (batches of 1-6 at 32 enrolments in flight over the broker here).
     """
 
     #: Event-loop iterations the first step waits for ready requests to reach their commit.
     ROUNDS = 3
 
-    def __init__(self, registry: Registry, commit=None, off_loop: bool = False) -> None:
+    def __init__(self, registry: Registry, commit=None) -> None:
         self.registry = registry
         #: What commits a batch: ``commit_group`` (steps, savepoints, the durable connection) by
         #: default; ``record_sessions`` (session rows, one transaction) for the session batcher.
         self._commit = commit or registry.commit_group
         self._pending: list[tuple[object, asyncio.Future]] = []
         self._scheduled = False
-        self._off_loop = off_loop and commit is None and getattr(registry, "commits_off_loop", False)
-        if self._off_loop:
-            self._commit = registry.commit_group_off_loop
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first batch
-        self._in_flight: asyncio.Future | None = None
 
     async def run(self, step):
         """``step()``'s result once committed with the others (its exception if it raised);
         for the session batcher ``step`` is a row and the result whether it was new."""
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((step, fut))
-        if not self._scheduled and self._in_flight is None:
+        if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._later, self.ROUNDS - 1)
         return await fut
@@ -153,32 +142,13 @@ class GroupCommit:
         else:
             self._flush()
 
-    def _commit_batch(self, steps: list) -> list:
-        try:
-            return self._commit(steps)
-        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every step with it
-            return [exc] * len(steps)
-
     def _flush(self) -> None:
         self._scheduled = False
         batch, self._pending = self._pending, []
-        if not self._off_loop:
-            self._settle(batch, self._commit_batch([step for step, _ in batch]))
-            return
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry-commit")
-        loop = asyncio.get_running_loop()
-        self._in_flight = loop.run_in_executor(self._executor, self._commit_batch, [step for step, _ in batch])
-        self._in_flight.add_done_callback(lambda done: self._committed(batch, done))
-
-    def _committed(self, batch: list, done: asyncio.Future) -> None:
-        self._in_flight = None
-        self._settle(batch, done.result() if not done.cancelled() else [RuntimeError("commit cancelled")] * len(batch))
-        if self._pending and not self._scheduled:  # what came during the commit: at once
-            self._flush()
-
-    @staticmethod
-    def _settle(batch: list, results: list) -> None:
+        try:
+            results = self._commit([step for step, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every step with it
+            results = [exc] * len(batch)
         for (_, fut), result in zip(batch, results, strict=True):
             if fut.done():
                 continue  # its request was cancelled meanwhile
@@ -186,14 +156,6 @@ class GroupCommit:
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
-
-    async def close(self) -> None:
-        """Wait for the batch being committed (the registry must not close under it)."""
-        if self._in_flight is not None:
-            await asyncio.shield(self._in_flight)
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None  # a coordinator started again makes a new one
 
 
 def coordinator_dir(settings: Settings) -> Path:
@@ -212,7 +174,7 @@ class Coordinator:
         private_dir(settings.state_dir)
         self.identity = load_identity(settings)
         self.registry = registry or open_registry(settings)
-        self.commits = GroupCommit(self.registry, off_loop=True)
+        self.commits = GroupCommit(self.registry)
         #: Session rows of concurrent handshakes, one transaction for a burst (each row alone cost
         #: a commit: ~0.1 ms, a third of a kem-v2 session); each is answered once committed.
         self.session_rows = GroupCommit(self.registry, commit=self.registry.record_sessions)
@@ -409,7 +371,6 @@ class Coordinator:
         self.registry.release_lease(ROUND_LEASE, self.instance)  # another coordinator carries on at once
         if self.broker:
             await self.broker.close()
-        await self.commits.close()
         self.registry.close()
 
     # --- dispatch ------------------------------------------------------------------------
