@@ -179,6 +179,7 @@ class RegistryStore(Protocol):
     def claim_lease(self, name: str, holder: str, ttl_seconds: float, now: float | None = None) -> bool: ...
     def release_lease(self, name: str, holder: str) -> None: ...
     def remember_nonce(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
+    def remember_nonce_in_step(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool: ...
     def audit(self, actor: str, action: str, device_id: str | None = None, **detail: object) -> None: ...
     def get_meta(self, key: str) -> bytes | None: ...
     def set_meta(self, key: str, value: bytes) -> None: ...
@@ -488,15 +489,26 @@ class Registry:
         with self.lock:
             self.fast.execute("BEGIN")
             try:
-                if secrets.randbelow(64) == 0:  # prune now and then, not on every handshake
-                    self.fast.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - window_seconds,))
-                cur = self.fast.execute("INSERT INTO seen_nonces VALUES (?,?) ON CONFLICT DO NOTHING",
-                                        (nonce.hex(), now))
+                new = self._note_nonce(self.fast, nonce, now, window_seconds)
                 self.fast.execute("COMMIT")
             except BaseException:
                 self.fast.execute("ROLLBACK")
                 raise
-            return cur.rowcount == 1
+            return new
+
+    def remember_nonce_in_step(self, nonce: bytes, now: float | None = None, window_seconds: float = 300) -> bool:
+        """:meth:`remember_nonce` inside the caller's transaction on ``db`` (a step of
+        :meth:`commit_group`): the nonce is kept exactly when the step commits, with no
+        commit of its own (an enrolment's claim nonce, with the token burn it goes with)."""
+        with self.lock:
+            return self._note_nonce(self.db, nonce, time.time() if now is None else now, window_seconds)
+
+    @staticmethod
+    def _note_nonce(conn, nonce: bytes, now: float, window_seconds: float) -> bool:
+        if secrets.randbelow(64) == 0:  # prune now and then, not on every handshake
+            conn.execute("DELETE FROM seen_nonces WHERE seen_at < ?", (now - window_seconds,))
+        cur = conn.execute("INSERT INTO seen_nonces VALUES (?,?) ON CONFLICT DO NOTHING", (nonce.hex(), now))
+        return cur.rowcount == 1
 
     # --- rounds ----------------------------------------------------------------------------
 

@@ -457,10 +457,12 @@ class Coordinator:
         if repeat:
             self.registry.audit("coordinator", "enrollment.repeated", device_id=existing.device_id)
             return self._enroll_accept(existing, claim)
-        if not self.registry.remember_nonce(claim.nonce, window_seconds=self.settings.crypto.freshness_seconds * 2):
-            raise QflareError(Reason.REPLAY, "enrollment nonce seen before")
+        nonce_window = self.settings.crypto.freshness_seconds * 2
 
-        def burn_and_enroll():  # the burn and the enrolment it pays for, together
+        def burn_and_enroll():  # the nonce, the burn and the enrolment it pays for, together
+            # kept in the step's transaction: no commit of its own, and undone with a refused step
+            if not self.registry.remember_nonce_in_step(claim.nonce, window_seconds=nonce_window):
+                raise QflareError(Reason.REPLAY, "enrollment nonce seen before")
             outcome = self.registry.consume_token(claim.token, claim.device_id)  # atomic burn: the final word
             if outcome != "ok":
                 raise QflareError(Reason(outcome), "token refused")

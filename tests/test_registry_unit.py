@@ -275,3 +275,30 @@ def test_a_device_auth_key_is_bound_to_its_signature_key(open_store):
     new = Identity.generate("ML-DSA-44", "ML-KEM-768")
     rotated = reg.rotate_device_keys("d1", new.sig_alg, new.sig_pk, new.kem_alg, new.kem_pk)
     assert other.get_device_auth("d1") == (rotated, None)
+
+
+def test_an_enrolment_nonce_replayed_with_another_token_is_refused_and_burns_nothing(open_store):
+    """The claim's nonce is kept in the enrolment's own step (coordinator/service.py:
+    burn_and_enroll): a second claim with the same nonce, in the same group or later, is a
+    replay, and its refused step leaves its token unburnt; the first nonce stays kept."""
+    reg = open_store()
+    a, b, c = (reg.create_token(d, 600) for d in ("dev-a", "dev-b", "dev-c"))
+    nonce = b"n" * 32
+
+    def claim(token: str, device_id: str):
+        def step():
+            if not reg.remember_nonce_in_step(nonce, window_seconds=600):
+                raise RegistryError("replay", device_id)
+            if reg.consume_token(token, device_id) != "ok":
+                raise RegistryError("token_used", device_id)
+            return enroll(reg, device_id)
+        return step
+
+    out = reg.commit_group([claim(a, "dev-a"), claim(b, "dev-b")])
+    assert out[0].device_id == "dev-a"
+    assert isinstance(out[1], RegistryError) and out[1].reason == "replay"
+    assert reg.check_token(b, "dev-b") == "ok" and reg.get_device("dev-b") is None
+    later = reg.commit_group([claim(c, "dev-c")])  # a later group, another connection's view too
+    assert isinstance(later[0], RegistryError) and later[0].reason == "replay"
+    assert not open_store().remember_nonce(nonce)  # the kept nonce is every coordinator's
+
