@@ -40,6 +40,8 @@ ChunkCount = Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
 #: per chunk, or top-k (index, value) pairs.
 Encoding = Literal["f32", "int8", "topk"]
 Sha256 = Annotated[bytes, Field(min_length=32, max_length=32)]
+#: Most enclave shards one namespace may run (docs/scaling.md, "Sharded enclaves").
+MAX_SHARDS = 64
 
 
 class Message(BaseModel):
@@ -700,6 +702,40 @@ class GlobalModel(Message):
     chunk_digests: Annotated[list[Sha256], Field(max_length=MAX_CHUNKS)] = []
 
 
+class ShardPartial(Message):
+    """Shard → root, signed by the shard's attested enclave key, then sealed to the root's KEM
+    key (``PartialEnvelope``): one shard's screened part of a round (docs/scaling.md).
+
+    ``weighted_sum`` is Σ wᵢ·Δᵢ over the shard's accepted updates (little-endian float64, one
+    per parameter, empty when none was accepted), ``weight_total`` Σ wᵢ; the root's FedAvg is
+    Σ sums / Σ totals, exactly one enclave's over the same updates.
+    """
+
+    TYPE: ClassVar[str] = "shard.partial"
+    round_id: Annotated[int, Field(ge=1)]
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+    shards: Annotated[int, Field(ge=2, le=MAX_SHARDS)]
+    base_version: Annotated[int, Field(ge=0)]
+    layout_id: Annotated[str, Field(min_length=1, max_length=64)]
+    weighted_sum: Blob
+    weight_total: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    received: Annotated[int, Field(ge=0, le=MAX_EXPECTED)]
+    accepted: Annotated[int, Field(ge=0, le=MAX_EXPECTED)]
+    rejected: Annotated[dict[Label, Annotated[int, Field(ge=0, le=MAX_EXPECTED)]], Field(max_length=256)] = {}
+    issued_at: float
+
+
+class PartialEnvelope(Message):
+    """A ``Signed(ShardPartial)`` sealed to the root enclave's KEM key; the clear fields are
+    bound as associated data (common/shards.py ``partial_aad``) and repeated inside."""
+
+    TYPE: ClassVar[str] = "shard.partial.sealed"
+    round_id: Annotated[int, Field(ge=1)]
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+    base_version: Annotated[int, Field(ge=0)]
+    sealed: Blob
+
+
 class ModelChunk(Message):
     """A slice of a chunked global model's parameters; the signed model names its digest."""
 
@@ -733,7 +769,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked,
-    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, Event,
+    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, ShardPartial, PartialEnvelope, Event,
 )
 BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
 assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"
