@@ -133,7 +133,7 @@ def service_permissions(names: Names, role: str) -> dict[str, str]:
     """
     n = names
     exchanges = _any(*n.topology_exchanges)
-    queues = _any(*n.topology_queues)
+    queues = _union(_any(*n.topology_queues, n.partials_queue), f"^{n.shard_queues_pattern}$")
     publishes = {
         "coordinator": ("amq.default", n.control_exchange, n.events_exchange, n.dlx),  # replies, control
         "enclave": (n.rpc_exchange, n.models_exchange, n.events_exchange, n.dlx),
@@ -141,13 +141,16 @@ def service_permissions(names: Names, role: str) -> dict[str, str]:
     }[role]
     consumes = {
         "coordinator": (n.coordinator_queue, n.operator_queue),
-        "enclave": (n.updates_queue, n.enclave_control_queue, n.models_stream),
+        "enclave": (n.updates_queue, n.enclave_control_queue, n.models_stream, n.partials_queue),
         "operator": (n.dead_letter_queue, n.models_stream, n.events_stream),  # the dashboard replays events
     }[role]
+    consumes_re = _any(*consumes)
+    if role == "enclave":  # sharded enclaves (docs/scaling.md): each shard's own queues
+        consumes_re = _union(consumes_re, f"^{n.shard_queues_pattern}$")
     return {
         "configure": _union(exchanges, queues, SERVER_NAMED),
         "write": _union(_any(*publishes), queues, SERVER_NAMED),
-        "read": _union(_any(*consumes), exchanges, SERVER_NAMED),
+        "read": _union(consumes_re, exchanges, SERVER_NAMED),
     }
 
 

@@ -250,6 +250,9 @@ class EnclaveSettings(Section):
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
     #: This worker's index in ``0 .. shards - 1`` (``QFLARE_ENCLAVE__SHARD``).
     shard: int = Field(0, ge=0, lt=MAX_SHARDS)
+    #: How long the root (shard 0) waits past a round's deadline for the other shards'
+    #: partials before it makes the model from those it has (``shard.missing`` for the rest).
+    partial_wait_seconds: float = Field(10.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> EnclaveSettings:

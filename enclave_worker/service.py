@@ -18,11 +18,13 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from broker.principals import require_role
+from broker.topology import declare_shard_queues
 from common import handshake, health, metrics
 from common.attestation import SIMULATED_WARNING, local_coordinator_fingerprint, platform_dir
 from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import ConfigError, Settings
+from common.shards import shard_of
 from common.state import private_dir
 from common.task import TaskError
 from common.training import TaskRunner, runner_for
@@ -37,6 +39,7 @@ from enclave_worker import (
     rootdata,
     staleness,
 )
+from enclave_worker import shards as sharding
 from enclave_worker.defend import Defence, DefenceState, defend
 from enclave_worker.reassembly import ChunkIntake
 from enclave_worker.store import EnclaveStore
@@ -44,20 +47,26 @@ from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
     AttestAccept,
+    AttestationReport,
     AttestChallenge,
     AttestChallengeRequest,
     CoordinatorKeys,
+    GlobalModel,
     GrantKey,
     KeyChain,
     KeyEpoch,
     KeysRequest,
     Message,
+    ModelChunk,
+    PartialEnvelope,
+    PeerAdmission,
     Revocation,
     RootData,
     RoundAbort,
     RoundOpen,
     RoundResult,
     RoundSpec,
+    ShardPartial,
     Signed,
     Update,
     UpdateChunk,
@@ -145,7 +154,13 @@ class Enclave:
         self.platform_dir = platform_dir(settings)
         self.platform = attestation.platform_identity(self.platform_dir, legacy=settings.state_dir / "platform")
         self.identity = attestation.load_enclave_keys(settings, self.platform, self.code)
-        self.store = EnclaveStore(settings.state_dir / "enclave")
+        #: Sharded enclaves (docs/scaling.md): this worker screens the devices whose
+        #: ``shard_of`` is ``shard``; shard 0 is also the root. One shard: today's enclave.
+        self.shards, self.shard = settings.enclave.shards, settings.enclave.shard
+        self._enclave_dir = settings.state_dir / "enclave"
+        if self.shards > 1:  # the keys are shared (enclave/keys), the state is each shard's own
+            self._enclave_dir = self._enclave_dir / f"shard-{self.shard}"
+        self.store = EnclaveStore(self._enclave_dir)
         self.policy = live_policy(settings.crypto)
         #: The task (common/task.py): the initial model and the evaluation; loaded only when needed.
         self.task: TaskRunner | None = None
@@ -204,7 +219,12 @@ class Enclave:
                                   stages=self.stages)
         self._expiry: asyncio.Task | None = None
         self._acking: set[asyncio.Task] = set()
-        self._enclave_dir = settings.state_dir / "enclave"
+        #: The root's open round: the partials taken, its own part once closed, the wait for the rest.
+        self._book: sharding.PartialBook | None = None
+        self._own: ShardPartial | None = None
+        self._combining: tuple[RoundSpec, float] | None = None
+        self._partial_timer: asyncio.Task | None = None
+        self._admission: PeerAdmission | None = None
         self.defence_state = DefenceState(reputation.load(self._enclave_dir))
         stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
         self.root: tuple[float, np.ndarray, np.ndarray] | None = (
@@ -221,20 +241,35 @@ class Enclave:
             await self._resume(decode(spec, RoundSpec))
         metrics.MODEL.version = self.version
         mb = self.settings.broker.max_message_bytes
-        await consume(b.channel, b.publisher, b.names.enclave_control_queue, self._on_control, expected=Signed,
+        control_queue, updates_queue = b.names.enclave_control_queue, b.names.updates_queue
+        if self.shards > 1:
+            await declare_shard_queues(b.channel, self.settings, self.shard)
+            await consume(b.channel, b.publisher, b.names.shard_queue(self.shard, "peers"), self._on_peer,
+                          expected=PeerAdmission, max_bytes=mb)
+            await self._tell_peers()
+            if self.shard == 0:
+                await consume(b.channel, b.publisher, b.names.partials_queue, self._on_partial,
+                              expected=PartialEnvelope, max_bytes=mb)
+            else:
+                control_queue = b.names.shard_queue(self.shard, "control")
+                updates_queue = b.names.shard_queue(self.shard, "updates")
+                await consume(b.channel, b.publisher, b.names.shard_queue(self.shard, "models"), self._on_model,
+                              expected=(Signed, ModelChunk), max_bytes=mb)
+        await consume(b.channel, b.publisher, control_queue, self._on_control, expected=Signed,
                       max_bytes=mb)
         # Chunks of an update stay unacked until it is whole and durable: the window must hold
         # every update being reassembled, plus the usual prefetch for one-message updates.
         updates_channel = await b.connection.channel()
         await updates_channel.set_qos(
             prefetch_count=self.settings.broker.prefetch + self.settings.chunking.max_in_progress * self.max_chunks)
-        await consume(updates_channel, b.publisher, b.names.updates_queue, self._on_update_message,
+        await consume(updates_channel, b.publisher, updates_queue, self._on_update_message,
                       expected=(Update, UpdateChunk), max_bytes=mb)
         self._expiry = asyncio.create_task(self.chunks.run_expiry())
         log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
-                 "HTTP port %s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
+                 "HTTP port %s%s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
                  self.identity.sig_fp, self.version, self.http_port or "off",
+                 f", shard {self.shard} of {self.shards}" if self.shards > 1 else "",
                  extra={"namespace": b.names.namespace, "measurement": self.code, "kem_fp": self.identity.kem_fp,
                         "sig_fp": self.identity.sig_fp, "platform_fp": self.platform.sig_fp,
                         "model_version": self.version, "http_port": self.http_port})
@@ -276,6 +311,7 @@ class Enclave:
             self.coordinator_keys[pqc.fingerprint(pk, alg)] = intake.CoordinatorKey(alg, pk, rotated_at)
         self._trust(current.sig_alg, current.sig_pk)
         digest = handshake.enclave_digest(req.report)
+        self._admission = PeerAdmission(report=req.report, accept=encode(signed))  # for the other shards
         self.store.add_report(digest, self.identity.kem_fp)
         self.report_digests = self.report_digests | {digest}
         log.info("admitted by coordinator %s (pinned %s)", self.current_coordinator[:16], self.pinned_coordinator[:16])
@@ -319,6 +355,8 @@ class Enclave:
                 del self.coordinator_keys[k]
 
     async def stop(self) -> None:
+        if self._partial_timer:
+            self._partial_timer.cancel()
         if self._deadline:
             self._deadline.cancel()
         if self._expiry:
@@ -407,13 +445,21 @@ class Enclave:
         status = self.store.round_status(spec.round_id)
         if status is not None and status != "open":
             # Already closed (a redelivered command, or a coordinator that restarted mid-plan):
-            # say again how it ended, so whoever waits for it can go on.
-            await self._announce_closed(spec.round_id, status)
+            # say again how it ended, so whoever waits for it can go on (the root's to say).
+            if self.shard == 0:
+                await self._announce_closed(spec.round_id, status)
+            return
+        if self.shards > 1 and spec.mode != "sync":
+            log.error("round %d refused: sharded enclaves run sync rounds only (docs/scaling.md)", spec.round_id)
             return
         if self.round is not None and self.round.round_id != spec.round_id:
             await self._finish(self.round, forced=True)
         self.store.open_round(spec.round_id, encode(spec))
         await self._resume(spec)
+        if self.shard != 0:
+            log.info("round %d opened on model version %d (shard %d of %d)", spec.round_id, self.version, self.shard,
+                     self.shards)
+            return
         await self.broker.publisher.event("round.opened", round_id=spec.round_id, deadline=spec.deadline,
                                           min_updates=spec.min_updates, expected=len(spec.expected))
         log.info("round %d opened on model version %d", spec.round_id, self.version)
@@ -442,9 +488,14 @@ class Enclave:
         """Announce ``spec`` on the current model and arm its deadline."""
         self.round = spec
         self._round_opened_at = self.store.round_opened_at(spec.round_id)
-        messages = publisher.build_model_messages(self.identity, self.version, self.layout_id, self.params,
-                                                  self.settings.chunking.chunk_bytes, next_round=spec)
-        await publisher.publish_model(self.broker.publisher, messages, self.version)
+        if self.shards > 1 and self.shard == 0:
+            self._book = sharding.PartialBook(spec.round_id, self.shards, self.version, self.layout_id,
+                                              int(self.params.shape[0]))
+            self._own, self._combining = None, None
+        if self.shard == 0:  # only the root announces rounds and signs models
+            messages = publisher.build_model_messages(self.identity, self.version, self.layout_id, self.params,
+                                                      self.settings.chunking.chunk_bytes, next_round=spec)
+            await publisher.publish_model(self.broker.publisher, messages, self.version)
         if self._deadline:
             self._deadline.cancel()
         self._deadline = asyncio.create_task(self._deadline_timer(spec))
@@ -485,7 +536,10 @@ class Enclave:
 
     def _complete(self, spec: RoundSpec) -> bool:
         """A sync round is complete once every expected device sent (an async one runs to its deadline)."""
-        return spec.mode == "sync" and bool(spec.expected) and set(spec.expected) <= self.senders(spec.round_id)
+        expected = set(spec.expected)
+        if self.shards > 1:  # a shard's part is done when its own expected devices have sent
+            expected = {d for d in expected if shard_of(d, self.shards) == self.shard}
+        return spec.mode == "sync" and bool(spec.expected) and expected <= self.senders(spec.round_id)
 
     def _buffer_ready(self, spec: RoundSpec) -> bool:
         return spec.mode == "async" and staleness.buffer_full(len(self.store.buffered_updates(spec.round_id)),
@@ -514,10 +568,19 @@ class Enclave:
         return staleness.buffer_size_for(spec.buffer_size, max(spec.min_updates, self.settings.fl.min_accepted))
 
     async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
+        if self.shards > 1 and self._other_shards(raw):
+            return None  # every shard gets every update; this one is another shard's (acked, no event)
         if isinstance(msg, UpdateChunk):
             await self.chunks.handle(msg, raw, self._routed(raw))
             return DEFERRED
         return await self._on_update(msg, raw)
+
+    def _other_shards(self, raw) -> bool:
+        """Routed by the updates exchange under a device id (broker-pinned) another shard owns.
+        Anything else reaches intake, which refuses a device that is not this shard's."""
+        routed = self._routed(raw)
+        return (raw.exchange == self.broker.names.updates_exchange and routed is not None
+                and shard_of(routed, self.shards) != self.shard)
 
     @staticmethod
     def _routed(raw) -> str | None:
@@ -539,6 +602,8 @@ class Enclave:
         header = None
         try:
             header = intake.read_header(update)
+            if self.shards > 1:  # a device cannot choose its shard
+                sharding.check_shard(header.device_id, self.shard, self.shards)
             seen = self.store.has_update(header.update_id)
             if seen and raw.redelivered:  # a redelivery counts once: ack it with the batch
                 async with self.lock:
@@ -745,6 +810,9 @@ class Enclave:
         for u in [u for u in stored if u.device_id in self._revoked]:  # revoked after their update came
             stored.remove(u)
             await self._refuse_stored(spec.round_id, u, Reason.REVOKED.value, rejected)
+        if self.shards > 1:
+            await self._finish_part(spec, t0, stored, rejected)
+            return
         if len(stored) < spec.min_updates:
             await self._fail(spec, t0, rejected, len(stored), 0, Reason.TOO_FEW_UPDATES,
                              f"{len(stored)} of {spec.min_updates} updates")
@@ -761,6 +829,11 @@ class Enclave:
             await self._fail(spec, t0, rejected, len(stored), accepted, Reason.TOO_FEW_ACCEPTED,
                              f"{accepted} accepted, fl.min_accepted is {fl.min_accepted}")
             return
+        await self._publish_round(spec, t0, combined, accepted, rejected)
+
+    async def _publish_round(self, spec: RoundSpec, t0: float, combined: np.ndarray | None, accepted: int,
+                             rejected: dict[str, int]) -> None:
+        """The round's model from ``combined``: evaluated, signed, recorded, then published."""
         new_params = self.params + combined if combined is not None else self.params
         scores = await asyncio.to_thread(self._evaluate, new_params)
         accuracy = scores.get("accuracy")
@@ -784,6 +857,176 @@ class Enclave:
         log.info("round %d completed: %d accepted, rejected %s, metrics %s", spec.round_id, accepted, rejected,
                  scores)
 
+
+    # --- sharded enclaves (docs/scaling.md, "Sharded enclaves"; enclave_worker/shards.py) ----
+
+    async def _finish_part(self, spec: RoundSpec, t0: float, stored: list, rejected: dict[str, int]) -> None:
+        """Close this shard's part of ``spec``: screen its updates as one enclave would, then
+        the partial (Σ w·Δ, Σ w, counts) goes to the root, signed and sealed; the root keeps its own."""
+        combined, n_accepted, total_w = None, 0, 0.0
+        if stored:
+            weights = await self._capped_weights(spec, stored)
+            combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights, spec)
+            for reason, count in (await self._judged(stored, verdict, spec)).items():
+                rejected[reason] = rejected.get(reason, 0) + count
+            accepted = np.asarray(verdict.accepted, dtype=bool)
+            n_accepted, total_w = int(accepted.sum()), float(np.asarray(weights, dtype=np.float64)[accepted].sum())
+        if combined is None or total_w <= 0:
+            n_accepted, total_w = 0, 0.0
+        # the shard's screened aggregate (FedAvg: Σ w·Δ / Σ w) times its accepted weight: the
+        # root's Σ sums / Σ weights is then FedAvg over every shard's survivors
+        total_sum = combined.astype(np.float64) * total_w if n_accepted else None
+        partial = ShardPartial(round_id=spec.round_id, shard=self.shard, shards=self.shards,
+                               base_version=self.version, layout_id=self.layout_id,
+                               weighted_sum=total_sum.astype("<f8").tobytes() if n_accepted else b"",
+                               weight_total=total_w if n_accepted else 0.0, received=len(stored),
+                               accepted=n_accepted, rejected=rejected, issued_at=time.time())
+        if self.shard == 0:
+            self._own = partial
+            self._combining = (spec, t0)
+            if self._partial_timer:
+                self._partial_timer.cancel()
+            self._partial_timer = asyncio.create_task(self._partial_deadline(spec))
+            await self._maybe_combine()
+            return
+        body = sharding.seal_partial(partial, self.identity, self.identity.kem_alg, self.identity.kem_pk,
+                                     self.broker.names.namespace)
+        result = RoundResult(round_id=spec.round_id, accepted=n_accepted, rejected=rejected,
+                             seconds=round(time.time() - t0, 4), status="completed")
+        self.store.close_round(spec.round_id, "completed", result.model_dump())
+        await self.broker.publisher.publish_until_confirmed(
+            self.broker.names.rpc_exchange, Names.PARTIALS_KEY, body, what=f"round {spec.round_id} partial",
+            message_id=f"partial-{spec.round_id}-{self.shard}")
+        await self.broker.publisher.event("shard.partial.sent", round_id=spec.round_id, shard=self.shard,
+                                          received=len(stored), accepted=n_accepted, confirmed=True)
+        log.info("round %d: shard %d sent its partial (%d of %d accepted, rejected %s)", spec.round_id,
+                 self.shard, n_accepted, len(stored), rejected)
+
+    async def _on_partial(self, envelope: PartialEnvelope, raw) -> None:
+        """The root takes one shard's partial: from an enclave broker user, opening with the
+        root's key, signed by the admitted enclave key, once per shard, for the open round."""
+        require_role(self.settings, "enclave", raw.user_id)
+        async with self.lock:
+            try:
+                if not self.coordinator_keys:
+                    raise QflareError(Reason.NO_ENCLAVE, "this root is not admitted yet")
+                admitted = {self.identity.sig_fp: sharding.SignerKey(self.identity.sig_alg, self.identity.sig_pk)}
+                partial = await asyncio.to_thread(sharding.open_partial, envelope, self.identity.kem_sk, admitted,
+                                                  self.broker.names.namespace, self.policy)
+                if self._book is None:
+                    raise QflareError(Reason.WRONG_ROUND, f"partial for round {partial.round_id}, none is open")
+                self._book.take(partial, skew=self.settings.crypto.freshness_seconds,
+                                opened_at=self._round_opened_at)
+            except QflareError as err:
+                log.warning("partial of shard %d for round %d refused: %s %s", envelope.shard, envelope.round_id,
+                            err.reason.value, err.detail)
+                await self.broker.publisher.event(f"shard.partial.rejected.{err.reason.value}",
+                                                  round_id=envelope.round_id, reason=err.reason.value,
+                                                  shard=envelope.shard, detail_text=err.detail[:200])
+                return
+            log.info("round %d: partial of shard %d taken (%d of %d accepted)", partial.round_id, partial.shard,
+                     partial.accepted, partial.received)
+            await self._maybe_combine()
+
+    async def _maybe_combine(self, *, at_deadline: bool = False) -> None:
+        """Make the round's model once the root's own part and every partial are in (or at
+        the wait's end with those it has). Caller holds the lock."""
+        if self._combining is None or self._own is None or self._book is None:
+            return
+        if len(self._book.taken) < self.shards - 1 and not at_deadline:
+            return
+        spec, t0 = self._combining
+        if self._partial_timer and asyncio.current_task() is not self._partial_timer:
+            self._partial_timer.cancel()
+        parts, book = [self._own, *self._book.taken.values()], self._book
+        self._combining, self._book, self._own = None, None, None
+        rejected: dict[str, int] = {}
+        for p in parts:
+            for reason, count in p.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + count
+        for shard in (s for s in range(1, self.shards) if s not in book.taken):
+            rejected[Reason.MISSING_SHARD.value] = rejected.get(Reason.MISSING_SHARD.value, 0) + 1
+            log.warning("round %d: no partial from shard %d; the model is made without it", spec.round_id, shard)
+            await self.broker.publisher.event("shard.missing", round_id=spec.round_id, shard=shard,
+                                              reason=Reason.MISSING_SHARD.value, confirmed=True)
+        out = sharding.combine(parts, max_norm=self.settings.fl.max_norm)
+        by_shard = {p.shard: p for p in parts}
+        for shard, reason in out.dropped.items():
+            rejected[reason] = rejected.get(reason, 0) + by_shard[shard].accepted
+            await self.broker.publisher.event(f"shard.partial.rejected.{reason}", round_id=spec.round_id,
+                                              reason=reason, shard=shard, detail_text="left out of the model")
+        received = sum(p.received for p in parts)
+        accepted = sum(by_shard[s].accepted for s in out.used)
+        if received < spec.min_updates:
+            await self._fail(spec, t0, rejected, received, 0, Reason.TOO_FEW_UPDATES,
+                             f"{received} of {spec.min_updates} updates across the shards")
+            return
+        if accepted < self.settings.fl.min_accepted:
+            await self._fail(spec, t0, rejected, received, accepted, Reason.TOO_FEW_ACCEPTED,
+                             f"{accepted} accepted across the shards, fl.min_accepted is {self.settings.fl.min_accepted}")
+            return
+        await self._publish_round(spec, t0, out.delta, accepted, rejected)
+
+    async def _partial_deadline(self, spec: RoundSpec) -> None:
+        """At the round's deadline plus enclave.partial_wait_seconds, combine what has come."""
+        at = spec.deadline + self.settings.enclave.partial_wait_seconds
+        await asyncio.sleep(max(0.0, at - time.time()))
+        async with self.lock:
+            if self._combining is not None and self._combining[0].round_id == spec.round_id:
+                await self._maybe_combine(at_deadline=True)
+
+    async def _tell_peers(self) -> None:
+        """Send the other shards the coordinator's admission of this shard's report."""
+        if self._admission is not None:
+            await self.broker.publisher.publish(self.broker.names.rpc_exchange, Names.PEERS_KEY, self._admission)
+
+    async def _on_peer(self, msg: PeerAdmission, raw) -> None:
+        """Take another shard's admitted report as this enclave's own (grants name it): only
+        when the current coordinator key signed its admission and it names this code and keys."""
+        require_role(self.settings, "enclave", raw.user_id)
+        key = self.coordinator_keys.get(self.current_coordinator or "")
+        if key is None:
+            return
+        accept = signing.verify(decode(msg.accept, Signed), AttestAccept, key.alg, key.pk)
+        if accept.report_digest != attestation.report_digest(msg.report):
+            raise QflareError(Reason.BAD_SIGNATURE, "admission is for another report")
+        report = signing.unverified(msg.report, AttestationReport)
+        if (report.measurement, report.kem_pk, report.sig_pk) != (self.code, self.identity.kem_pk,
+                                                                  self.identity.sig_pk):
+            raise QflareError(Reason.BAD_SIGNATURE, "admitted report of another enclave")
+        digest = handshake.enclave_digest(msg.report)
+        if digest in self.report_digests:
+            return
+        self.store.add_report(digest, self.identity.kem_fp)
+        self.report_digests = self.report_digests | {digest}
+        log.info("shard %d takes a peer shard's admitted report", self.shard)
+        await self._tell_peers()  # so a peer that started after this shard learns this one's too
+
+    async def _on_model(self, msg: Signed | ModelChunk, raw) -> None:
+        """A shard other than the root follows the root's global models (signed by the shared
+        enclave key), so its next round checks updates against the model devices train on."""
+        require_role(self.settings, "enclave", raw.user_id)
+        if isinstance(msg, ModelChunk):
+            return  # sharded enclaves take models of one message (docs/scaling.md)
+        model = signing.verify(msg, GlobalModel, self.identity.sig_alg, self.identity.sig_pk)
+        if model.chunk_digests or model.layout_id != self.layout_id:
+            log.error("model v%d not followed: chunked or of another layout", model.version)
+            return
+        async with self.lock:
+            if model.version <= self.version:
+                return  # a round announcement on the current model, or an older one
+            params = np.frombuffer(model.params, dtype="<f4").astype(np.float32)
+            if params.shape != self.params.shape:
+                log.error("model v%d not followed: %d parameters, not %d", model.version, params.shape[0],
+                          self.params.shape[0])
+                return
+            self.store.begin()
+            self.store.save_model(model.version, model.result.round_id if model.result else None, params,
+                                  raw.body)
+            self.store.commit()
+            self.version, self.params = model.version, params
+            metrics.MODEL.version = model.version
+            log.info("shard %d follows model v%d", self.shard, model.version)
 
     async def _judged(self, stored: list, verdict: filters.ScreenResult | Defence, spec: RoundSpec) -> dict[str, int]:
         """Announce what the filters refused and keep the defence's new state; the refusals by reason."""

@@ -706,9 +706,10 @@ class ShardPartial(Message):
     """Shard → root, signed by the shard's attested enclave key, then sealed to the root's KEM
     key (``PartialEnvelope``): one shard's screened part of a round (docs/scaling.md).
 
-    ``weighted_sum`` is Σ wᵢ·Δᵢ over the shard's accepted updates (little-endian float64, one
-    per parameter, empty when none was accepted), ``weight_total`` Σ wᵢ; the root's FedAvg is
-    Σ sums / Σ totals, exactly one enclave's over the same updates.
+    ``weight_total`` is Σ wᵢ over the shard's accepted updates (capped sample counts),
+    ``weighted_sum`` the shard's screened aggregate times it (little-endian float64, one per
+    parameter, empty when none was accepted): with FedAvg that is Σ wᵢ·Δᵢ, so the root's
+    Σ sums / Σ totals is one enclave's FedAvg over the same updates.
     """
 
     TYPE: ClassVar[str] = "shard.partial"
@@ -723,6 +724,17 @@ class ShardPartial(Message):
     accepted: Annotated[int, Field(ge=0, le=MAX_EXPECTED)]
     rejected: Annotated[dict[Label, Annotated[int, Field(ge=0, le=MAX_EXPECTED)]], Field(max_length=256)] = {}
     issued_at: float
+
+
+class PeerAdmission(Message):
+    """Shard → the other shards: the coordinator's signed admission of this shard's report.
+    Every shard holds the same enclave keys but answered its own challenge, so devices' grants
+    name whichever report the coordinator admitted last; a shard takes another's report as its
+    own only under the coordinator's signature and when it names this shard's code and keys."""
+
+    TYPE: ClassVar[str] = "shard.admission"
+    report: Encoded  # the Signed(AttestationReport) the coordinator admitted
+    accept: Encoded  # the coordinator's Signed(AttestAccept) binding it
 
 
 class PartialEnvelope(Message):
@@ -769,7 +781,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked,
-    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, ShardPartial, PartialEnvelope, Event,
+    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, ShardPartial, PartialEnvelope,
+    PeerAdmission, Event,
 )
 BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
 assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"

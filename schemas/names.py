@@ -83,6 +83,21 @@ class Names:
     def enclave_control_queue(self) -> str:
         return self._n("enclave.control")
 
+    def shard_queue(self, shard: int, what: str) -> str:
+        """Shard ``shard``'s own queue of ``what`` (``updates``, ``control``, ``models``, ``peers``) when
+        the enclave is sharded (docs/scaling.md); shard 0 uses the single enclave's queues."""
+        return self._n(f"enclave.shard.{shard}.{what}")
+
+    @property
+    def shard_queues_pattern(self) -> str:
+        """A regex of every shard queue (broker permissions)."""
+        return re.escape(self._n("enclave.shard.")) + r"[0-9]+\.(updates|control|models|peers)"
+
+    @property
+    def partials_queue(self) -> str:
+        """The root enclave's queue of sealed shard partials (routing key ``PARTIALS_KEY`` on the rpc exchange)."""
+        return self._n("enclave.partials")
+
     @property
     def models_stream(self) -> str:
         """Stream holding every global model, for devices returning from offline."""
@@ -104,7 +119,7 @@ class Names:
                 self.control_exchange, self.operator_exchange)
 
     @property
-    def topology_queues(self) -> tuple[str, ...]:
+    def topology_queues(self) -> tuple[str, ...]:  # the sharded enclave's: shard_queue, partials_queue
         """Every durable queue of the namespace (the operator queue included)."""
         return (self.coordinator_queue, self.operator_queue, self.updates_queue, self.enclave_control_queue,
                 self.models_stream, self.events_stream, self.dead_letter_queue)
@@ -155,3 +170,7 @@ class Names:
     COORDINATOR_KEY = "coordinator"
     OPERATOR_KEY = "operator"
     ENCLAVE_CONTROL_KEY = "enclave"
+    #: Sealed shard partials to the root enclave, on the rpc exchange (docs/scaling.md).
+    PARTIALS_KEY = "enclave.partials"
+    #: Each shard's admission to the other shards, on the rpc exchange (schemas.messages.PeerAdmission).
+    PEERS_KEY = "enclave.peers"
