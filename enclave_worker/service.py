@@ -263,7 +263,8 @@ class Enclave:
         await updates_channel.set_qos(
             prefetch_count=self.settings.broker.prefetch + self.settings.chunking.max_in_progress * self.max_chunks)
         await consume(updates_channel, b.publisher, updates_queue, self._on_update_message,
-                      expected=(Update, UpdateChunk), max_bytes=mb)
+                      expected=(Update, UpdateChunk), max_bytes=mb,
+                      skip=self._other_shards if self.shards > 1 else None)
         self._expiry = asyncio.create_task(self.chunks.run_expiry())
         log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
@@ -568,8 +569,6 @@ class Enclave:
         return staleness.buffer_size_for(spec.buffer_size, max(spec.min_updates, self.settings.fl.min_accepted))
 
     async def _on_update_message(self, msg: Update | UpdateChunk, raw) -> object:
-        if self.shards > 1 and self._other_shards(raw):
-            return None  # every shard gets every update; this one is another shard's (acked, no event)
         if isinstance(msg, UpdateChunk):
             await self.chunks.handle(msg, raw, self._routed(raw))
             return DEFERRED

@@ -948,6 +948,25 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
     print_json(result)
 
 
+@bench_app.command("shards")
+def bench_shards(json_out: bool = typer.Option(False, "--json", help="Print only JSON."),
+                 quick: bool = typer.Option(False, help="Fewer updates, for a smoke run."),
+                 params: int = typer.Option(100_000, min=1, help="Parameters per update."),
+                 write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md.")) -> None:
+    """Updates/s of one enclave vs two sharded enclave workers, in the same run (docs/scaling.md)."""
+    from ops.bench_shards import run_bench
+
+    result = run(run_bench(settings(), quick=quick, d=params, write_docs=write_docs))
+    if not json_out:
+        for r in result["cases"]:
+            console.print(f"{r['shards']} enclave worker(s): {r['updates_per_s']} updates/s "
+                          f"(cores per enclave {r['enclave_cores']}, host {r['host_cores']} of {r['cpu_count']})")
+        console.print(f"speed-up {result['speedup']}x (goal {result['goal']}x); load average "
+                      f"{result['load_average']}")
+        return
+    print_json(result)
+
+
 @bench_app.command("compression")
 def bench_compression(devices: int = typer.Option(5, min=2, help="Devices in the demo."),
                       rounds: int = typer.Option(5, min=1, help="Rounds per encoding."),
