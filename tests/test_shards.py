@@ -105,7 +105,7 @@ async def test_two_shards_and_a_root_make_the_single_enclaves_fedavg_model(broke
 
 
 async def test_a_replayed_partial_and_a_partial_signed_by_an_unadmitted_key_are_refused(broker, settings):
-    async with coordinator(settings) as coord, sharded(settings) as (root, other):
+    async with coordinator(settings) as coord, sharded(settings) as (root, _other):
         events = await EventLog.bind(broker, "round.*", "shard.#")
         copies = await broker.channel.declare_queue(exclusive=True, auto_delete=True)
         await copies.bind(broker.names.rpc_exchange, Names.PARTIALS_KEY)  # a copy of each partial sent
@@ -163,3 +163,18 @@ async def test_an_update_sent_to_the_wrong_shard_is_refused_by_that_shard(broker
         done = await events.wait("round.completed", timeout=10)
         assert done[0].detail["accepted"] == 1
         assert "missing_shard=1" in done[0].detail["rejected"]
+
+
+def test_bench_shards_json_prints_only_json_and_both_runs_close_their_round(sh):
+    import json
+
+    from common.report import DOC
+
+    before = DOC.read_text()
+    res = sh.run("bench", "shards", "--quick", "--json", "--params", "2000")
+    out = json.loads(res.stdout)
+    assert [c["shards"] for c in out["cases"]] == [1, 2]
+    for case in out["cases"]:
+        assert case["status"] == "round.completed" and case["model_accepted"] == case["updates"], case
+        assert len(case["enclave_cores"]) == case["shards"]
+    assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
