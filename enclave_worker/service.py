@@ -888,6 +888,11 @@ class Enclave:
             self._partial_timer = asyncio.create_task(self._partial_deadline(spec))
             await self._maybe_combine()
             return
+        if not stored and self.shard not in self._awaited_shards(spec) | {0}:
+            self.store.close_round(spec.round_id, "completed", RoundResult(
+                round_id=spec.round_id, accepted=0, seconds=0.0, status="completed").model_dump())
+            log.info("round %d: no expected device is shard %d's; no partial", spec.round_id, self.shard)
+            return
         body = sharding.seal_partial(partial, self.identity, self.identity.kem_alg, self.identity.kem_pk,
                                      self.broker.names.namespace)
         result = RoundResult(round_id=spec.round_id, accepted=n_accepted, rejected=rejected,
@@ -932,9 +937,10 @@ class Enclave:
         the wait's end with those it has). Caller holds the lock."""
         if self._combining is None or self._own is None or self._book is None:
             return
-        if len(self._book.taken) < self.shards - 1 and not at_deadline:
-            return
         spec, t0 = self._combining
+        awaited = self._awaited_shards(spec)
+        if not awaited <= set(self._book.taken) and not at_deadline:
+            return
         if self._partial_timer and asyncio.current_task() is not self._partial_timer:
             self._partial_timer.cancel()
         parts, book = [self._own, *self._book.taken.values()], self._book
@@ -943,7 +949,7 @@ class Enclave:
         for p in parts:
             for reason, count in p.rejected.items():
                 rejected[reason] = rejected.get(reason, 0) + count
-        for shard in (s for s in range(1, self.shards) if s not in book.taken):
+        for shard in sorted(awaited - set(book.taken)):
             rejected[Reason.MISSING_SHARD.value] = rejected.get(Reason.MISSING_SHARD.value, 0) + 1
             log.warning("round %d: no partial from shard %d; the model is made without it", spec.round_id, shard)
             await self.broker.publisher.event("shard.missing", round_id=spec.round_id, shard=shard,
@@ -965,6 +971,13 @@ class Enclave:
                              f"{accepted} accepted across the shards, fl.min_accepted is {self.settings.fl.min_accepted}")
             return
         await self._publish_round(spec, t0, out.delta, accepted, rejected)
+
+    def _awaited_shards(self, spec: RoundSpec) -> set[int]:
+        """The shards whose partial the root waits for: those owning an expected device (every
+        shard when the round names none); shard 0 is the root itself."""
+        if not spec.expected:
+            return set(range(1, self.shards))
+        return {shard_of(d, self.shards) for d in spec.expected} - {0}
 
     async def _partial_deadline(self, spec: RoundSpec) -> None:
         """At the round's deadline plus enclave.partial_wait_seconds, combine what has come."""

@@ -165,7 +165,7 @@ async def run_bench(base: Settings, quick: bool = False, d: int = 100_000, write
                        [[r["shards"], r["updates_per_s"], r["window_s"], ", ".join(map(str, r["enclave_cores"])),
                          r["host_cores"], r["updates_per_enclave_cpu_s"],
                          f"{r['status']} ({r['model_accepted']} accepted)"] for r in results])
-        md += (f"\n\nSpeed-up of two shards: {speedup}x (goal {GOAL}x: {'met' if summary['met'] else 'not met'}). "
+        md += (f"\n\nSpeed-up of two shards: {speedup}x (goal {GOAL}x: {'met' if summary['met'] else 'not met'}).\n"
                f"Bound: when the host's cores are all busy the shards share them with the broker and the\n"
                f"publisher, so a second process adds little CPU. Each shard also receives a copy of every\n"
                f"update (it acks another shard's undecoded, but still reads it off the socket), so an enclave\n"

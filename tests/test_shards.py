@@ -178,3 +178,19 @@ def test_bench_shards_json_prints_only_json_and_both_runs_close_their_round(sh):
         assert case["status"] == "round.completed" and case["model_accepted"] == case["updates"], case
         assert len(case["enclave_cores"]) == case["shards"]
     assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
+
+
+async def test_a_round_whose_devices_are_all_on_the_root_closes_without_waiting_for_the_other_shard(broker, settings):
+    async with coordinator(settings) as coord, sharded(settings) as (root, other):
+        events = await EventLog.bind(broker, "round.*", "shard.#")
+        ids = device_ids(1)[:1]  # shard 0's device only
+        devices = [await enrolled(broker, coord, d) for d in ids]
+        await open_round(coord, broker, 1, ids, deadline=120.0)
+        await events.wait("round.opened")
+        await wait_for(lambda: other.store.round_status(1) == "completed")  # nothing of shard 1's expected
+        _, key, body = trained(devices[0], root, 1, 0)
+        t0 = time.time()
+        await broker.publisher.publish(broker.names.updates_exchange, key, body)
+        done = await events.wait("round.completed", timeout=20)
+        assert time.time() - t0 < 30 and done[0].detail["accepted"] == 1  # long before the 120 s deadline
+        assert "shard.missing" not in events.types() and "shard.partial.sent" not in events.types()
