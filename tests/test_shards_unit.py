@@ -137,3 +137,19 @@ def test_an_update_sent_to_the_wrong_shard_is_refused():
     with pytest.raises(QflareError) as err:
         sh.check_shard(mine, 0, 2)
     assert err.value.reason == Reason.WRONG_SHARD
+
+
+def test_only_the_enclave_user_may_read_the_shard_queues_and_the_partials():
+    import re
+
+    from broker.users import device_permissions, service_permissions
+    from schemas.names import Names
+
+    n = Names("unit")
+    shard_queues = [n.shard_queue(1, w) for w in ("updates", "control", "models", "peers")] + [n.partials_queue]
+    enclave = service_permissions(n, "enclave")["read"]
+    assert all(re.match(enclave, q) for q in shard_queues)
+    for role in ("coordinator", "operator"):
+        assert not any(re.match(service_permissions(n, role)["read"], q) for q in shard_queues), role
+    device = device_permissions(n, "d1")["permissions"]
+    assert not any(re.match(device["read"], q) or re.match(device["configure"], q) for q in shard_queues)
