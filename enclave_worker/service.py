@@ -897,10 +897,12 @@ class Enclave:
                                      self.broker.names.namespace)
         result = RoundResult(round_id=spec.round_id, accepted=n_accepted, rejected=rejected,
                              seconds=round(time.time() - t0, 4), status="completed")
-        self.store.close_round(spec.round_id, "completed", result.model_dump())
+        # confirmed first, then recorded: a crash in between sends it again at the restart,
+        # which the root refuses as a replay; never a part closed and not sent
         await self.broker.publisher.publish_until_confirmed(
             self.broker.names.rpc_exchange, Names.PARTIALS_KEY, body, what=f"round {spec.round_id} partial",
             message_id=f"partial-{spec.round_id}-{self.shard}")
+        self.store.close_round(spec.round_id, "completed", result.model_dump())
         await self.broker.publisher.event("shard.partial.sent", round_id=spec.round_id, shard=self.shard,
                                           received=len(stored), accepted=n_accepted, confirmed=True)
         log.info("round %d: shard %d sent its partial (%d of %d accepted, rejected %s)", spec.round_id,
