@@ -203,7 +203,6 @@ async def consume(
     channel: AbstractChannel, publisher: Publisher, queue_name: str, handler: Handler, *,
     expected: type[Message] | tuple[type[Message], ...], max_bytes: int,
     on_reject: Callable[[AbstractIncomingMessage, QflareError], Awaitable[None]] | None = None,
-    skip: Callable[[AbstractIncomingMessage], bool] | None = None,
 ) -> AbstractQueue:
     """Consume ``queue_name`` with manual acks; nothing a sender does stops the consumer.
 
@@ -214,16 +213,10 @@ async def consume(
     dead-letter queue with a reason header. Unexpected handler errors are logged and
     dead-lettered as ``internal``. Broker failures leave the message unacked, so it is
     delivered again once the robust connection is back.
-
-    A message ``skip`` says is not this consumer's (by its routing, e.g. another enclave
-    shard's update) is acked before it is decoded.
     """
 
     async def on_message(message: AbstractIncomingMessage) -> None:
         try:
-            if skip is not None and skip(message):
-                await message.ack()
-                return
             try:
                 msg = decode(message.body, expected, max_bytes)
                 outcome = await handler(msg, message)

@@ -86,9 +86,13 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
 
 async def declare_shard_queues(channel: AbstractChannel, settings: Settings, shard: int) -> None:
     """A sharded enclave's own queues (docs/scaling.md, "Sharded enclaves"). Shard 0 keeps the
-    single enclave's updates and control queues and adds the partials queue it combines;
-    shard i > 0 gets a copy of every update and control message and of every global model.
-    Every shard has a peers queue: the other shards' admissions (``PeerAdmission``)."""
+    single enclave's updates and control queues, its updates queue also bound to shard 0's
+    keys, and adds the partials queue it combines; shard i > 0 gets its own devices' updates
+    (``shard.<i>.#`` only, no copies) and a copy of every control message and global model.
+    Every shard has a peers queue: the other shards' admissions (``PeerAdmission``).
+
+    :func:`declare_topology` (every process, any ``enclave.shards``) binds only ``update.#``,
+    which no sharded key matches, so it never adds other shards' updates to a shard's queue."""
     names = Names(settings.broker.namespace)
     quorum = {**replicated(settings, "quorum"), "x-delivery-limit": settings.broker.delivery_limit,
               **_dead_lettered(names)}
@@ -97,8 +101,10 @@ async def declare_shard_queues(channel: AbstractChannel, settings: Settings, sha
     if shard == 0:
         partials = await channel.declare_queue(names.partials_queue, durable=True, arguments=quorum)
         await partials.bind(names.rpc_exchange, Names.PARTIALS_KEY)
+        updates = await channel.declare_queue(names.updates_queue, durable=True, arguments=quorum)
+        await updates.bind(names.updates_exchange, Names.shard_updates_binding(0))
         return
-    for what, exchange, key in (("updates", names.updates_exchange, "update.#"),
+    for what, exchange, key in (("updates", names.updates_exchange, Names.shard_updates_binding(shard)),
                                 ("control", names.control_exchange, Names.ENCLAVE_CONTROL_KEY),
                                 ("models", names.models_exchange, "")):
         q = await channel.declare_queue(names.shard_queue(shard, what), durable=True, arguments=quorum)

@@ -283,7 +283,7 @@ class Fleet:
             delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,
             s.fl.topk_fraction)
         update_id, key, bodies = updates.build_parts(m.device, spec.round_id, model.version, model.layout_id,
-                                                     encoded, n)
+                                                     encoded, n, shards=s.enclave.shards)
         limit = s.broker.max_message_bytes
         if max(len(b) for b in bodies) > limit:
             # The enclave would dead-letter it as oversize; say so here, where it can be fixed.

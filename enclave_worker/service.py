@@ -263,8 +263,7 @@ class Enclave:
         await updates_channel.set_qos(
             prefetch_count=self.settings.broker.prefetch + self.settings.chunking.max_in_progress * self.max_chunks)
         await consume(updates_channel, b.publisher, updates_queue, self._on_update_message,
-                      expected=(Update, UpdateChunk), max_bytes=mb,
-                      skip=self._other_shards if self.shards > 1 else None)
+                      expected=(Update, UpdateChunk), max_bytes=mb)
         self._expiry = asyncio.create_task(self.chunks.run_expiry())
         log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
@@ -557,7 +556,7 @@ class Enclave:
             now=time.time(), base_version=self.version if self._max_staleness(self.round) is None else None,
             opened_at=self._round_opened_at, skew=self.settings.crypto.freshness_seconds, key_epochs=self.key_epochs,
             report_digests=self.report_digests, version=self.version, max_staleness=self._max_staleness(self.round),
-            grant_keys=dict(self.grant_keys))
+            grant_keys=dict(self.grant_keys), shard=self.shard, shards=self.shards)
 
     def _max_staleness(self, spec: RoundSpec | None) -> int | None:
         """The staleness bound of an async round (None: a sync round, or none open)."""
@@ -574,16 +573,9 @@ class Enclave:
             return DEFERRED
         return await self._on_update(msg, raw)
 
-    def _other_shards(self, raw) -> bool:
-        """Routed by the updates exchange under a device id (broker-pinned) another shard owns.
-        Anything else reaches intake, which refuses a device that is not this shard's."""
-        routed = self._routed(raw)
-        return (raw.exchange == self.broker.names.updates_exchange and routed is not None
-                and shard_of(routed, self.shards) != self.shard)
-
     @staticmethod
     def _routed(raw) -> str | None:
-        return raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
+        return Names.routed_device(raw.routing_key)
 
     async def _on_update(self, update: Update, raw) -> object:
         """Check one update, timed from delivery to verdict (:func:`_intake`)."""
@@ -601,8 +593,6 @@ class Enclave:
         header = None
         try:
             header = intake.read_header(update)
-            if self.shards > 1:  # a device cannot choose its shard
-                sharding.check_shard(header.device_id, self.shard, self.shards)
             seen = self.store.has_update(header.update_id)
             if seen and raw.redelivered:  # a redelivery counts once: ack it with the batch
                 async with self.lock:

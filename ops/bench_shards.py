@@ -92,8 +92,8 @@ async def _one(base: Settings, shards: int, d: int, k: int) -> dict:
         await b.publisher.publish(b.names.control_exchange, "enclave",
                                   coord._sign(RoundOpen(spec=spec, issued_at=time.time())))
         direction = rng.normal(size=d).astype(np.float32)
-        built = [updates.build(dev, 1, 0, f"bench-{d}", direction + 0.2 * rng.normal(size=d).astype(np.float32), 100)
-                 for dev in devices]
+        built = [updates.build(dev, 1, 0, f"bench-{d}", direction + 0.2 * rng.normal(size=d).astype(np.float32), 100,
+                               shards=shards) for dev in devices]
         while not any(e.type == "round.opened" for _, e in events):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
@@ -167,9 +167,8 @@ async def run_bench(base: Settings, quick: bool = False, d: int = 100_000, write
                          f"{r['status']} ({r['model_accepted']} accepted)"] for r in results])
         md += (f"\n\nSpeed-up of two shards: {speedup}x (goal {GOAL}x: {'met' if summary['met'] else 'not met'}).\n"
                f"Bound: when the host's cores are all busy the shards share them with the broker and the\n"
-               f"publisher, so a second process adds little CPU. Each shard also receives a copy of every\n"
-               f"update (it acks another shard's undecoded, but still reads it off the socket), so an enclave\n"
-               f"CPU-second buys fewer updates in a shard than in one enclave. With a core of its own per\n"
-               f"shard the same per-CPU figures give {projected}x.\n")
+               f"publisher, so a second process adds little CPU. Each update reaches only its shard's queue\n"
+               f"(`shard.<i>.<device>`), so an enclave CPU-second buys about as many updates in a shard as in\n"
+               f"one enclave; with a core of its own per shard the same per-CPU figures give {projected}x.\n")
         write_section("shards", "## Sharded enclaves (`qflare bench shards`)\n\n" + md)
     return summary

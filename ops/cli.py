@@ -260,7 +260,8 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
             console.print(f"broker user {user} deleted")
             return
         password = create_device_user(api, names, device_id, _secrets.token_urlsafe(24), vhost_of(s.amqp_url),
-                                      rotate=rotate, force=force, max_connections=s.broker.device_max_connections)
+                                      rotate=rotate, force=force, max_connections=s.broker.device_max_connections,
+                                      shards=s.enclave.shards)
     except BrokerAdminError as exc:
         raise fail(str(exc)) from None
     url = cluster_url_for(s, user, password) if password else None

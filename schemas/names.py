@@ -164,8 +164,29 @@ class Names:
 
     # routing keys
     @staticmethod
-    def update_key(device_id: str) -> str:
-        return f"update.{device_id}"
+    def update_key(device_id: str, shard: int | None = None) -> str:
+        """``update.<id>``; to enclave shard ``shard`` (docs/scaling.md) ``shard.<shard>.<id>``,
+        a first word the single updates queue's ``update.#`` binding does not match."""
+        return f"update.{device_id}" if shard is None else f"{Names.SHARD_UPDATE_WORD}.{shard}.{device_id}"
+
+    @staticmethod
+    def shard_updates_binding(shard: int) -> str:
+        """What shard ``shard``'s updates queue is bound to: its own devices' keys only."""
+        return f"{Names.SHARD_UPDATE_WORD}.{shard}.#"
+
+    @staticmethod
+    def routed_device(routing_key: str | None) -> str | None:
+        """The device id an updates routing key names (None: no dot, so none; ``""`` when a
+        key names an empty one, which then matches no signed device id)."""
+        if not routing_key or "." not in routing_key:
+            return None
+        word, rest = routing_key.split(".", 1)
+        if word == Names.SHARD_UPDATE_WORD:
+            return rest.split(".", 1)[1] if "." in rest else ""
+        return rest
+
+    #: First word of an update's routing key when the enclave is sharded (``shard.<i>.<id>``).
+    SHARD_UPDATE_WORD = "shard"
 
     COORDINATOR_KEY = "coordinator"
     OPERATOR_KEY = "operator"
