@@ -1,17 +1,23 @@
 """Sharded enclaves end to end on the real broker with real crypto (docs/scaling.md,
-"Sharded enclaves"): two shards and a root make one enclave's FedAvg model; partials from an
-unadmitted key, replayed partials and updates sent to the wrong shard are refused."""
+"Sharded enclaves"): two shards and a root make one enclave's FedAvg model; each update
+reaches only its shard's queue; partials from an unadmitted key, replayed partials and updates
+a device sends under another shard's key are refused."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import secrets
 import time
 
 import numpy as np
 import pytest
 
+from broker.topology import declare_shard_queues, declare_topology
+from broker.users import amqp_url_for, create_device_user, delete_device_user
+from common import compression
 from common.data import device_shard
-from common.shards import shard_of
+from common.shards import shard_of, update_key
 from common.training import train_local
 from edge_agent import updates
 from enclave_worker import aggregate as agg
@@ -22,6 +28,8 @@ from schemas.messages import RoundOpen, RoundSpec, ShardPartial
 from schemas.names import Names
 from tests.conftest import wait_for
 from tests.services import EventLog, coordinator, enrolled
+from tests.test_broker_users import api, can_publish  # noqa: F401 (api: a fixture)
+from tests.test_chunked_rounds import CHUNK, chunked
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -73,7 +81,7 @@ def trained(dev, enc: Enclave, round_id: int, index: int, samples: int = 60):
     """(delta, routing key, encoded update): ``samples`` examples each, so no claim is capped."""
     x, y = device_shard(index, 10)
     delta, _ = train_local(enc.params, x[:samples], y[:samples], epochs=1, lr=0.1, batch_size=16, seed=index)
-    _, key, body = updates.build(dev, round_id, enc.version, enc.layout_id, delta, samples)
+    _, key, body = updates.build(dev, round_id, enc.version, enc.layout_id, delta, samples, shards=SHARDS)
     return delta, key, body
 
 
@@ -141,18 +149,69 @@ async def test_a_replayed_partial_and_a_partial_signed_by_an_unadmitted_key_are_
         assert np.abs(root.params).max() < 50  # the forged sum of 100s is nowhere in the model
 
 
-async def test_an_update_sent_to_the_wrong_shard_is_refused_by_that_shard(broker, settings):
+async def test_each_update_reaches_only_its_shards_queue_even_after_declare_topology_again(broker, settings):
+    """No copies: shard i's queue holds exactly its devices' updates, and a process declaring the
+    topology later (a coordinator, with any ``enclave.shards``) adds no catch-all to it."""
+    for shard in range(SHARDS):
+        await declare_shard_queues(broker.channel, shard_settings(settings, shard), shard)
+    await declare_topology(broker.channel, settings)  # enclave.shards 1, as a coordinator's may be
+    ids = device_ids(3)
+    for d in ids:
+        await broker.publisher.publish(broker.names.updates_exchange, update_key(d, SHARDS), b"x")
+    for shard, name in enumerate((broker.names.updates_queue, broker.names.shard_queue(1, "updates"))):
+        q = await broker.channel.declare_queue(name, passive=True)
+        got: list[str] = []
+        end = time.time() + 10
+        while time.time() < end and len(got) < 4:  # one more than its share, to see a copy
+            m = await q.get(no_ack=True, fail=False, timeout=5)
+            if m is None:
+                await asyncio.sleep(0.2 if len(got) < 3 else 1.0)
+                if len(got) == 3:
+                    break
+                continue
+            got.append(Names.routed_device(m.routing_key))
+        assert sorted(got) == sorted(d for d in ids if shard_of(d, SHARDS) == shard), (shard, got)
+    assert update_key(ids[0], 1) == Names.update_key(ids[0])  # one enclave: today's key, unchanged
+
+
+async def test_a_sharded_device_user_may_publish_under_any_shard_but_only_its_own_id(settings, broker, api):
+    name = f"dev-{secrets.token_hex(4)}"
+    password = create_device_user(api, broker.names, name, secrets.token_urlsafe(16), shards=SHARDS)
+    try:
+        url = amqp_url_for(settings.amqp_url, broker.names.device_user(name), password)
+        ex = broker.names.updates_exchange
+        assert await can_publish(url, ex, update_key(name, SHARDS))
+        assert await can_publish(url, ex, Names.update_key(name, 1 - shard_of(name, SHARDS)))  # the shard refuses
+        assert not await can_publish(url, ex, Names.update_key("someone-else", 0))
+        assert not await can_publish(url, ex, Names.update_key(name + ".x", 0))
+        assert not await can_publish(url, ex, Names.update_key(name))  # the unsharded key is not a sharded device's
+    finally:
+        delete_device_user(api, broker.names, name)
+
+
+async def test_a_device_that_names_another_shard_in_its_routing_key_is_refused_by_that_shard(broker, settings):
+    settings = chunked(settings)
     async with coordinator(settings) as coord, sharded(settings) as (root, other):
         events = await EventLog.bind(broker, "update.#", "round.*", "shard.#")
         ids = device_ids(1)
         devices = [await enrolled(broker, coord, d) for d in ids]
-        await open_round(coord, broker, 1, ids, deadline=4.0)
+        await open_round(coord, broker, 1, ids, deadline=8.0)
         await events.wait("round.opened")
-        # shard 0's device's update put straight into shard 1's queue (not by the updates exchange)
-        _, _, body = trained(devices[0], root, 1, 0)
-        await broker.publisher.publish("", broker.names.shard_queue(1, "updates"), body)
+        # shard 0's device publishes under shard 1's key (its broker user allows any shard index)
+        lie = Names.update_key(ids[0], 1)
+        delta, _, body = trained(devices[0], root, 1, 0)
+        await broker.publisher.publish(broker.names.updates_exchange, lie, body)
         refused = await events.wait("update.rejected.wrong_shard")
         assert refused[0].device_id == ids[0]
+        # the same as a chunked update: shard 1 refuses it on the signed header of its first chunk
+        encoded = compression.encode(delta, "f32", CHUNK)
+        _, _, bodies = updates.build_parts(devices[0], 1, root.version, root.layout_id, encoded, 60,
+                                           shards=SHARDS)
+        assert len(bodies) > 1
+        for part in bodies:
+            await broker.publisher.publish(broker.names.updates_exchange, lie, part)
+        refused = await events.wait("update.rejected.wrong_shard", count=2)
+        assert [e.device_id for e in refused] == [ids[0]] * 2
         assert other.store.round_updates(1) == []
         # a missing partial: shard 1 is stopped, the root closes at the deadline without it
         await other.stop()

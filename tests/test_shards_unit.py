@@ -153,3 +153,27 @@ def test_only_the_enclave_user_may_read_the_shard_queues_and_the_partials():
         assert not any(re.match(service_permissions(n, role)["read"], q) for q in shard_queues), role
     device = device_permissions(n, "d1")["permissions"]
     assert not any(re.match(device["read"], q) or re.match(device["configure"], q) for q in shard_queues)
+
+
+def test_a_sharded_device_may_name_any_shard_in_its_key_but_only_its_own_id():
+    import re
+
+    from broker.users import device_permissions
+    from common.shards import update_key
+    from schemas.names import Names
+
+    n = Names("unit")
+    assert device_permissions(n, "d1")["topic"]["write"] == r"^update\.d1$"  # one enclave: unchanged
+    write = device_permissions(n, "d1", shards=4)["topic"]["write"]
+    assert re.match(write, update_key("d1", 4))
+    assert all(re.match(write, Names.update_key("d1", i)) for i in range(4))
+    for key in ("update.d1", "shard.1.d2", "shard.1.d1.x", "shard.x.d1", "shard.1.x.d1", "shard..d1"):
+        assert not re.match(write, key), key
+
+
+def test_the_routed_device_id_of_a_sharded_key_is_the_id_after_the_shard():
+    from schemas.names import Names
+
+    assert Names.routed_device(Names.update_key("a.b", 3)) == "a.b"
+    assert Names.routed_device(Names.update_key("a.b")) == "a.b"
+    assert Names.routed_device("shard.3") == "" and Names.routed_device("update") is None
