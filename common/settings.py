@@ -246,7 +246,8 @@ class EnclaveSettings(Section):
     #: Enclave workers sharing the namespace's devices (docs/scaling.md, "Sharded enclaves"):
     #: 1 is one enclave doing everything; N > 1 runs N shard workers, each screening the
     #: devices whose ``common.shards.shard_of`` is its index, shard 0 also the root that
-    #: combines their partial aggregates and signs the global model.
+    #: combines their partial aggregates and signs the global model. Devices (and
+    #: ``qflare device broker-user``) need it too: it picks their updates' routing key.
     shards: int = Field(1, ge=1, le=MAX_SHARDS)
     #: This worker's index in ``0 .. shards - 1`` (``QFLARE_ENCLAVE__SHARD``).
     shard: int = Field(0, ge=0, lt=MAX_SHARDS)
