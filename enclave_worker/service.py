@@ -225,6 +225,7 @@ class Enclave:
         self._combining: tuple[RoundSpec, float] | None = None
         self._partial_timer: asyncio.Task | None = None
         self._admission: PeerAdmission | None = None
+        self._expected: tuple[int | None, frozenset[str]] = (None, frozenset())
         self.defence_state = DefenceState(reputation.load(self._enclave_dir))
         stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
         self.root: tuple[float, np.ndarray, np.ndarray] | None = (
@@ -536,10 +537,17 @@ class Enclave:
 
     def _complete(self, spec: RoundSpec) -> bool:
         """A sync round is complete once every expected device sent (an async one runs to its deadline)."""
-        expected = set(spec.expected)
-        if self.shards > 1:  # a shard's part is done when its own expected devices have sent
-            expected = {d for d in expected if shard_of(d, self.shards) == self.shard}
-        return spec.mode == "sync" and bool(spec.expected) and expected <= self.senders(spec.round_id)
+        return (spec.mode == "sync" and bool(spec.expected)
+                and self._own_expected(spec) <= self.senders(spec.round_id))
+
+    def _own_expected(self, spec: RoundSpec) -> frozenset[str]:
+        """The round's expected devices this shard owns (all with one enclave), once per round:
+        it is asked after every stored update, and a SHA-256 per expected device each time cost
+        a shard about 0.5 ms per update with 300 devices."""
+        if self._expected[0] != spec.round_id:
+            own = [d for d in spec.expected if self.shards == 1 or shard_of(d, self.shards) == self.shard]
+            self._expected = (spec.round_id, frozenset(own))
+        return self._expected[1]
 
     def _buffer_ready(self, spec: RoundSpec) -> bool:
         return spec.mode == "async" and staleness.buffer_full(len(self.store.buffered_updates(spec.round_id)),

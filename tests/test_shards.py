@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from broker.topology import declare_shard_queues, declare_topology
-from broker.users import amqp_url_for, create_device_user, delete_device_user
+from broker.users import ManagementApi, amqp_url_for, create_device_user, delete_device_user
 from common import compression
 from common.data import device_shard
 from common.shards import shard_of, update_key
@@ -28,7 +28,7 @@ from schemas.messages import RoundOpen, RoundSpec, ShardPartial
 from schemas.names import Names
 from tests.conftest import wait_for
 from tests.services import EventLog, coordinator, enrolled
-from tests.test_broker_users import api, can_publish  # noqa: F401 (api: a fixture)
+from tests.test_broker_users import can_publish
 from tests.test_chunked_rounds import CHUNK, chunked
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -174,7 +174,8 @@ async def test_each_update_reaches_only_its_shards_queue_even_after_declare_topo
     assert update_key(ids[0], 1) == Names.update_key(ids[0])  # one enclave: today's key, unchanged
 
 
-async def test_a_sharded_device_user_may_publish_under_any_shard_but_only_its_own_id(settings, broker, api):
+async def test_a_sharded_device_user_may_publish_under_any_shard_but_only_its_own_id(settings, broker):
+    api = ManagementApi.from_settings(settings)
     name = f"dev-{secrets.token_hex(4)}"
     password = create_device_user(api, broker.names, name, secrets.token_urlsafe(16), shards=SHARDS)
     try:
