@@ -168,7 +168,8 @@ async def run_bench(base: Settings, quick: bool = False, d: int = 100_000, write
         md += (f"\n\nSpeed-up of two shards: {speedup}x (goal {GOAL}x: {'met' if summary['met'] else 'not met'}).\n"
                f"Bound: when the host's cores are all busy the shards share them with the broker and the\n"
                f"publisher, so a second process adds little CPU. Each update reaches only its shard's queue\n"
-               f"(`shard.<i>.<device>`), so an enclave CPU-second buys about as many updates in a shard as in\n"
-               f"one enclave; with a core of its own per shard the same per-CPU figures give {projected}x.\n")
+               f"(`shard.<i>.<device>`, no copies); what an enclave CPU-second buys in a shard against one\n"
+               f"enclave is the last column. With a core of its own per shard the same per-CPU figures give\n"
+               f"{projected}x.\n")
         write_section("shards", "## Sharded enclaves (`qflare bench shards`)\n\n" + md)
     return summary
