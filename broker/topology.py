@@ -84,11 +84,47 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Name
     return names
 
 
+async def declare_shard_queues(channel: AbstractChannel, settings: Settings, shard: int) -> None:
+    """A sharded enclave's own queues (docs/scaling.md, "Sharded enclaves"). Shard 0 keeps the
+    single enclave's updates and control queues, its updates queue also bound to shard 0's
+    keys, and adds the partials queue it combines; shard i > 0 gets its own devices' updates
+    (``shard.<i>.#`` only, no copies) and a copy of every control message and global model.
+    Every shard has a peers queue: the other shards' admissions (``PeerAdmission``).
+
+    :func:`declare_topology` (every process, any ``enclave.shards``) binds only ``update.#``,
+    which no sharded key matches, so it never adds other shards' updates to a shard's queue."""
+    names = Names(settings.broker.namespace)
+    quorum = {**replicated(settings, "quorum"), "x-delivery-limit": settings.broker.delivery_limit,
+              **_dead_lettered(names)}
+    peers = await channel.declare_queue(names.shard_queue(shard, "peers"), durable=True, arguments=quorum)
+    await peers.bind(names.rpc_exchange, Names.PEERS_KEY)
+    if shard == 0:
+        partials = await channel.declare_queue(names.partials_queue, durable=True, arguments=quorum)
+        await partials.bind(names.rpc_exchange, Names.PARTIALS_KEY)
+        updates = await channel.declare_queue(names.updates_queue, durable=True, arguments=quorum)
+        await updates.bind(names.updates_exchange, Names.shard_updates_binding(0))
+        return
+    for what, exchange, key in (("updates", names.updates_exchange, Names.shard_updates_binding(shard)),
+                                ("control", names.control_exchange, Names.ENCLAVE_CONTROL_KEY),
+                                ("models", names.models_exchange, "")):
+        q = await channel.declare_queue(names.shard_queue(shard, what), durable=True, arguments=quorum)
+        await q.bind(exchange, key)
+
+
 async def delete_topology(channel: AbstractChannel, names: Names) -> None:
     """Remove everything :func:`declare_topology` made (tests, ``qflare broker reset``)."""
     for q in (names.coordinator_queue, names.operator_queue, names.updates_queue, names.enclave_control_queue,
               names.models_stream, names.events_stream, names.dead_letter_queue):
         await channel.queue_delete(q)
+    await delete_shard_queues(channel, names)
     for e in (names.rpc_exchange, names.updates_exchange, names.models_exchange,
               names.events_exchange, names.dlx, names.control_exchange, names.operator_exchange):
         await channel.exchange_delete(e)
+
+
+async def delete_shard_queues(channel: AbstractChannel, names: Names, shards: int = 8) -> None:
+    """Remove a sharded enclave's queues (shards below ``shards``), if any were made."""
+    await channel.queue_delete(names.partials_queue)
+    for shard in range(shards):
+        for what in ("updates", "control", "models", "peers"):
+            await channel.queue_delete(names.shard_queue(shard, what))

@@ -133,7 +133,7 @@ def service_permissions(names: Names, role: str) -> dict[str, str]:
     """
     n = names
     exchanges = _any(*n.topology_exchanges)
-    queues = _any(*n.topology_queues)
+    queues = _union(_any(*n.topology_queues, n.partials_queue), f"^{n.shard_queues_pattern}$")
     publishes = {
         "coordinator": ("amq.default", n.control_exchange, n.events_exchange, n.dlx),  # replies, control
         "enclave": (n.rpc_exchange, n.models_exchange, n.events_exchange, n.dlx),
@@ -141,23 +141,30 @@ def service_permissions(names: Names, role: str) -> dict[str, str]:
     }[role]
     consumes = {
         "coordinator": (n.coordinator_queue, n.operator_queue),
-        "enclave": (n.updates_queue, n.enclave_control_queue, n.models_stream),
+        "enclave": (n.updates_queue, n.enclave_control_queue, n.models_stream, n.partials_queue),
         "operator": (n.dead_letter_queue, n.models_stream, n.events_stream),  # the dashboard replays events
     }[role]
+    consumes_re = _any(*consumes)
+    if role == "enclave":  # sharded enclaves (docs/scaling.md): each shard's own queues
+        consumes_re = _union(consumes_re, f"^{n.shard_queues_pattern}$")
     return {
         "configure": _union(exchanges, queues, SERVER_NAMED),
         "write": _union(_any(*publishes), queues, SERVER_NAMED),
-        "read": _union(_any(*consumes), exchanges, SERVER_NAMED),
+        "read": _union(consumes_re, exchanges, SERVER_NAMED),
     }
 
 
-def device_permissions(names: Names, device_id: str) -> dict[str, dict[str, str]]:
+def device_permissions(names: Names, device_id: str, shards: int = 1) -> dict[str, dict[str, str]]:
     """The vhost and topic permissions of one device's user (pure).
 
     The device's own queues are those under ``names.client_queues_prefix(device_id)``, which
-    ends in ``:`` (no device id contains it): device ``D``'s never cover ``D.x``'s.
+    ends in ``:`` (no device id contains it): device ``D``'s never cover ``D.x``'s. It publishes
+    updates under ``update.D`` only, or with ``shards`` > 1 under ``shard.<any index>.D``: the
+    broker pins the id, the shard receiving it refuses an id that is not its own (``wrong_shard``).
     """
     own = re.escape(names.client_queues_prefix(device_id)) + ".*"
+    key = (re.escape(Names.update_key(device_id)) if shards == 1
+           else re.escape(Names.SHARD_UPDATE_WORD) + r"\.[0-9]+\." + re.escape(device_id))
     return {
         "permissions": {
             "configure": f"^{own}$",
@@ -165,7 +172,7 @@ def device_permissions(names: Names, device_id: str) -> dict[str, dict[str, str]
             "read": _union(_any(names.models_exchange, names.models_stream), f"^{own}$"),
         },
         "topic": {"exchange": names.updates_exchange,
-                  "write": f"^{re.escape(Names.update_key(device_id))}$", "read": "^$"},
+                  "write": f"^{key}$", "read": "^$"},
     }
 
 
@@ -212,9 +219,10 @@ def ensure_user(api: ManagementApi, user: str, permissions: dict[str, str], pass
 
 
 def create_device_user(api: ManagementApi, names: Names, device_id: str, password: str, vhost: str = "/", *,
-                       rotate: bool = False, force: bool = False, max_connections: int | None = None) -> str | None:
+                       rotate: bool = False, force: bool = False, max_connections: int | None = None,
+                       shards: int = 1) -> str | None:
     """Make the device's confined user (see :func:`ensure_user`); returns its password when set."""
-    perms = device_permissions(names, device_id)
+    perms = device_permissions(names, device_id, shards)
     user = names.device_user(device_id)
     out = ensure_user(api, user, perms["permissions"], password, topic=perms["topic"], vhost=vhost,
                       rotate=rotate, force=force)

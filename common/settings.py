@@ -29,6 +29,7 @@ from pydantic_settings import (
 )
 
 from common.chunks import MESSAGE_OVERHEAD
+from common.shards import MAX_SHARDS
 from common.task import DEFAULT_TASK, SPEC_PATTERN
 from pqc.ids import ALIASES, DEFAULT_KEM, DEFAULT_SIG, KemId, SigId
 
@@ -258,6 +259,23 @@ class EnclaveSettings(Section):
     coordinator_fingerprint: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     #: How long ``qflare enclave run`` waits for the coordinator to admit it before giving up.
     attest_timeout_seconds: float = Field(60.0, gt=0)
+    #: Enclave workers sharing the namespace's devices (docs/scaling.md, "Sharded enclaves"):
+    #: 1 is one enclave doing everything; N > 1 runs N shard workers, each screening the
+    #: devices whose ``common.shards.shard_of`` is its index, shard 0 also the root that
+    #: combines their partial aggregates and signs the global model. Devices (and
+    #: ``qflare device broker-user``) need it too: it picks their updates' routing key.
+    shards: int = Field(1, ge=1, le=MAX_SHARDS)
+    #: This worker's index in ``0 .. shards - 1`` (``QFLARE_ENCLAVE__SHARD``).
+    shard: int = Field(0, ge=0, lt=MAX_SHARDS)
+    #: How long the root (shard 0) waits past a round's deadline for the other shards'
+    #: partials before it makes the model from those it has (``shard.missing`` for the rest).
+    partial_wait_seconds: float = Field(10.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> EnclaveSettings:
+        if self.shard >= self.shards:
+            raise ValueError(f"enclave.shard {self.shard} is not below enclave.shards {self.shards}")
+        return self
 
 
 class CoordinatorSettings(Section):

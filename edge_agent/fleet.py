@@ -328,7 +328,7 @@ class Fleet:
             delta, m.residual, compression.ENCODING_OF_SETTING[s.fl.compression], s.chunking.chunk_bytes,
             s.fl.topk_fraction)
         update_id, key, bodies = updates.build_parts(m.device, spec.round_id, model.version, model.layout_id,
-                                                     encoded, n)
+                                                     encoded, n, shards=s.enclave.shards)
         if max(len(b) for b in bodies) > s.broker.max_message_bytes:
             return max(len(b) for b in bodies)
         body = bodies[0] if len(bodies) == 1 else bodies

@@ -16,31 +16,33 @@ import numpy as np
 import pqc
 from common.chunks import ChunkDigest, chunk_aad, chunked_signed_parts, header_digest, stream_info
 from common.compression import Encoded
+from common.shards import update_key
 from common.stages import Stages, timed
 from common.updates import signed_parts, update_aad
 from edge_agent.client import Device
 from schemas import signing
 from schemas.codec import encode
 from schemas.messages import Update, UpdateChunk, UpdateHeader
-from schemas.names import Names
 from schemas.reasons import QflareError, Reason
 
 
 def build(device: Device, round_id: int, base_version: int, layout_id: str, delta: np.ndarray,
-          num_samples: int, update_id: str | None = None, stages: Stages | None = None) -> tuple[str, str, bytes]:
+          num_samples: int, update_id: str | None = None, stages: Stages | None = None,
+          shards: int = 1) -> tuple[str, str, bytes]:
     """Return (update id, routing key, encoded Update) of a float32 ``delta`` in one message."""
     payload = np.ascontiguousarray(delta, dtype="<f4").tobytes()
     update_id, key, bodies = build_parts(device, round_id, base_version, layout_id, Encoded("f32", 0, [payload]),
-                                         num_samples, update_id, stages)
+                                         num_samples, update_id, stages, shards)
     return update_id, key, bodies[0]
 
 
 def build_parts(device: Device, round_id: int, base_version: int, layout_id: str, encoded: Encoded,
                 num_samples: int, update_id: str | None = None,
-                stages: Stages | None = None) -> tuple[str, str, list[bytes]]:
+                stages: Stages | None = None, shards: int = 1) -> tuple[str, str, list[bytes]]:
     """Return (update id, routing key, messages to publish in order): one ``Update`` when the
     encoded delta is one chunk, else ``UpdateChunk`` messages sealed as one stream. ``stages``
-    (if given) counts the time spent sealing and signing."""
+    (if given) counts the time spent sealing and signing. ``shards`` is ``enclave.shards``: the
+    key then names the device's shard (``common.shards.update_key``)."""
     if device.session is None or device.enclave is None:
         raise QflareError(Reason.NO_ENCLAVE, "open a session (which brings the enclave's keys) first")
     enclave = device.enclave
@@ -54,7 +56,7 @@ def build_parts(device: Device, round_id: int, base_version: int, layout_id: str
     header_bytes = encode(header)
     ident = device.identity
     sig = pqc.get_signature(ident.sig_alg)
-    key = Names.update_key(device.device_id)
+    key = update_key(device.device_id, shards)
     if count == 1:
         with timed(stages, "seal"):
             sealed = pqc.seal(enclave.kem_alg, enclave.kem_pk, encoded.chunks[0], update_aad(header_bytes))

@@ -22,6 +22,7 @@ from common import compression, handshake
 from common.stages import Stages, timed
 from common.updates import signed_parts, update_aad
 from enclave_worker import staleness
+from enclave_worker.shards import check_shard
 from schemas import signing
 from schemas.codec import CodecError, decode
 from schemas.messages import GrantMac, SessionGrant, Signed, Update, UpdateHeader
@@ -75,6 +76,9 @@ class IntakeContext:
     #: Grant keys (handshake kem-v2) by key id, each given by the coordinator for this enclave
     #: alone; one replaced at ``rotated_at`` vouches only for grants issued before then.
     grant_keys: Mapping[bytes, GrantKeyEntry] = dataclasses.field(default_factory=dict)
+    #: Sharded enclaves (docs/scaling.md): this shard's index of ``shards``; only its devices pass.
+    shard: int = 0
+    shards: int = 1
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ def admit(header: UpdateHeader, routed_device: str | None, ctx: IntakeContext, s
     """Every check the header alone allows, cheapest first; the verified grant, or raise."""
     if routed_device is not None and routed_device != header.device_id:
         raise QflareError(Reason.DEVICE_MISMATCH, "routing key names another device")
+    if ctx.shards > 1:  # the signed id, not the shard a device put in its key: it cannot choose
+        check_shard(header.device_id, ctx.shard, ctx.shards)
     if ctx.open_round is None or header.round_id != ctx.open_round:
         raise QflareError(Reason.WRONG_ROUND, f"round {header.round_id} is not open (open: {ctx.open_round})")
     if ctx.base_version is not None and header.base_version != ctx.base_version:

@@ -18,11 +18,13 @@ import pqc
 from broker.client import BrokerClient
 from broker.messaging import DEFERRED, TRANSIENT, consume
 from broker.principals import require_role
+from broker.topology import declare_shard_queues
 from common import handshake, health, metrics
 from common.attestation import SIMULATED_WARNING, local_coordinator_fingerprint, platform_dir
 from common.chunks import max_update_chunks
 from common.crypto_policy import live_policy, require_live_kem
 from common.settings import ConfigError, Settings
+from common.shards import shard_of
 from common.state import private_dir
 from common.task import TaskError
 from common.training import TaskRunner, runner_for
@@ -37,6 +39,7 @@ from enclave_worker import (
     rootdata,
     staleness,
 )
+from enclave_worker import shards as sharding
 from enclave_worker.defend import Defence, DefenceState, defend
 from enclave_worker.reassembly import ChunkIntake
 from enclave_worker.store import EnclaveStore
@@ -44,14 +47,19 @@ from schemas import signing
 from schemas.codec import decode, encode
 from schemas.messages import (
     AttestAccept,
+    AttestationReport,
     AttestChallenge,
     AttestChallengeRequest,
     CoordinatorKeys,
+    GlobalModel,
     GrantKey,
     KeyChain,
     KeyEpoch,
     KeysRequest,
     Message,
+    ModelChunk,
+    PartialEnvelope,
+    PeerAdmission,
     Revocation,
     RootData,
     RootDataSubmit,
@@ -59,6 +67,7 @@ from schemas.messages import (
     RoundOpen,
     RoundResult,
     RoundSpec,
+    ShardPartial,
     Signed,
     Update,
     UpdateChunk,
@@ -158,7 +167,13 @@ class Enclave:
         self.platform_dir = platform_dir(settings)
         self.platform = attestation.platform_identity(self.platform_dir, legacy=settings.state_dir / "platform")
         self.identity = attestation.load_enclave_keys(settings, self.platform, self.code)
-        self.store = EnclaveStore(settings.state_dir / "enclave")
+        #: Sharded enclaves (docs/scaling.md): this worker screens the devices whose
+        #: ``shard_of`` is ``shard``; shard 0 is also the root. One shard: today's enclave.
+        self.shards, self.shard = settings.enclave.shards, settings.enclave.shard
+        self._enclave_dir = settings.state_dir / "enclave"
+        if self.shards > 1:  # the keys are shared (enclave/keys), the state is each shard's own
+            self._enclave_dir = self._enclave_dir / f"shard-{self.shard}"
+        self.store = EnclaveStore(self._enclave_dir)
         self.policy = live_policy(settings.crypto)
         #: The task (common/task.py): the initial model and the evaluation; loaded only when needed.
         self.task: TaskRunner | None = None
@@ -217,7 +232,13 @@ class Enclave:
                                   stages=self.stages)
         self._expiry: asyncio.Task | None = None
         self._acking: set[asyncio.Task] = set()
-        self._enclave_dir = settings.state_dir / "enclave"
+        #: The root's open round: the partials taken, its own part once closed, the wait for the rest.
+        self._book: sharding.PartialBook | None = None
+        self._own: ShardPartial | None = None
+        self._combining: tuple[RoundSpec, float] | None = None
+        self._partial_timer: asyncio.Task | None = None
+        self._admission: PeerAdmission | None = None
+        self._expected: tuple[int | None, frozenset[str]] = (None, frozenset())
         self.defence_state = DefenceState(reputation.load(self._enclave_dir),
                                           reputation.load_trust_on(self._enclave_dir))
         stored_root = rootdata.load(self._enclave_dir, self.identity.kem_sk, self.identity.kem_fp)
@@ -235,20 +256,35 @@ class Enclave:
             await self._resume(decode(spec, RoundSpec))
         metrics.MODEL.version = self.version
         mb = self.settings.broker.max_message_bytes
-        await consume(b.channel, b.publisher, b.names.enclave_control_queue, self._on_control, expected=Signed,
+        control_queue, updates_queue = b.names.enclave_control_queue, b.names.updates_queue
+        if self.shards > 1:
+            await declare_shard_queues(b.channel, self.settings, self.shard)
+            await consume(b.channel, b.publisher, b.names.shard_queue(self.shard, "peers"), self._on_peer,
+                          expected=PeerAdmission, max_bytes=mb)
+            await self._tell_peers()
+            if self.shard == 0:
+                await consume(b.channel, b.publisher, b.names.partials_queue, self._on_partial,
+                              expected=PartialEnvelope, max_bytes=mb)
+            else:
+                control_queue = b.names.shard_queue(self.shard, "control")
+                updates_queue = b.names.shard_queue(self.shard, "updates")
+                await consume(b.channel, b.publisher, b.names.shard_queue(self.shard, "models"), self._on_model,
+                              expected=(Signed, ModelChunk), max_bytes=mb)
+        await consume(b.channel, b.publisher, control_queue, self._on_control, expected=Signed,
                       max_bytes=mb)
         # Chunks of an update stay unacked until it is whole and durable: the window must hold
         # every update being reassembled, plus the usual prefetch for one-message updates.
         updates_channel = await b.connection.channel()
         await updates_channel.set_qos(
             prefetch_count=self.settings.broker.prefetch + self.settings.chunking.max_in_progress * self.max_chunks)
-        await consume(updates_channel, b.publisher, b.names.updates_queue, self._on_update_message,
+        await consume(updates_channel, b.publisher, updates_queue, self._on_update_message,
                       expected=(Update, UpdateChunk), max_bytes=mb)
         self._expiry = asyncio.create_task(self.chunks.run_expiry())
         log.warning(SIMULATED_WARNING, self.platform_dir)
         log.info("enclave started: namespace %s, measurement %s, KEM key %s (%s), signature key %s, model version %d, "
-                 "HTTP port %s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
+                 "HTTP port %s%s", b.names.namespace, self.code, self.identity.kem_fp, self.identity.kem_alg,
                  self.identity.sig_fp, self.version, self.http_port or "off",
+                 f", shard {self.shard} of {self.shards}" if self.shards > 1 else "",
                  extra={"namespace": b.names.namespace, "measurement": self.code, "kem_fp": self.identity.kem_fp,
                         "sig_fp": self.identity.sig_fp, "platform_fp": self.platform.sig_fp,
                         "model_version": self.version, "http_port": self.http_port})
@@ -290,6 +326,7 @@ class Enclave:
             self.coordinator_keys[pqc.fingerprint(pk, alg)] = intake.CoordinatorKey(alg, pk, rotated_at)
         self._trust(current.sig_alg, current.sig_pk)
         digest = handshake.enclave_digest(req.report)
+        self._admission = PeerAdmission(report=req.report, accept=encode(signed))  # for the other shards
         self.store.add_report(digest, self.identity.kem_fp)
         self.report_digests = self.report_digests | {digest}
         log.info("admitted by coordinator %s (pinned %s)", self.current_coordinator[:16], self.pinned_coordinator[:16])
@@ -333,6 +370,8 @@ class Enclave:
                 del self.coordinator_keys[k]
 
     async def stop(self) -> None:
+        if self._partial_timer:
+            self._partial_timer.cancel()
         if self._deadline:
             self._deadline.cancel()
         if self._expiry:
@@ -427,13 +466,21 @@ class Enclave:
         status = self.store.round_status(spec.round_id)
         if status is not None and status != "open":
             # Already closed (a redelivered command, or a coordinator that restarted mid-plan):
-            # say again how it ended, so whoever waits for it can go on.
-            await self._announce_closed(spec.round_id, status)
+            # say again how it ended, so whoever waits for it can go on (the root's to say).
+            if self.shard == 0:
+                await self._announce_closed(spec.round_id, status)
+            return
+        if self.shards > 1 and spec.mode != "sync":
+            log.error("round %d refused: sharded enclaves run sync rounds only (docs/scaling.md)", spec.round_id)
             return
         if self.round is not None and self.round.round_id != spec.round_id:
             await self._finish(self.round, forced=True)
         self.store.open_round(spec.round_id, encode(spec))
         await self._resume(spec)
+        if self.shard != 0:
+            log.info("round %d opened on model version %d (shard %d of %d)", spec.round_id, self.version, self.shard,
+                     self.shards)
+            return
         await self.broker.publisher.event("round.opened", round_id=spec.round_id, deadline=spec.deadline,
                                           min_updates=spec.min_updates, expected=len(spec.expected))
         log.info("round %d opened on model version %d", spec.round_id, self.version)
@@ -462,9 +509,14 @@ class Enclave:
         """Announce ``spec`` on the current model and arm its deadline."""
         self.round = spec
         self._round_opened_at = self.store.round_opened_at(spec.round_id)
-        messages = publisher.build_model_messages(self.identity, self.version, self.layout_id, self.params,
-                                                  self.settings.chunking.chunk_bytes, next_round=spec)
-        await publisher.publish_model(self.broker.publisher, messages, self.version)
+        if self.shards > 1 and self.shard == 0:
+            self._book = sharding.PartialBook(spec.round_id, self.shards, self.version, self.layout_id,
+                                              int(self.params.shape[0]))
+            self._own, self._combining = None, None
+        if self.shard == 0:  # only the root announces rounds and signs models
+            messages = publisher.build_model_messages(self.identity, self.version, self.layout_id, self.params,
+                                                      self.settings.chunking.chunk_bytes, next_round=spec)
+            await publisher.publish_model(self.broker.publisher, messages, self.version)
         if self._deadline:
             self._deadline.cancel()
         self._deadline = asyncio.create_task(self._deadline_timer(spec))
@@ -505,7 +557,17 @@ class Enclave:
 
     def _complete(self, spec: RoundSpec) -> bool:
         """A sync round is complete once every expected device sent (an async one runs to its deadline)."""
-        return spec.mode == "sync" and bool(spec.expected) and set(spec.expected) <= self.senders(spec.round_id)
+        return (spec.mode == "sync" and bool(spec.expected)
+                and self._own_expected(spec) <= self.senders(spec.round_id))
+
+    def _own_expected(self, spec: RoundSpec) -> frozenset[str]:
+        """The round's expected devices this shard owns (all with one enclave), once per round:
+        it is asked after every stored update, and a SHA-256 per expected device each time cost
+        a shard about 0.5 ms per update with 300 devices."""
+        if self._expected[0] != spec.round_id:
+            own = [d for d in spec.expected if self.shards == 1 or shard_of(d, self.shards) == self.shard]
+            self._expected = (spec.round_id, frozenset(own))
+        return self._expected[1]
 
     def _buffer_ready(self, spec: RoundSpec) -> bool:
         return spec.mode == "async" and staleness.buffer_full(len(self.store.buffered_updates(spec.round_id)),
@@ -522,7 +584,7 @@ class Enclave:
             now=time.time(), base_version=self.version if self._max_staleness(self.round) is None else None,
             opened_at=self._round_opened_at, skew=self.settings.crypto.freshness_seconds, key_epochs=self.key_epochs,
             report_digests=self.report_digests, version=self.version, max_staleness=self._max_staleness(self.round),
-            grant_keys=dict(self.grant_keys))
+            grant_keys=dict(self.grant_keys), shard=self.shard, shards=self.shards)
 
     def _max_staleness(self, spec: RoundSpec | None) -> int | None:
         """The staleness bound of an async round (None: a sync round, or none open)."""
@@ -541,7 +603,7 @@ class Enclave:
 
     @staticmethod
     def _routed(raw) -> str | None:
-        return raw.routing_key.split(".", 1)[1] if raw.routing_key and "." in raw.routing_key else None
+        return Names.routed_device(raw.routing_key)
 
     async def _on_update(self, update: Update, raw) -> object:
         """Check one update, timed from delivery to verdict (:func:`_intake`)."""
@@ -771,6 +833,9 @@ class Enclave:
         for u in [u for u in stored if u.device_id in self._revoked]:  # revoked after their update came
             stored.remove(u)
             await self._refuse_stored(spec.round_id, u, Reason.REVOKED.value, rejected)
+        if self.shards > 1:
+            await self._finish_part(spec, t0, stored, rejected)
+            return
         if len(stored) < spec.min_updates:
             await self._fail(spec, t0, rejected, len(stored), 0, Reason.TOO_FEW_UPDATES,
                              f"{len(stored)} of {spec.min_updates} updates")
@@ -787,6 +852,11 @@ class Enclave:
             await self._fail(spec, t0, rejected, len(stored), accepted, Reason.TOO_FEW_ACCEPTED,
                              f"{accepted} accepted, fl.min_accepted is {fl.min_accepted}")
             return
+        await self._publish_round(spec, t0, combined, accepted, rejected)
+
+    async def _publish_round(self, spec: RoundSpec, t0: float, combined: np.ndarray | None, accepted: int,
+                             rejected: dict[str, int]) -> None:
+        """The round's model from ``combined``: evaluated, signed, recorded, then published."""
         new_params = self.params + combined if combined is not None else self.params
         scores = await asyncio.to_thread(self._evaluate, new_params)
         accuracy = scores.get("accuracy")
@@ -810,6 +880,191 @@ class Enclave:
         log.info("round %d completed: %d accepted, rejected %s, metrics %s", spec.round_id, accepted, rejected,
                  scores)
 
+
+    # --- sharded enclaves (docs/scaling.md, "Sharded enclaves"; enclave_worker/shards.py) ----
+
+    async def _finish_part(self, spec: RoundSpec, t0: float, stored: list, rejected: dict[str, int]) -> None:
+        """Close this shard's part of ``spec``: screen its updates as one enclave would, then
+        the partial (Σ w·Δ, Σ w, counts) goes to the root, signed and sealed; the root keeps its own."""
+        combined, n_accepted, total_w = None, 0, 0.0
+        if stored:
+            weights = await self._capped_weights(spec, stored)
+            combined, verdict = await asyncio.to_thread(self._screen_and_aggregate, stored, weights, spec)
+            for reason, count in (await self._judged(stored, verdict, spec)).items():
+                rejected[reason] = rejected.get(reason, 0) + count
+            accepted = np.asarray(verdict.accepted, dtype=bool)
+            n_accepted, total_w = int(accepted.sum()), float(np.asarray(weights, dtype=np.float64)[accepted].sum())
+        if combined is None or total_w <= 0:
+            n_accepted, total_w = 0, 0.0
+        # the shard's screened aggregate (FedAvg: Σ w·Δ / Σ w) times its accepted weight: the
+        # root's Σ sums / Σ weights is then FedAvg over every shard's survivors
+        total_sum = combined.astype(np.float64) * total_w if n_accepted else None
+        partial = ShardPartial(round_id=spec.round_id, shard=self.shard, shards=self.shards,
+                               base_version=self.version, layout_id=self.layout_id,
+                               weighted_sum=total_sum.astype("<f8").tobytes() if n_accepted else b"",
+                               weight_total=total_w if n_accepted else 0.0, received=len(stored),
+                               accepted=n_accepted, rejected=rejected, issued_at=time.time())
+        if self.shard == 0:
+            self._own = partial
+            self._combining = (spec, t0)
+            if self._partial_timer:
+                self._partial_timer.cancel()
+            self._partial_timer = asyncio.create_task(self._partial_deadline(spec))
+            await self._maybe_combine()
+            return
+        if not stored and self.shard not in self._awaited_shards(spec) | {0}:
+            self.store.close_round(spec.round_id, "completed", RoundResult(
+                round_id=spec.round_id, accepted=0, seconds=0.0, status="completed").model_dump())
+            log.info("round %d: no expected device is shard %d's; no partial", spec.round_id, self.shard)
+            return
+        body = sharding.seal_partial(partial, self.identity, self.identity.kem_alg, self.identity.kem_pk,
+                                     self.broker.names.namespace)
+        result = RoundResult(round_id=spec.round_id, accepted=n_accepted, rejected=rejected,
+                             seconds=round(time.time() - t0, 4), status="completed")
+        # confirmed first, then recorded: a crash in between sends it again at the restart,
+        # which the root refuses as a replay; never a part closed and not sent
+        await self.broker.publisher.publish_until_confirmed(
+            self.broker.names.rpc_exchange, Names.PARTIALS_KEY, body, what=f"round {spec.round_id} partial",
+            message_id=f"partial-{spec.round_id}-{self.shard}")
+        self.store.close_round(spec.round_id, "completed", result.model_dump())
+        await self.broker.publisher.event("shard.partial.sent", round_id=spec.round_id, shard=self.shard,
+                                          received=len(stored), accepted=n_accepted, confirmed=True)
+        log.info("round %d: shard %d sent its partial (%d of %d accepted, rejected %s)", spec.round_id,
+                 self.shard, n_accepted, len(stored), rejected)
+
+    async def _on_partial(self, envelope: PartialEnvelope, raw) -> None:
+        """The root takes one shard's partial: from an enclave broker user, opening with the
+        root's key, signed by the admitted enclave key, once per shard, for the open round."""
+        require_role(self.settings, "enclave", raw.user_id)
+        async with self.lock:
+            try:
+                if not self.coordinator_keys:
+                    raise QflareError(Reason.NO_ENCLAVE, "this root is not admitted yet")
+                admitted = {self.identity.sig_fp: sharding.SignerKey(self.identity.sig_alg, self.identity.sig_pk)}
+                partial = await asyncio.to_thread(sharding.open_partial, envelope, self.identity.kem_sk, admitted,
+                                                  self.broker.names.namespace, self.policy)
+                if self._book is None:
+                    raise QflareError(Reason.WRONG_ROUND, f"partial for round {partial.round_id}, none is open")
+                self._book.take(partial, skew=self.settings.crypto.freshness_seconds,
+                                opened_at=self._round_opened_at)
+            except QflareError as err:
+                log.warning("partial of shard %d for round %d refused: %s %s", envelope.shard, envelope.round_id,
+                            err.reason.value, err.detail)
+                await self.broker.publisher.event(f"shard.partial.rejected.{err.reason.value}",
+                                                  round_id=envelope.round_id, reason=err.reason.value,
+                                                  shard=envelope.shard, detail_text=err.detail[:200])
+                return
+            log.info("round %d: partial of shard %d taken (%d of %d accepted)", partial.round_id, partial.shard,
+                     partial.accepted, partial.received)
+            await self._maybe_combine()
+
+    async def _maybe_combine(self, *, at_deadline: bool = False) -> None:
+        """Make the round's model once the root's own part and every partial are in (or at
+        the wait's end with those it has). Caller holds the lock."""
+        if self._combining is None or self._own is None or self._book is None:
+            return
+        spec, t0 = self._combining
+        awaited = self._awaited_shards(spec)
+        if not awaited <= set(self._book.taken) and not at_deadline:
+            return
+        if self._partial_timer and asyncio.current_task() is not self._partial_timer:
+            self._partial_timer.cancel()
+        parts, book = [self._own, *self._book.taken.values()], self._book
+        self._combining, self._book, self._own = None, None, None
+        rejected: dict[str, int] = {}
+        for p in parts:
+            for reason, count in p.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + count
+        for shard in sorted(awaited - set(book.taken)):
+            rejected[Reason.MISSING_SHARD.value] = rejected.get(Reason.MISSING_SHARD.value, 0) + 1
+            log.warning("round %d: no partial from shard %d; the model is made without it", spec.round_id, shard)
+            await self.broker.publisher.event("shard.missing", round_id=spec.round_id, shard=shard,
+                                              reason=Reason.MISSING_SHARD.value, confirmed=True)
+        out = sharding.combine(parts, max_norm=self.settings.fl.max_norm)
+        by_shard = {p.shard: p for p in parts}
+        for shard, reason in out.dropped.items():
+            rejected[reason] = rejected.get(reason, 0) + by_shard[shard].accepted
+            await self.broker.publisher.event(f"shard.partial.rejected.{reason}", round_id=spec.round_id,
+                                              reason=reason, shard=shard, detail_text="left out of the model")
+        received = sum(p.received for p in parts)
+        accepted = sum(by_shard[s].accepted for s in out.used)
+        if received < spec.min_updates:
+            await self._fail(spec, t0, rejected, received, 0, Reason.TOO_FEW_UPDATES,
+                             f"{received} of {spec.min_updates} updates across the shards")
+            return
+        if accepted < self.settings.fl.min_accepted:
+            await self._fail(spec, t0, rejected, received, accepted, Reason.TOO_FEW_ACCEPTED,
+                             f"{accepted} accepted across the shards, fl.min_accepted is {self.settings.fl.min_accepted}")
+            return
+        await self._publish_round(spec, t0, out.delta, accepted, rejected)
+
+    def _awaited_shards(self, spec: RoundSpec) -> set[int]:
+        """The shards whose partial the root waits for: those owning an expected device (every
+        shard when the round names none); shard 0 is the root itself."""
+        if not spec.expected:
+            return set(range(1, self.shards))
+        return {shard_of(d, self.shards) for d in spec.expected} - {0}
+
+    async def _partial_deadline(self, spec: RoundSpec) -> None:
+        """At the round's deadline plus enclave.partial_wait_seconds, combine what has come."""
+        at = spec.deadline + self.settings.enclave.partial_wait_seconds
+        await asyncio.sleep(max(0.0, at - time.time()))
+        async with self.lock:
+            if self._combining is not None and self._combining[0].round_id == spec.round_id:
+                await self._maybe_combine(at_deadline=True)
+
+    async def _tell_peers(self) -> None:
+        """Send the other shards the coordinator's admission of this shard's report."""
+        if self._admission is not None:
+            await self.broker.publisher.publish(self.broker.names.rpc_exchange, Names.PEERS_KEY, self._admission)
+
+    async def _on_peer(self, msg: PeerAdmission, raw) -> None:
+        """Take another shard's admitted report as this enclave's own (grants name it): only
+        when the current coordinator key signed its admission and it names this code and keys."""
+        require_role(self.settings, "enclave", raw.user_id)
+        key = self.coordinator_keys.get(self.current_coordinator or "")
+        if key is None:
+            return
+        accept = signing.verify(decode(msg.accept, Signed), AttestAccept, key.alg, key.pk)
+        if accept.report_digest != attestation.report_digest(msg.report):
+            raise QflareError(Reason.BAD_SIGNATURE, "admission is for another report")
+        report = signing.unverified(msg.report, AttestationReport)
+        if (report.measurement, report.kem_pk, report.sig_pk) != (self.code, self.identity.kem_pk,
+                                                                  self.identity.sig_pk):
+            raise QflareError(Reason.BAD_SIGNATURE, "admitted report of another enclave")
+        digest = handshake.enclave_digest(msg.report)
+        if digest in self.report_digests:
+            return
+        self.store.add_report(digest, self.identity.kem_fp)
+        self.report_digests = self.report_digests | {digest}
+        log.info("shard %d takes a peer shard's admitted report", self.shard)
+        await self._tell_peers()  # so a peer that started after this shard learns this one's too
+
+    async def _on_model(self, msg: Signed | ModelChunk, raw) -> None:
+        """A shard other than the root follows the root's global models (signed by the shared
+        enclave key), so its next round checks updates against the model devices train on."""
+        require_role(self.settings, "enclave", raw.user_id)
+        if isinstance(msg, ModelChunk):
+            return  # sharded enclaves take models of one message (docs/scaling.md)
+        model = signing.verify(msg, GlobalModel, self.identity.sig_alg, self.identity.sig_pk)
+        if model.chunk_digests or model.layout_id != self.layout_id:
+            log.error("model v%d not followed: chunked or of another layout", model.version)
+            return
+        async with self.lock:
+            if model.version <= self.version:
+                return  # a round announcement on the current model, or an older one
+            params = np.frombuffer(model.params, dtype="<f4").astype(np.float32)
+            if params.shape != self.params.shape:
+                log.error("model v%d not followed: %d parameters, not %d", model.version, params.shape[0],
+                          self.params.shape[0])
+                return
+            self.store.begin()
+            self.store.save_model(model.version, model.result.round_id if model.result else None, params,
+                                  raw.body)
+            self.store.commit()
+            self.version, self.params = model.version, params
+            metrics.MODEL.version = model.version
+            log.info("shard %d follows model v%d", self.shard, model.version)
 
     async def _judged(self, stored: list, verdict: filters.ScreenResult | Defence, spec: RoundSpec) -> dict[str, int]:
         """Announce what the filters refused and keep the defence's new state; the refusals by reason."""

@@ -260,7 +260,8 @@ def device_broker_user(device_id: str, delete: bool = typer.Option(False, "--del
             console.print(f"broker user {user} deleted")
             return
         password = create_device_user(api, names, device_id, _secrets.token_urlsafe(24), vhost_of(s.amqp_url),
-                                      rotate=rotate, force=force, max_connections=s.broker.device_max_connections)
+                                      rotate=rotate, force=force, max_connections=s.broker.device_max_connections,
+                                      shards=s.enclave.shards)
     except BrokerAdminError as exc:
         raise fail(str(exc)) from None
     url = cluster_url_for(s, user, password) if password else None
@@ -963,6 +964,25 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
                                                            "publish": r["publish_ms_per_update"],
                                                            **r["stage_ms_per_update"]}.items())
             console.print(f"{'':>9}  ms per update: {stages} (window {r['window_ms_per_update']})")
+        return
+    print_json(result)
+
+
+@bench_app.command("shards")
+def bench_shards(json_out: bool = typer.Option(False, "--json", help="Print only JSON."),
+                 quick: bool = typer.Option(False, help="Fewer updates, for a smoke run."),
+                 params: int = typer.Option(100_000, min=1, help="Parameters per update."),
+                 write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md.")) -> None:
+    """Updates/s of one enclave vs two sharded enclave workers, in the same run (docs/scaling.md)."""
+    from ops.bench_shards import run_bench
+
+    result = run(run_bench(settings(), quick=quick, d=params, write_docs=write_docs))
+    if not json_out:
+        for r in result["cases"]:
+            console.print(f"{r['shards']} enclave worker(s): {r['updates_per_s']} updates/s "
+                          f"(cores per enclave {r['enclave_cores']}, host {r['host_cores']} of {r['cpu_count']})")
+        console.print(f"speed-up {result['speedup']}x (goal {result['goal']}x); load average "
+                      f"{result['load_average']}")
         return
     print_json(result)
 

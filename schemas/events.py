@@ -86,6 +86,21 @@ class RoundFailed(Detail):
     accepted: int = 0  # of those, accepted by the screening (fewer than fl.min_accepted: too_few_accepted)
 
 
+class ShardPartialSent(Detail):
+    shard: int  # the shard that sent it (1 .. enclave.shards - 1; shard 0 is the root)
+    received: int  # its devices' updates stored for the round
+    accepted: int  # of those, accepted by its screening
+
+
+class ShardRefusal(Detail):
+    shard: int = -1  # the shard the partial named (-1: it did not open far enough to say)
+    detail_text: str = ""  # what was wrong, for people (at most 200 characters)
+
+
+class ShardMissing(Detail):
+    shard: int  # the shard whose partial had not come when the root closed the round
+
+
 class UpdateClipped(Detail):
     update_id: str
     claimed: int  # the sample count the device claimed
@@ -194,6 +209,15 @@ EVENTS: tuple[EventSpec, ...] = (
               "a warning (`action=waiting`, the round open is sent again), then after "
               "recovery.stall_limit_seconds the plan is cancelled (`action=cancelled`); reason `no_enclave`.",
               RoundStalled, ("round_id", "reason"), "coordinator"),
+    EventSpec("shard.partial.sent", "Sharded enclaves: a shard closed its part of a round and sent the root its "
+              "signed, sealed partial aggregate (docs/scaling.md).", ShardPartialSent, ("round_id",), "enclave"),
+    EventSpec("shard.partial.rejected.{reason}", "Sharded enclaves: the root refused a partial (`bad_signature`: "
+              "not signed by an admitted enclave key; `replay`: a second one of its shard this round; "
+              "`wrong_round`, `stale_base`, `wrong_shard`, ...), or left it out of the model (`outlier`, "
+              "`norm_bound`).", ShardRefusal, ("reason",), "enclave"),
+    EventSpec("shard.missing", "Sharded enclaves: the root closed a round at its deadline (plus "
+              "enclave.partial_wait_seconds) without this shard's partial; the model is made from the others; "
+              "reason `missing_shard`.", ShardMissing, ("round_id", "reason"), "enclave"),
     EventSpec("dead_letter.{reason}", "A consumer refused a message and copied it to the dead-letter queue.",
               DeadLettered, ("reason",), "any"),
 )

@@ -40,6 +40,8 @@ ChunkCount = Annotated[int, Field(ge=1, le=MAX_CHUNKS)]
 #: per chunk, or top-k (index, value) pairs.
 Encoding = Literal["f32", "int8", "topk"]
 Sha256 = Annotated[bytes, Field(min_length=32, max_length=32)]
+#: Most enclave shards one namespace may run (docs/scaling.md, "Sharded enclaves").
+MAX_SHARDS = 64
 
 
 class Message(BaseModel):
@@ -745,6 +747,52 @@ class GlobalModel(Message):
     chunk_digests: Annotated[list[Sha256], Field(max_length=MAX_CHUNKS)] = []
 
 
+class ShardPartial(Message):
+    """Shard → root, signed by the shard's attested enclave key, then sealed to the root's KEM
+    key (``PartialEnvelope``): one shard's screened part of a round (docs/scaling.md).
+
+    ``weight_total`` is Σ wᵢ over the shard's accepted updates (capped sample counts),
+    ``weighted_sum`` the shard's screened aggregate times it (little-endian float64, one per
+    parameter, empty when none was accepted): with FedAvg that is Σ wᵢ·Δᵢ, so the root's
+    Σ sums / Σ totals is one enclave's FedAvg over the same updates.
+    """
+
+    TYPE: ClassVar[str] = "shard.partial"
+    round_id: Annotated[int, Field(ge=1)]
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+    shards: Annotated[int, Field(ge=2, le=MAX_SHARDS)]
+    base_version: Annotated[int, Field(ge=0)]
+    layout_id: Annotated[str, Field(min_length=1, max_length=64)]
+    weighted_sum: Blob
+    weight_total: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    received: Annotated[int, Field(ge=0, le=MAX_EXPECTED)]
+    accepted: Annotated[int, Field(ge=0, le=MAX_EXPECTED)]
+    rejected: Annotated[dict[Label, Annotated[int, Field(ge=0, le=MAX_EXPECTED)]], Field(max_length=256)] = {}
+    issued_at: float
+
+
+class PeerAdmission(Message):
+    """Shard → the other shards: the coordinator's signed admission of this shard's report.
+    Every shard holds the same enclave keys but answered its own challenge, so devices' grants
+    name whichever report the coordinator admitted last; a shard takes another's report as its
+    own only under the coordinator's signature and when it names this shard's code and keys."""
+
+    TYPE: ClassVar[str] = "shard.admission"
+    report: Encoded  # the Signed(AttestationReport) the coordinator admitted
+    accept: Encoded  # the coordinator's Signed(AttestAccept) binding it
+
+
+class PartialEnvelope(Message):
+    """A ``Signed(ShardPartial)`` sealed to the root enclave's KEM key; the clear fields are
+    bound as associated data (common/shards.py ``partial_aad``) and repeated inside."""
+
+    TYPE: ClassVar[str] = "shard.partial.sealed"
+    round_id: Annotated[int, Field(ge=1)]
+    shard: Annotated[int, Field(ge=0, lt=MAX_SHARDS)]
+    base_version: Annotated[int, Field(ge=0)]
+    sealed: Blob
+
+
 class ModelChunk(Message):
     """A slice of a chunked global model's parameters; the signed model names its digest."""
 
@@ -778,7 +826,8 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     RoundStart, RoundStarted, RoundCancel, RoundCancelled, RoundListRequest, RoundStatusRequest, RoundInfo,
     RoundPlan, RoundTable, TokenCreate, TokenCreated, DeviceListRequest, DeviceInfo, DeviceTable, DeviceRevoke,
     DeviceRevoked, EnclaveReportRequest, EnclaveReport, RootDataSubmit, RootDataForwarded,
-    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, Event,
+    UpdateHeader, Update, UpdateChunk, RoundResult, GlobalModel, ModelChunk, ShardPartial, PartialEnvelope,
+    PeerAdmission, Event,
 )
 BY_TYPE: dict[str, type[Message]] = {m.TYPE: m for m in ALL_MESSAGES}
 assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message TYPE"

@@ -83,6 +83,21 @@ class Names:
     def enclave_control_queue(self) -> str:
         return self._n("enclave.control")
 
+    def shard_queue(self, shard: int, what: str) -> str:
+        """Shard ``shard``'s own queue of ``what`` (``updates``, ``control``, ``models``, ``peers``) when
+        the enclave is sharded (docs/scaling.md); shard 0 uses the single enclave's queues."""
+        return self._n(f"enclave.shard.{shard}.{what}")
+
+    @property
+    def shard_queues_pattern(self) -> str:
+        """A regex of every shard queue (broker permissions)."""
+        return re.escape(self._n("enclave.shard.")) + r"[0-9]+\.(updates|control|models|peers)"
+
+    @property
+    def partials_queue(self) -> str:
+        """The root enclave's queue of sealed shard partials (routing key ``PARTIALS_KEY`` on the rpc exchange)."""
+        return self._n("enclave.partials")
+
     @property
     def models_stream(self) -> str:
         """Stream holding every global model, for devices returning from offline."""
@@ -104,7 +119,7 @@ class Names:
                 self.control_exchange, self.operator_exchange)
 
     @property
-    def topology_queues(self) -> tuple[str, ...]:
+    def topology_queues(self) -> tuple[str, ...]:  # the sharded enclave's: shard_queue, partials_queue
         """Every durable queue of the namespace (the operator queue included)."""
         return (self.coordinator_queue, self.operator_queue, self.updates_queue, self.enclave_control_queue,
                 self.models_stream, self.events_stream, self.dead_letter_queue)
@@ -149,9 +164,34 @@ class Names:
 
     # routing keys
     @staticmethod
-    def update_key(device_id: str) -> str:
-        return f"update.{device_id}"
+    def update_key(device_id: str, shard: int | None = None) -> str:
+        """``update.<id>``; to enclave shard ``shard`` (docs/scaling.md) ``shard.<shard>.<id>``,
+        a first word the single updates queue's ``update.#`` binding does not match."""
+        return f"update.{device_id}" if shard is None else f"{Names.SHARD_UPDATE_WORD}.{shard}.{device_id}"
+
+    @staticmethod
+    def shard_updates_binding(shard: int) -> str:
+        """What shard ``shard``'s updates queue is bound to: its own devices' keys only."""
+        return f"{Names.SHARD_UPDATE_WORD}.{shard}.#"
+
+    @staticmethod
+    def routed_device(routing_key: str | None) -> str | None:
+        """The device id an updates routing key names (None: no dot, so none; ``""`` when a
+        key names an empty one, which then matches no signed device id)."""
+        if not routing_key or "." not in routing_key:
+            return None
+        word, rest = routing_key.split(".", 1)
+        if word == Names.SHARD_UPDATE_WORD:
+            return rest.split(".", 1)[1] if "." in rest else ""
+        return rest
+
+    #: First word of an update's routing key when the enclave is sharded (``shard.<i>.<id>``).
+    SHARD_UPDATE_WORD = "shard"
 
     COORDINATOR_KEY = "coordinator"
     OPERATOR_KEY = "operator"
     ENCLAVE_CONTROL_KEY = "enclave"
+    #: Sealed shard partials to the root enclave, on the rpc exchange (docs/scaling.md).
+    PARTIALS_KEY = "enclave.partials"
+    #: Each shard's admission to the other shards, on the rpc exchange (schemas.messages.PeerAdmission).
+    PEERS_KEY = "enclave.peers"

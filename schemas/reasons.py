@@ -49,6 +49,8 @@ class Reason(StrEnum):
     TOO_FEW_ACCEPTED = "too_few_accepted"
     STALE_BASE = "stale_base"
     SUPERSEDED = "superseded"
+    WRONG_SHARD = "wrong_shard"
+    MISSING_SHARD = "missing_shard"
     # attestation / ops
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     NO_ENCLAVE = "no_enclave"
@@ -107,6 +109,10 @@ DESCRIPTIONS: dict[Reason, str] = {
                              "device could set the model (round.failed)",
     Reason.STALE_BASE: "the update was trained on another model version than the open round's",
     Reason.SUPERSEDED: "signed under a key or grant the device has since replaced (key rotation or re-enrollment)",
+    Reason.WRONG_SHARD: "sharded enclaves: an update (or a partial) that is not this shard's: its device id "
+                        "hashes to another shard (common/shards.py), or a partial names a shard not in the round",
+    Reason.MISSING_SHARD: "sharded enclaves: the root closed a round at its deadline without every shard's "
+                          "partial; the model is made from the shards that sent one",
     Reason.MEASUREMENT_NOT_ALLOWED: "enclave code measurement not on the allow-list",
     Reason.NO_ENCLAVE: "no attested enclave is available",
     Reason.NOT_OPERATOR: "an operator request not signed by an operator key the coordinator pins",
