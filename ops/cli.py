@@ -836,6 +836,8 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
          compression: str = typer.Option("int8", help="fl.compression of the devices' updates: none, int8, topk."),
          prefetch: int = typer.Option(256, min=1, max=10_000, help="broker.prefetch of the coordinator and the enclave."),
          publish_channels: int = typer.Option(4, min=1, max=64, help="broker.publish_channels of each connection's devices."),
+         device_processes: int | None = typer.Option(None, min=1, max=64, help="Processes the devices are split over "
+                                                     "(default: 2 on 2 cores or more, else 1)."),
          write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md's load section."),
          json_out: bool = typer.Option(False, "--json", help="Print only the JSON report.")) -> None:
     """Load test: N devices enrol, open sessions and send one round's update through the real
@@ -848,7 +850,7 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
         raise typer.BadParameter("none, int8 or topk", param_hint="--compression")
     kw = {"connections": connections, "concurrency": concurrency, "deadline": deadline, "namespace": namespace,
           "plot_path": out / "load.png", "compression": compression, "prefetch": prefetch,
-          "publish_channels": publish_channels}
+          "publish_channels": publish_channels, "device_processes": device_processes}
     if json_out:
         report = run(run_load(s, devices, **kw))
     else:

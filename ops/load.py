@@ -1,7 +1,8 @@
 """``qflare load --devices N``: a load generator through the real protocol.
 
-Starts a coordinator and an enclave, each in a process of its own, and N simulated devices in
-this one, multiplexed over a few broker connections; each device enrols with its own token,
+Starts a coordinator and an enclave, each in a process of its own, and N simulated devices split
+over P spawned processes (``--device-processes``), each multiplexing its devices over a few
+broker connections of its own; each device enrols with its own token,
 opens a forward-secret session, and trains and sends its signed, sealed update in one round.
 Reports per step (enrol, session, update) the rate and the p50/p95/p99 latency, and per phase
 the CPU of each process (devices, coordinator, enclave, broker), as JSON and as a PNG plot.
@@ -10,9 +11,11 @@ the CPU of each process (devices, coordinator, enclave, broker), as JSON and as 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import multiprocessing
 import os
+import queue
 import shutil
 import tempfile
 import time
@@ -139,6 +142,146 @@ class Service:
             await asyncio.to_thread(self.process.join, 10)
 
 
+def default_device_processes() -> int:
+    """The devices' processes by default: 2 when the machine has 2 cores (the devices' single
+    process bound the round), else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _devices(settings: Settings, part: int, first: int, count: int, devices: int, fp: str, connections: int,
+             concurrency: int, inbox, report) -> None:
+    """A child process: devices ``first .. first+count-1``, each with its own token, session and
+    update, over ``connections`` broker connections of its own. Tells ``report`` when each phase
+    is done and, at the end, every device's raw step times (``perf_counter``: one clock per host)."""
+    async def main() -> None:
+        fl = settings.fl
+        task = runner_for(fl.task)
+        shards = [task.load_data(i, devices, Partition.of(fl)) for i in range(first, first + count)]
+        brokers = [await BrokerClient.open(settings, name=f"qflare-load-{part}-{c}") for c in range(connections)]
+        try:
+            rpcs = [await b.rpc() for b in brokers]
+            times: dict[str, list] = {"enroll": [], "session": [], "update": []}
+
+            def note(step: str, value) -> None:
+                times[step].append(value)
+                if len(times[step]) % 100 == 0 or len(times[step]) == count:
+                    report.put(("progress", part, step, len(times[step])))
+
+            state = Path(settings.state_dir)
+            # The devices share this host's disk: their outboxes skip the fsync per commit that each
+            # real device makes on its own storage (three per update, serialised here).
+            fleets = [Fleet(b, Outbox(state / f"outbox-{part}-{c}.sqlite3", power_safe=False), task=task,
+                            on_sent=lambda _d, _r: note("update", time.perf_counter()))
+                      for c, b in enumerate(brokers)]
+            # A simulated fleet checks the coordinator's key chain once, from the pinned fingerprint,
+            # as the devices of one process would share it (bench handshake measures both ways).
+            keys = await client.coordinator_keys(rpcs[0], brokers[0].names, fp, 15.0)
+            gate = asyncio.Semaphore(concurrency)
+            report.put(("ready", part))
+            tokens = await asyncio.to_thread(inbox.get)  # the operator's, made by the parent
+            if tokens is None:
+                return
+
+            async def join(j: int) -> None:
+                c = j % connections
+                async with gate:
+                    t0 = time.perf_counter()
+                    dev = await client.enroll(rpcs[c], brokers[c].names, f"load-{first + j:05d}", tokens[j], fp,
+                                              keys=keys, sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
+                    t1 = time.perf_counter()
+                    await client.open_session(rpcs[c], brokers[c].names, dev)
+                    note("enroll", (t0, t1))
+                    note("session", (t1, time.perf_counter()))
+                fleets[c].add(Member(dev, *shards[j]))
+
+            await asyncio.gather(*(join(j) for j in range(count)))
+            report.put(("enroll_and_session", part))
+            for f in fleets:
+                await f.listen()
+            report.put(("subscribe", part))
+            await asyncio.to_thread(inbox.get)  # the round is over
+            for f in fleets:
+                await f.drain()
+            report.put(("done", part, {
+                **times, "unconfirmed": sum(len(f.outbox.pending()) for f in fleets),
+                "publishes_unconfirmed": sum(f.unconfirmed for f in fleets),
+                "resent": sum(f.resent for f in fleets)}))
+        finally:
+            for b in brokers:
+                await b.close()
+
+    asyncio.run(main())
+
+
+class Devices:
+    """The simulated devices split over P spawned processes (disjoint index ranges, connections
+    and concurrency shared out): the parent waits for each phase in all of them and gathers
+    their raw step times."""
+
+    def __init__(self, settings: Settings, devices: int, processes: int, connections: int, concurrency: int,
+                 fp: str, say: Callable[[str, int, int], None]) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.devices, self.say, self.report = devices, say, ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(processes)]
+        bounds = [devices * k // processes for k in range(processes + 1)]
+        self.ranges = list(itertools.pairwise(bounds))
+        self.processes = [ctx.Process(target=_devices, name=f"qflare-load-devices-{k}", daemon=True, args=(
+            settings, k, a, b - a, devices, fp, len(range(k, connections, processes)),
+            max(1, len(range(k, concurrency, processes))), self.inboxes[k], self.report))
+            for k, (a, b) in enumerate(self.ranges)]
+        self.reached: dict[str, int] = {}
+        self.progress: dict[tuple[str, int], int] = {}
+        self.results: list[dict] = []
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    async def start(self, timeout: float = 300.0) -> None:
+        for p in self.processes:
+            p.start()
+        await self.wait("ready", timeout)
+
+    def hand_tokens(self, tokens: list[str]) -> None:
+        for (a, b), inbox in zip(self.ranges, self.inboxes):
+            inbox.put(tokens[a:b])
+
+    async def wait(self, phase: str, timeout: float) -> None:
+        """Until every process has reported ``phase``; raises if one died or ``timeout`` passed."""
+        limit = time.monotonic() + timeout
+        while self.reached.get(phase, 0) < len(self.processes):
+            try:
+                msg = await asyncio.to_thread(self.report.get, True, 0.5)
+            except queue.Empty:
+                if any(p.exitcode not in (None, 0) for p in self.processes) or time.monotonic() > limit:
+                    raise RuntimeError(f"the load's devices did not reach {phase} "
+                                       f"(exit codes {[p.exitcode for p in self.processes]})") from None
+                continue
+            if msg[0] == "progress":
+                self.progress[msg[2], msg[1]] = msg[3]
+                self.say(msg[2], sum(n for (s, _), n in self.progress.items() if s == msg[2]), self.devices)
+                continue
+            if msg[0] == "done":
+                self.results.append(msg[2])
+            self.reached[msg[0]] = self.reached.get(msg[0], 0) + 1
+
+    async def finish(self, timeout: float) -> None:
+        """The round is over: each process drains its outboxes and sends its times."""
+        for inbox in self.inboxes:
+            inbox.put(None)
+        await self.wait("done", timeout)
+
+    async def stop(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)  # a process still waiting for its tokens ends
+            inbox.cancel_join_thread()
+        for p in self.processes:
+            if p.pid is not None:
+                await asyncio.to_thread(p.join, 30)
+                if p.is_alive():
+                    p.terminate()
+                    await asyncio.to_thread(p.join, 10)
+
+
 @dataclass
 class Step:
     """When each device finished a step and how long the step took it (seconds)."""
@@ -234,7 +377,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
                    deadline: float | None = None, namespace: str | None = None,
                    progress: Callable[[str, int, int], None] | None = None,
                    plot_path: Path | None = None, compression: str = "int8", prefetch: int = 256,
-                   publish_channels: int = 4) -> dict:
+                   publish_channels: int = 4, device_processes: int | None = None) -> dict:
     """Drive ``devices`` devices through enrolment, a session and one round; the report.
 
     ``compression`` (``fl.compression``): int8 by default, so a round of 10,000 updates is
@@ -243,11 +386,14 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
     enclave checks the next updates while a batch's commit and acks are under way.
     ``publish_channels`` (``broker.publish_channels``): confirming channels each connection's
     devices spread their updates over, each with ``broker.publish_window`` updates in flight.
+    ``device_processes``: processes the devices are split over (default: 2 on 2 cores or more,
+    else 1), the ``connections`` and the ``concurrency`` shared out between them.
     """
     root = Path(tempfile.mkdtemp(prefix="qflare-load-"))
     state = root / "state"
     ns = namespace or new_namespace().replace("demo-", "load-")
     deadline = deadline or max(settings.fl.deadline_seconds, 120.0)
+    processes = max(1, min(device_processes or default_device_processes(), connections, devices))
     settings = settings.model_copy(update={
         "state_dir": state, "registry_path": None, "registry_url": None,
         "broker": settings.broker.model_copy(update={"namespace": ns, "prefetch": prefetch,
@@ -258,64 +404,34 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
     say = progress or (lambda *_: None)
     ids = [f"load-{i:05d}" for i in range(devices)]
     fl = settings.fl
-    task = runner_for(fl.task)
-    shards = [task.load_data(i, devices, Partition.of(fl)) for i in range(devices)]
     steps = {name: Step() for name in STEPS}
     coordinator, enclave = Service("coordinator", settings), Service("enclave", settings)
+    fleet: Devices | None = None
     registry = None
-    brokers: list[BrokerClient] = []
-    origin = time.perf_counter()
+    broker: BrokerClient | None = None
     before = machine()
     try:
         await coordinator.start()
         await enclave.start()  # after the coordinator: it attests to it
         registry = open_registry(settings)  # the coordinator's file: the operator's tokens go there
-        brokers = [await BrokerClient.open(settings, name=f"qflare-load-{k}") for k in range(connections)]
-        rpcs = [await b.rpc() for b in brokers]
-        round_began = 0.0
-
-        def sent(_device_id: str, _round_id: int) -> None:  # confirmed by the broker (maybe after resends)
-            steps["update"].add(round_began, time.perf_counter(), origin)
-            say("update", len(steps["update"].latencies), devices)
-
-        # The devices share this host's disk: their outboxes skip the fsync per commit that each
-        # real device makes on its own storage (three per update, serialised here).
-        fleets = [Fleet(b, Outbox(state / f"outbox-{k}.sqlite3", power_safe=False), task=task, on_sent=sent)
-                  for k, b in enumerate(brokers)]
-        events = await round_events(brokers[0])
+        broker = await BrokerClient.open(settings, name="qflare-load")
+        events = await round_events(broker)
         fp = load_identity(settings).sig_fp  # what an operator hands each device: the pinned fingerprint
-        gate = asyncio.Semaphore(concurrency)
+        fleet = Devices(settings, devices, processes, connections, concurrency, fp, say)
+        await fleet.start()  # spawned, their shards loaded, their connections open
         origin = time.perf_counter()
-        clock = Clock({"devices": [os.getpid()], "coordinator": [coordinator.process.pid],
+        clock = Clock({"devices": fleet.pids(), "coordinator": [coordinator.process.pid],
                        "enclave": [enclave.process.pid], "broker": broker_pids()})
         # The operator's part: one token per device, in one commit (one fsync, not one per token).
         with registry.transaction():
             tokens = [registry.create_token(i, 3600) for i in ids]
         tokens_at = time.perf_counter()
         clock.mark("tokens")
-        # A simulated fleet checks the coordinator's key chain once, from the pinned fingerprint,
-        # as the devices of one process would share it (bench handshake measures both ways).
-        keys = await client.coordinator_keys(rpcs[0], brokers[0].names, fp, 15.0)
-
-        async def join(i: int) -> None:
-            k = i % connections
-            async with gate:
-                t0 = time.perf_counter()
-                dev = await client.enroll(rpcs[k], brokers[k].names, ids[i], tokens[i], fp, keys=keys,
-                                          sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
-                t1 = time.perf_counter()
-                steps["enroll"].add(t0, t1, origin)
-                await client.open_session(rpcs[k], brokers[k].names, dev)
-                steps["session"].add(t1, time.perf_counter(), origin)
-            x, y = shards[i]
-            fleets[k].add(Member(dev, x, y))
-            say("enroll", len(steps["session"].latencies), devices)
-
-        await asyncio.gather(*(join(i) for i in range(devices)))
+        fleet.hand_tokens(tokens)
+        await fleet.wait("enroll_and_session", deadline + 600)
         enrolled_at = time.perf_counter()
         clock.mark("enroll_and_session")
-        for f in fleets:
-            await f.listen()
+        await fleet.wait("subscribe", 300)
         round_began = time.perf_counter()  # the update step counts from the round's start
         clock.mark("subscribe")
         async with OperatorClient(settings) as operator:
@@ -328,25 +444,31 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
                 break
         ended = time.perf_counter()
         clock.mark("round")
-        for f in fleets:
-            await f.drain()
+        await fleet.finish(300)
+        for r in fleet.results:
+            for t0, t1 in r["enroll"]:
+                steps["enroll"].add(t0, t1, origin)
+            for t0, t1 in r["session"]:
+                steps["session"].add(t0, t1, origin)
+            for t1 in r["update"]:  # confirmed by the broker (maybe after resends)
+                steps["update"].add(round_began, t1, origin)
         completed = ev.type == "round.completed"
         accepted, rejected = int(ev.detail.get("accepted") or 0), parse_pairs(ev.detail.get("rejected"), int)
         # a resent update the broker had taken after all arrives twice: its copy is refused as a replay
         taken = accepted + sum(n for reason, n in rejected.items() if reason != Reason.REPLAY.value)
         report = {
             "namespace": ns, "task": fl.task, "compression": compression, "devices": devices,
-            "connections": connections, "prefetch": prefetch,
+            "connections": connections, "device_processes": processes, "prefetch": prefetch,
             "concurrency": concurrency,
             # through the round: sent, and taken into the round by the enclave before it closed
             # (accepted or refused by its screening); an update still queued at the deadline is not
             "devices_completed": min(devices, taken) if completed else 0,
             "updates_sent": len(steps["update"].latencies),  # confirmed by the broker
             # never confirmed (still in the devices' outboxes at the round's close)
-            "updates_unconfirmed": sum(len(f.outbox.pending()) for f in fleets),
+            "updates_unconfirmed": sum(r["unconfirmed"] for r in fleet.results),
             # publishes not confirmed in time, and the resends they caused (same update id)
-            "publishes_unconfirmed": sum(f.unconfirmed for f in fleets),
-            "updates_resent": sum(f.resent for f in fleets),
+            "publishes_unconfirmed": sum(r["publishes_unconfirmed"] for r in fleet.results),
+            "updates_resent": sum(r["resent"] for r in fleet.results),
             "publish_window": settings.broker.publish_window, "publish_channels": settings.broker.publish_channels,
             "round_status": ev.type.removeprefix("round."),
             "accepted": accepted,
@@ -366,13 +488,14 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
             report["plot"] = str(plot_path)
         return report
     finally:
+        if fleet is not None:
+            await fleet.stop()
         await enclave.stop()
         await coordinator.stop()
         if registry is not None:
             registry.close()
-        if brokers:
-            ch = await brokers[0].connection.channel()
-            await delete_topology(ch, brokers[0].names)
-        for b in brokers:
-            await b.close()
+        if broker is not None:
+            ch = await broker.connection.channel()
+            await delete_topology(ch, broker.names)
+            await broker.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -41,6 +41,20 @@ async def test_load_drives_every_device_through_the_round_and_reports_each_step(
     assert "<!-- bench:load -->" in text and "**not met**" in text and "| enroll | 12 |" in text
 
 
+async def test_a_load_split_over_two_device_processes_reports_every_device_of_both(settings):
+    report = await run_load(settings, 20, connections=2, concurrency=8, namespace=settings.broker.namespace,
+                            device_processes=2)
+    assert report["device_processes"] == 2 and report["round_status"] == "completed"
+    assert report["devices_completed"] == report["devices"] == 20 and report["updates_sent"] == 20
+    assert report["total_seconds"] >= report["enroll_and_session_seconds"] + report["round_seconds"]
+    for name in ("enroll", "session", "update"):  # the children's raw times, merged by the parent
+        step = report["steps"][name]
+        assert step["count"] == 20 and 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"]
+    # the devices' CPU is both children's: they enrolled, trained, sealed and signed
+    assert report["phases"]["enroll_and_session"]["devices_cpu_s"] > 0
+    assert report["phases"]["round"]["devices_cpu_s"] > 0
+
+
 def test_a_simulated_fleets_outbox_skips_the_fsync_but_keeps_an_update_across_a_restart(tmp_path):
     box = Outbox(tmp_path / "fleet.sqlite3", power_safe=False)
     box.put("u1", "load-00001", "key", b"sealed", 1)
