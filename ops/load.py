@@ -323,7 +323,8 @@ def markdown(report: dict, command: str) -> str:
     return (
         "## Load generator (`qflare load`)\n\n"
         f"`{command}`: the coordinator and the enclave each in a process of their own, "
-        f"{report['devices']:,} devices in this one over {report['connections']} connections "
+        f"{report['devices']:,} devices in {report.get('device_processes', 1)} spawned processes over "
+        f"{report['connections']} connections "
         f"({report['concurrency']} enrolments/sessions in flight, prefetch {report['prefetch']}), task `{report['task']}`, "
         f"`{report['compression']}` updates; each device enrols with its own token, opens a kem-v2 session "
         "and sends one signed, sealed update in a round that expects all of them.\n\n"
