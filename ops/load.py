@@ -326,9 +326,10 @@ def markdown(report: dict, command: str) -> str:
         f"{report['devices']:,} devices in {report.get('device_processes', 1)} spawned processes over "
         f"{report['connections']} connections "
         f"({report['concurrency']} enrolments/sessions in flight, prefetch {report['prefetch']}), task `{report['task']}`, "
-        f"`{report['compression']}` updates; each device enrols with its own token, opens a kem-v2 session "
+        f"`{report['compression']}` updates; each device enrols with its own token, opens a session (handshake "
+        f"`{report['handshake']}`) "
         "and sends one signed, sealed update in a round that expects all of them.\n\n"
-        f"Machine: {m0['cpus']} cores shared with other work; load average {m0['loadavg'][0]} "
+        f"Machine: {m0['cpus']} cores; load average {m0['loadavg'][0]} "
         f"(1 min) at the start, {m1['loadavg'][0]} at the end.\n\n"
         "Goal: 10,000 devices enrolled, in session and through one round in <= 120 s: "
         + ("**met**" if met else "**not met**") + f" ({report['devices_completed']:,} of "
@@ -459,7 +460,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
         taken = accepted + sum(n for reason, n in rejected.items() if reason != Reason.REPLAY.value)
         report = {
             "namespace": ns, "task": fl.task, "compression": compression, "devices": devices,
-            "connections": connections, "device_processes": processes, "prefetch": prefetch,
+            "handshake": settings.crypto.handshake, "connections": connections, "device_processes": processes, "prefetch": prefetch,
             "concurrency": concurrency,
             # through the round: sent, and taken into the round by the enclave before it closed
             # (accepted or refused by its screening); an update still queued at the deadline is not
