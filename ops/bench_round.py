@@ -164,6 +164,38 @@ async def _plaintext(broker: BrokerClient, bodies: list[bytes]) -> tuple[float, 
     return rate, cores, _cpu_ms(cores, cpu.seconds, len(bodies))
 
 
+async def _record_events(b: BrokerClient, keys: tuple[str, ...]) -> list[tuple[float, Event]]:
+    """A list that fills with (arrival time, event) for the events under ``keys``."""
+    events: list[tuple[float, Event]] = []
+    q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
+    for key in keys:
+        await q.bind(b.names.events_exchange, key)
+
+    async def on(message) -> None:
+        try:
+            events.append((time.perf_counter(), decode_event(message.body, message.content_type)))
+        except CodecError:
+            pass
+
+    await q.consume(on, no_ack=True)
+    return events
+
+
+async def _join_devices(coord: Coordinator, rpc, b: BrokerClient, settings: Settings, k: int) -> list[client.Device]:
+    """``k`` devices enrolled with their own tokens and in session, 32 at a time."""
+    sem = asyncio.Semaphore(32)
+
+    async def join(i: int) -> client.Device:
+        async with sem:
+            token = coord.registry.create_token(f"bench{i}", 600)
+            dev = await client.enroll(rpc, b.names, f"bench{i}", token, coord.identity.sig_fp,
+                                      sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
+            await client.open_session(rpc, b.names, dev)
+            return dev
+
+    return list(await asyncio.gather(*(join(i) for i in range(k))))
+
+
 async def _one(base: Settings, d: int, k: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="qflare-bench-round-"))
     state = root / "state"  # its simulated platform key goes beside it, in root, and goes with it
@@ -180,31 +212,10 @@ async def _one(base: Settings, d: int, k: int) -> dict:
         devices_broker = await BrokerClient.open(settings, name="bench-devices")
         b = devices_broker
         rpc = await b.rpc()
-        events: list[tuple[float, Event]] = []
-        q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
-        for key in ("update.#", "round.*"):
-            await q.bind(b.names.events_exchange, key)
-
-        async def on(message) -> None:
-            try:
-                events.append((time.perf_counter(), decode_event(message.body, message.content_type)))
-            except CodecError:
-                pass
-
-        await q.consume(on, no_ack=True)
+        events = await _record_events(b, ("update.#", "round.*"))
         while coord.registry.get_meta(META_ENCLAVE_REPORT) is None:  # the child attested
             await asyncio.sleep(0.05)
-        sem = asyncio.Semaphore(32)
-
-        async def join(i: int) -> client.Device:
-            async with sem:
-                token = coord.registry.create_token(f"bench{i}", 600)
-                dev = await client.enroll(rpc, b.names, f"bench{i}", token, coord.identity.sig_fp,
-                                          sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
-                await client.open_session(rpc, b.names, dev)
-                return dev
-
-        devices = await asyncio.gather(*(join(i) for i in range(k)))
+        devices = await _join_devices(coord, rpc, b, settings, k)
         spec = RoundSpec(round_id=1, deadline=time.time() + 600, min_updates=k, expected=[x.device_id for x in devices],
                          epochs=1, lr=0.1, batch_size=16)
         await b.publisher.publish(b.names.control_exchange, "enclave", coord._sign(RoundOpen(spec=spec,
@@ -307,8 +318,7 @@ def _disk_mb_s(directory: Path, mib: int = 64) -> float:
     block = np.random.default_rng(1).bytes(2**20)
     t0 = time.perf_counter()
     with open(path, "wb") as fh:
-        for _ in range(mib):
-            fh.write(block)
+        fh.writelines(block for _ in range(mib))
         fh.flush()
         os.fsync(fh.fileno())
     seconds = time.perf_counter() - t0

@@ -25,14 +25,19 @@ import numpy as np
 
 from broker.client import BrokerClient
 from broker.topology import delete_topology
-from common.events import decode_event
 from common.report import md_table, write_section
 from common.settings import Settings
 from coordinator.service import META_ENCLAVE_REPORT, Coordinator
-from edge_agent import client, updates
-from ops.bench_round import _enclave_process, _host_busy, _proc_cpu, _settings
-from schemas.codec import CodecError
-from schemas.messages import Event, RoundOpen, RoundSpec
+from edge_agent import updates
+from ops.bench_round import (
+    _enclave_process,
+    _host_busy,
+    _join_devices,
+    _proc_cpu,
+    _record_events,
+    _settings,
+)
+from schemas.messages import RoundOpen, RoundSpec
 
 GOAL = 1.7
 
@@ -64,29 +69,8 @@ async def _one(base: Settings, shards: int, d: int, k: int) -> dict:
         await asyncio.sleep(1.0)  # the shards' queues declared, their admissions exchanged
         b = await BrokerClient.open(settings, name="bench-devices")
         rpc = await b.rpc()
-        events: list[tuple[float, Event]] = []
-        q = await b.channel.declare_queue(exclusive=True, auto_delete=True)
-        for key in ("update.#", "round.*", "shard.#"):
-            await q.bind(b.names.events_exchange, key)
-
-        async def on(message) -> None:
-            try:
-                events.append((time.perf_counter(), decode_event(message.body, message.content_type)))
-            except CodecError:
-                pass
-
-        await q.consume(on, no_ack=True)
-        sem = asyncio.Semaphore(32)
-
-        async def join(i: int) -> client.Device:
-            async with sem:
-                token = coord.registry.create_token(f"bench{i}", 600)
-                dev = await client.enroll(rpc, b.names, f"bench{i}", token, coord.identity.sig_fp,
-                                          sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
-                await client.open_session(rpc, b.names, dev)
-                return dev
-
-        devices = await asyncio.gather(*(join(i) for i in range(k)))
+        events = await _record_events(b, ("update.#", "round.*", "shard.#"))
+        devices = await _join_devices(coord, rpc, b, settings, k)
         spec = RoundSpec(round_id=1, deadline=time.time() + 600, min_updates=k,
                          expected=[x.device_id for x in devices], epochs=1, lr=0.1, batch_size=16)
         await b.publisher.publish(b.names.control_exchange, "enclave",
