@@ -292,6 +292,7 @@ class Coordinator:
         self.broker = await BrokerClient.open(self.settings, name="qflare-coordinator")
         await self._check_peers()
         b = self.broker
+        await b.channel.set_qos(prefetch_count=self.settings.coordinator.prefetch)
         await serve_rpc(b.channel, b.publisher, b.names.coordinator_queue, self.handle,
                         expected=REQUESTS, max_bytes=self.settings.broker.max_message_bytes)
         await serve_rpc(b.channel, b.publisher, b.names.operator_queue, self.operator_desk.handle,

@@ -1,9 +1,10 @@
 """Enrollments/s and sessions/s per algorithm suite and handshake (``qflare bench handshake``).
 
 Two figures per suite and handshake (kem-v3, kem-v2, sig-v1; docs/crypto.md): the coordinator's own
-work per request on one core (requests encoded beforehand and fed, 32 in flight, through what
-its queue consumer does: decode, dispatch, handler, encoded answer; so the number is the
-parsing, checks, crypto, committed registry writes and events), and full round trips over the broker with many
+work per request on one core (requests encoded beforehand and fed, as many in flight as
+``coordinator.prefetch`` lets its queue deliver, through what its queue consumer does: decode,
+dispatch, handler, encoded answer; so the number is the parsing, checks, crypto, committed
+registry writes and events), and full round trips over the broker with many
 requests in flight (device and coordinator in one process, so both sides' work shares one
 interpreter). For the default suite the same run also measures ML-DSA-44 signing, the bound
 every sig-v1 session pays once: ``coordinator_sessions_per_s`` (the default handshake, kem-v3) against
@@ -42,9 +43,6 @@ HANDSHAKES = (handshake.KEM_V3, handshake.KEM_V2, handshake.SIG_V1)
 #: Repetitions of each coordinator-side session measurement (and of the signing rate beside
 #: it); the median is reported, so one burst of another process's load does not decide.
 REPEATS = 3
-#: Requests the coordinator-side measurement keeps in flight, as over the broker (the
-#: coordinator's prefetch delivers that many; concurrent ones share a registry commit).
-IN_FLIGHT = 32
 
 
 def _settings(base: Settings, state: Path, kem: str, sig: str) -> Settings:
@@ -142,7 +140,8 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int, suit
     auth_keys: list = []
     reqs = [encode(r) for r in _enroll_requests(coord, idents, prefix, suite, auth_keys)]
     # "bench": a shared (non-device) broker user, as in the simulator
-    enroll_s = await _serve(coord, reqs, IN_FLIGHT)
+    in_flight = coord.settings.coordinator.prefetch  # as many as its queue delivers at once
+    enroll_s = await _serve(coord, reqs, in_flight)
     per_device = 16 if suite in handshake.KEM_SUITES else 4  # each measurement lasts a few hundred ms
     rates, signs = [], []
     for _ in range(REPEATS):
@@ -150,7 +149,7 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int, suit
             signs.append(sign_rate(sig))
         batch = [encode(s) for s in _session_requests(coord, idents, prefix, suite, kem, per_device,
                                                                    auth_keys)]
-        rates.append(await _serve(coord, batch, IN_FLIGHT))
+        rates.append(await _serve(coord, batch, in_flight))
     out = {"enroll_per_s": enroll_s, "session_per_s": statistics.median(rates)}
     if measure_sign:
         out["sign_per_s"] = statistics.median(signs)
@@ -245,7 +244,8 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_d
             "sig_v1_coordinator_sessions_per_s": baseline["coordinator_session_per_s"] if baseline else None,
         })
     md = ("Coordinator-side: everything the coordinator does per request on one core (decode, checks,\n"
-          "crypto, registry, encoded answer; requests prepared in advance, 32 in flight; sessions: median\n"
+          "crypto, registry, encoded answer; requests prepared in advance, "
+          f"{base.coordinator.prefetch} in flight (`coordinator.prefetch`); sessions: median\n"
           "of 3). Over the broker: device and coordinator in one process, 32\n"
           "requests in flight, each device fetching and checking the key chain before it enrols.\n"
           "Handshakes: `kem-v3` (kem-v2 with the device authenticated by its enrolment MAC key: one\n"

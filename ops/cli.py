@@ -834,7 +834,7 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
          namespace: str | None = typer.Option(None, help="Broker namespace (default: a new load-<hex>)."),
          task: str | None = typer.Option(None, "--task", help=TASK_HELP),
          compression: str = typer.Option("int8", help="fl.compression of the devices' updates: none, int8, topk."),
-         prefetch: int = typer.Option(256, min=1, max=10_000, help="broker.prefetch of the coordinator and the enclave."),
+         prefetch: int = typer.Option(256, min=1, max=10_000, help="broker.prefetch of the enclave and coordinator.prefetch."),
          publish_channels: int = typer.Option(4, min=1, max=64, help="broker.publish_channels of each connection's devices."),
          device_processes: int | None = typer.Option(None, min=1, max=64, help="Processes the devices are split over "
                                                      "(default: 2 on 2 cores or more, else 1)."),
@@ -949,6 +949,8 @@ def bench_fleet(sizes: str = typer.Option("100,500,1000", help="Fleet sizes, com
 def bench_round(json_out: bool = typer.Option(False, "--json"),
                 quick: bool = typer.Option(False, help="Fewer updates, for a smoke run."),
                 params: str = typer.Option("100000,1000000", help="Update sizes (parameters), comma-separated."),
+                passes: int | None = typer.Option(None, min=1, max=20, help="Sealed rounds, each between two "
+                                                  "plaintext passes (default 3; 1 with --quick)."),
                 write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md.")) -> None:
     """Updates/s through the enclave, sealed vs plaintext, which stage bounds it, memory."""
     from ops.bench_round import run_bench
@@ -957,7 +959,7 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
         sizes = tuple(int(x) for x in params.split(","))
     except ValueError:
         raise fail(f"--params takes numbers like 100000,1000000, not {params!r}", 2) from None
-    result = run(run_bench(settings(), quick=quick, sizes=sizes, write_docs=write_docs))
+    result = run(run_bench(settings(), quick=quick, sizes=sizes, write_docs=write_docs, passes=passes))
     if not json_out:
         for r in result["cases"]:
             console.print(f"{r['params']:>9,} parameters: sealed {r['sealed_updates_per_s']}/s, plaintext "

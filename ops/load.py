@@ -400,6 +400,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
         "state_dir": state, "registry_path": None, "registry_url": None,
         "broker": settings.broker.model_copy(update={"namespace": ns, "prefetch": prefetch,
                                                      "publish_channels": publish_channels}),
+        "coordinator": settings.coordinator.model_copy(update={"prefetch": prefetch}),
         "crypto": settings.crypto.model_copy(update={"allow_pure_backends": True}),
         "fl": settings.fl.model_copy(update={"compression": compression})})
     settings = demo_operator(settings, devices, 1, deadline)

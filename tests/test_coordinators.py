@@ -222,3 +222,37 @@ async def test_one_coordinator_drives_a_round_plan_and_another_takes_it_over(bro
         assert b.registry.get_round(1).status == "open"
         assert await b.cancel_rounds("test") == (1, 2)
         assert b.running_plan() is None and b.registry.get_round(1).status == "cancelled"
+
+
+async def test_the_coordinator_takes_coordinator_prefetch_requests_at_once(broker, settings):
+    """``coordinator.prefetch`` bounds the requests one coordinator holds (its group commit
+    batches what is in flight), apart from ``broker.prefetch``, which is sized for updates."""
+    from schemas.messages import Ping, Pong
+    from schemas.names import Names
+    from tests.services import coordinator
+
+    s = settings.model_copy(update={"coordinator": settings.coordinator.model_copy(update={"prefetch": 5}),
+                                    "broker": settings.broker.model_copy(update={"prefetch": 2})})
+    async with coordinator(s) as coord:
+        gate, inside, peak = asyncio.Event(), 0, 0
+        real = coord.ping
+
+        async def held(msg):
+            nonlocal inside, peak
+            inside += 1
+            peak = max(peak, inside)
+            await gate.wait()
+            inside -= 1
+            return await real(msg)
+
+        coord.ping = held
+        rpc = await broker.rpc()
+        calls = [asyncio.ensure_future(rpc.call(broker.names.rpc_exchange, Names.COORDINATOR_KEY,
+                                                Ping(nonce=bytes([i])), Pong, 20)) for i in range(12)]
+        deadline = asyncio.get_running_loop().time() + 10
+        while inside < 5 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # a sixth delivery would arrive by now
+        assert (inside, peak) == (5, 5)
+        gate.set()
+        assert all(isinstance(p, Pong) for p in await asyncio.gather(*calls))

@@ -127,9 +127,13 @@ def test_bench_round_json_prints_only_json_and_leaves_the_docs_alone(sh):
     from common.report import DOC
 
     before = DOC.read_text()
-    res = sh.run("bench", "round", "--quick", "--json")
+    res = sh.run("bench", "round", "--quick", "--passes", "2", "--json")
     out = json.loads(res.stdout)
     assert {"cases"} <= set(out) and out["cases"]
+    for case in out["cases"]:  # two sealed rounds, each between two plaintext passes
+        assert case["status"] == "round.completed" and case["accepted"] == case["updates"]
+        assert (len(case["sealed_per_pass"]), len(case["plaintext_per_pass"]), len(case["ratios"])) == (2, 3, 2)
+        assert case["ratio"] in case["ratios"]
     assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
 
 
