@@ -193,6 +193,8 @@ class Registry:
     #: Session rows per INSERT of :meth:`record_sessions` (5 parameters each: well under
     #: SQLite's 32766 and PostgreSQL's 65535 bound parameters).
     SESSION_ROWS_PER_STATEMENT = 200
+    #: WAL pages after which a commit on the handshake-rate connection checkpoints (SQLite: 1000).
+    FAST_CHECKPOINT_PAGES = 4000
 
     def __init__(self, path: str) -> None:
         if path != ":memory:":
@@ -214,6 +216,10 @@ class Registry:
         else:
             self.fast = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
             self.fast.execute("PRAGMA synchronous=NORMAL")
+            # Session rows land on random pages of three indexes: a checkpoint every 16 MB of WAL
+            # instead of every 4 MB writes each page back (and fsyncs) about 4x less often
+            # (about 5 µs of a session row's 25-30 µs here).
+            self.fast.execute(f"PRAGMA wal_autocheckpoint={self.FAST_CHECKPOINT_PAGES}")
         for conn in {self.db, self.fast}:
             conn.execute("PRAGMA secure_delete=ON")  # an erased session key leaves no page behind
 
