@@ -208,3 +208,35 @@ def test_old_token_files_without_keys_still_parse(tmp_path):
         with pytest.raises(QflareError) as exc:
             keys_message(parse_token(bad).coordinator_keys)
         assert exc.value.reason == Reason.MALFORMED
+
+
+def test_agent_enroll_with_a_token_file_from_token_create(sh, tmp_path):
+    """`qflare agent enroll --token-file` takes the file `token create --json` wrote; a file
+    whose keys were swapped for another coordinator's is refused, and its token not spent."""
+    sh.start("coordinator", "run")
+    sh.wait_for_coordinator()
+    good = tmp_path / "cam-1.json"
+    good.write_text(sh.run("token", "create", "--device-id", "cam-1", "--json").stdout)
+    tok = json.loads(good.read_text())
+    keys = decode(base64.b64decode(tok["coordinator_keys"]), Signed)
+    assert keys.signer == tok["coordinator_fingerprint"]
+    forged = tmp_path / "forged.json"
+    other = Identity.generate("ML-DSA-44", "ML-KEM-768")
+    forged.write_text(json.dumps({**tok, "coordinator_keys": base64.b64encode(self_signed(other)).decode()}))
+    bad = sh.run("agent", "enroll", "--token-file", str(forged), ok=False)
+    assert bad.returncode != 0 and "bad_signature" in bad.stderr, bad.stderr
+    assert sh.json("device", "list") == []
+    # the pin given beside the file must be the file's
+    pinned = sh.run("agent", "enroll", "--token-file", str(good), "--coordinator-fingerprint", other.sig_fp, ok=False)
+    assert pinned.returncode != 0 and "bad_signature" in pinned.stderr, pinned.stderr
+    usage = sh.run("agent", "enroll", "--token-file", str(good), "--token", "x", ok=False)
+    assert usage.returncode == 2 and "not with --device-id or --token" in usage.stderr
+    sh.run("agent", "enroll", "--token-file", str(good))
+    assert [(d["device_id"], d["status"]) for d in sh.json("device", "list")] == [("cam-1", "active")]
+    assert len(sh.json("agent", "session", "--device-id", "cam-1")["session_id"]) == 32
+    # an old token file, without the keys: enrols through the key chain
+    old = tmp_path / "cam-2.json"
+    tok2 = json.loads(sh.run("token", "create", "--device-id", "cam-2", "--json").stdout)
+    old.write_text(json.dumps({k: v for k, v in tok2.items() if k != "coordinator_keys"}))
+    sh.run("agent", "enroll", "--token-file", str(old))
+    assert sorted(d["device_id"] for d in sh.json("device", "list")) == ["cam-1", "cam-2"]
