@@ -240,3 +240,19 @@ def test_agent_enroll_with_a_token_file_from_token_create(sh, tmp_path):
     old.write_text(json.dumps({k: v for k, v in tok2.items() if k != "coordinator_keys"}))
     sh.run("agent", "enroll", "--token-file", str(old))
     assert sorted(d["device_id"] for d in sh.json("device", "list")) == ["cam-1", "cam-2"]
+
+
+async def test_bench_handshake_devices_enrol_as_with_a_token_file(broker, settings):
+    """`bench handshake` over the broker: by default each device checks its token's keys and
+    enrols in one RPC; `fetch_chain` measures the old two RPCs; `shared_keys` one fetch for all."""
+    from ops.bench_handshake import _over_broker
+
+    async with coordinator(settings) as coord:
+        for keys_from, fetches in (("token", 0), ("fetch_chain", 3), ("shared_keys", 1)):
+            served = count_keys_requests(coord)
+            out = await _over_broker(coord, coord.settings, 3, handshake.DEFAULT_SUITE, keys_from=keys_from)
+            coord.keys = type(coord).keys.__get__(coord)
+            assert served == [fetches], keys_from
+            assert out["enroll_per_s"] > 0 and out["session_per_s"] > 0
+        with pytest.raises(ValueError):
+            await _over_broker(coord, coord.settings, 1, handshake.DEFAULT_SUITE, keys_from="nope")
