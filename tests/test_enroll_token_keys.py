@@ -18,7 +18,14 @@ from ops.operator_client import OperatorClient
 from pqc.identity import Identity
 from schemas import signing
 from schemas.codec import decode, encode
-from schemas.messages import CoordinatorKeys, EnrollRequest, KeysRequest, Signed, TokenCreate, TokenCreated
+from schemas.messages import (
+    CoordinatorKeys,
+    EnrollRequest,
+    KeysRequest,
+    Signed,
+    TokenCreate,
+    TokenCreated,
+)
 from schemas.reasons import QflareError, Reason
 from tests.services import EventLog, coordinator, with_operator
 
