@@ -121,6 +121,26 @@ def walk_key_chain(chain_current: bytes, rotations: list[bytes],
     return signing.verify(current, CoordinatorKeys, keys.sig_alg, keys.sig_pk), retired
 
 
+def check_keys_message(keys_message: bytes, pinned_fp: str) -> CoordinatorKeys:
+    """The coordinator's keys from a token file (``TokenCreated.coordinator_keys``), if they are
+    the pinned coordinator's: self-signed by the key whose fingerprint is ``pinned_fp``.
+
+    The bytes are untrusted (they travel in a file beside the token); the pin alone decides,
+    exactly as for a key chain without rotations. Raises ``QflareError(bad_signature)`` when
+    they are not that (another signer, a rotation announcement, a bad signature), and
+    ``QflareError(malformed)`` for bytes that do not decode: nothing here is used unchecked.
+    """
+    from schemas.codec import CodecError
+    from schemas.reasons import QflareError, Reason
+
+    try:
+        return follow_key_chain(keys_message, [], pinned_fp)
+    except CodecError as exc:
+        raise QflareError(Reason.MALFORMED, f"coordinator keys in the token do not decode: {exc.detail}") from None
+    except pqc.errors.QflareCryptoError as exc:
+        raise QflareError(Reason.BAD_SIGNATURE, f"coordinator keys in the token: {exc}") from None
+
+
 # --- handshake suites (docs/crypto.md, "KEM handshake") -----------------------------------
 
 SIG_V1 = "sig-v1"  # a device-signed SessionRequest, a coordinator-signed grant

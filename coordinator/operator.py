@@ -22,7 +22,7 @@ from broker.principals import require_role
 from common import operator_auth
 from common.settings import Settings
 from coordinator.registry import Device, RoundRecord
-from schemas.codec import CodecError
+from schemas.codec import CodecError, encode
 from schemas.messages import (
     OPERATOR_REQUESTS,
     DeviceInfo,
@@ -213,4 +213,5 @@ class OperatorDesk:
         self.coord.registry.audit(who, "token.issued", req.device_id, ttl_seconds=req.ttl_seconds)
         return TokenCreated(request_nonce=req.nonce, device_id=req.device_id, sealed_token=sealed,
                             expires_at=time.time() + req.ttl_seconds,
-                            coordinator_fingerprint=self.coord.identity.sig_fp)
+                            coordinator_fingerprint=self.coord.identity.sig_fp,
+                            coordinator_keys=encode(self.coord.keys_message))  # one-RPC enrolment

@@ -97,17 +97,39 @@ async def refresh_coordinator_key(rpc: RpcClient, names: Names, device: Device, 
 
 async def enroll(rpc: RpcClient, names: Names, device_id: str, token: str, coordinator_fp: str, *,
                  sig_alg: str, kem_alg: str, timeout: float = 15.0, identity: Identity | None = None,
-                 suite: str = handshake.DEFAULT_SUITE, keys: CoordinatorKeys | None = None) -> Device:
+                 suite: str = handshake.DEFAULT_SUITE, keys: CoordinatorKeys | None = None,
+                 keys_message: bytes | None = None) -> Device:
     """Enroll with a one-time token: new keys, proof of possession, sealed to the coordinator.
 
     ``suite`` kem-v2: the sealed claim carries a fresh reply key and the coordinator answers
-    sealed under it (key confirmation) instead of signing. ``keys``: the coordinator's keys,
-    already reached from ``coordinator_fp`` (:func:`coordinator_keys`), e.g. shared by the
-    devices of one simulated fleet; fetched and checked here when None.
+    sealed under it (key confirmation) instead of signing. The coordinator's keys come from
+    ``keys_message`` (the self-signed keys of a token file, ``TokenCreated.coordinator_keys``:
+    checked here against ``coordinator_fp`` before anything is sent, so enrolment is one
+    round trip), else ``keys`` (already reached from ``coordinator_fp``, e.g. shared by the
+    devices of one simulated fleet), else the key chain fetched and walked here. A coordinator
+    that rotated since those keys were given refuses (unsupported_algorithm, the token not
+    spent): the device then walks the chain and tries once more.
     """
-    if keys is None or pqc.fingerprint(keys.sig_pk, keys.sig_alg) != coordinator_fp:
-        keys = await coordinator_keys(rpc, names, coordinator_fp, timeout)
+    fetched = False
+    if keys_message is not None:
+        keys = handshake.check_keys_message(keys_message, coordinator_fp)
+    elif keys is None or pqc.fingerprint(keys.sig_pk, keys.sig_alg) != coordinator_fp:
+        keys, fetched = await coordinator_keys(rpc, names, coordinator_fp, timeout), True
     ident = identity or Identity.generate(sig_alg, kem_alg)
+    try:
+        return await _enroll_with(rpc, names, device_id, token, ident, keys, suite, timeout)
+    except QflareError as err:
+        if err.reason != Reason.UNSUPPORTED_ALGORITHM or fetched:
+            raise
+        current = await coordinator_keys(rpc, names, coordinator_fp, timeout)
+        if current.kem_pk == keys.kem_pk and current.sig_pk == keys.sig_pk:
+            raise  # not a rotation: the refusal was about something else (policy, handshake)
+        return await _enroll_with(rpc, names, device_id, token, ident, current, suite, timeout)
+
+
+async def _enroll_with(rpc: RpcClient, names: Names, device_id: str, token: str, ident: Identity,
+                       keys: CoordinatorKeys, suite: str, timeout: float) -> Device:
+    """One EnrollRequest, sealed to ``keys`` (checked already), and its checked reply."""
     reply_key = secrets.token_bytes(32) if suite in handshake.KEM_SUITES else None
     claim = EnrollClaim(device_id=device_id, token=token, sig_alg=ident.sig_alg, sig_pk=ident.sig_pk,
                         kem_alg=ident.kem_alg, kem_pk=ident.kem_pk, nonce=secrets.token_bytes(32),

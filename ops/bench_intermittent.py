@@ -40,7 +40,7 @@ from edge_agent.fleet import Member
 from enclave_worker.service import Enclave
 from ops.demo import demo_operator, new_namespace
 from ops.operator_client import OperatorClient
-from schemas.codec import CodecError
+from schemas.codec import CodecError, encode
 from schemas.messages import RoundStart, RoundStarted
 
 MODES = ("sync", "async")
@@ -127,6 +127,7 @@ async def run_mode(base: Settings, mode: str, trace: availability.Trace, *, dead
         for i, device_id in enumerate(ids):
             token = coordinator.registry.create_token(device_id, 3600)
             dev = await client.enroll(rpc, broker.names, device_id, token, coordinator.identity.sig_fp,
+                                      keys_message=encode(coordinator.keys_message),  # as its token file carries it
                                       sig_alg=s.crypto.signature, kem_alg=s.crypto.kem)
             await client.open_session(rpc, broker.names, dev)
             members.append(Member(dev, *shards[i], pace_seconds=pace[i]))

@@ -33,7 +33,7 @@ from edge_agent import client, updates
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from ops.bench_round import _enclave_process, _settings
-from schemas.codec import CodecError
+from schemas.codec import CodecError, encode
 from schemas.messages import Event, RoundOpen, RoundSpec
 
 PARAMS = 25_000_000
@@ -71,6 +71,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
         for i in range(k + 1):  # the last one only listens
             token = coord.registry.create_token(f"big{i}", 600)
             dev = await client.enroll(rpc, b.names, f"big{i}", token, coord.identity.sig_fp,
+                                      keys_message=encode(coord.keys_message),  # as its token file carries it
                                       sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
             await client.open_session(rpc, b.names, dev)
             devices.append(dev)

@@ -43,7 +43,7 @@ from coordinator.service import META_ENCLAVE_REPORT, Coordinator
 from edge_agent import client, updates
 from enclave_worker.service import Enclave, close_round_streaming
 from enclave_worker.store import WRITERS, EnclaveStore
-from schemas.codec import CodecError
+from schemas.codec import CodecError, encode
 from schemas.messages import Event, RoundOpen, RoundSpec
 
 
@@ -192,6 +192,7 @@ async def _join_devices(coord: Coordinator, rpc, b: BrokerClient, settings: Sett
         async with sem:
             token = coord.registry.create_token(f"bench{i}", 600)
             dev = await client.enroll(rpc, b.names, f"bench{i}", token, coord.identity.sig_fp,
+                                      keys_message=encode(coord.keys_message),  # as its token file carries it
                                       sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
             await client.open_session(rpc, b.names, dev)
             return dev

@@ -373,19 +373,42 @@ async def _with_rpc(s: Settings, fn, device_id: str | None = None):
 
 
 @agent_app.command("enroll")
-def agent_enroll(device_id: str = typer.Option(..., "--device-id"), token: str = typer.Option(..., "--token"),
-                 coordinator_fingerprint: str = typer.Option(..., "--coordinator-fingerprint",
-                                                             help="As printed by `qflare token create`.")) -> None:
+def agent_enroll(device_id: str | None = typer.Option(None, "--device-id"),
+                 token: str | None = typer.Option(None, "--token"),
+                 coordinator_fingerprint: str | None = typer.Option(
+                     None, "--coordinator-fingerprint", help="As printed by `qflare token create`; with "
+                     "--token-file, the pin the file must match."),
+                 token_file: Path | None = typer.Option(
+                     None, "--token-file", help="The JSON of `qflare token create --json`: device id, token, "
+                     "fingerprint and the coordinator's keys (enrolment in one round trip).")) -> None:
     """Enroll this device with a one-time token; keys are kept under the state directory."""
     from edge_agent import client
     from edge_agent.storage import save_device
+    from ops.claim import keys_message, parse_token
+    from schemas.reasons import QflareError
 
+    keys = None
+    if token_file is not None:
+        if device_id is not None or token is not None:
+            raise fail("--token-file gives the device id and token: not with --device-id or --token", EXIT_USAGE)
+        try:
+            tok = parse_token(token_file.read_text())
+            keys = keys_message(tok.coordinator_keys)
+        except OSError as exc:
+            raise fail(f"--token-file: {exc}", EXIT_USAGE) from None
+        except QflareError as exc:
+            raise fail(f"--token-file {token_file}: {exc.detail}", EXIT_USAGE) from None
+        if coordinator_fingerprint is not None and coordinator_fingerprint != tok.coordinator_fingerprint:
+            raise fail("bad_signature: the token file names another coordinator than --coordinator-fingerprint")
+        device_id, token, coordinator_fingerprint = tok.device_id, tok.token, tok.coordinator_fingerprint
+    elif device_id is None or token is None or coordinator_fingerprint is None:
+        raise fail("give --token-file, or --device-id, --token and --coordinator-fingerprint", EXIT_USAGE)
     s = settings()
 
     async def go(broker, rpc):
         return await client.enroll(rpc, broker.names, device_id, token, coordinator_fingerprint,
                                    sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout,
-                                   suite=s.crypto.handshake)
+                                   suite=s.crypto.handshake, keys_message=keys)
 
     dev = run(_with_rpc(s, go, device_id))
     path = save_device(s.state_dir, dev)
@@ -514,18 +537,22 @@ def agent_join(token_dir: Path = typer.Option(..., "--token-dir", help="Director
     from edge_agent import client
     from edge_agent.agent import run_agent
     from edge_agent.storage import save_device
-    from ops.claim import claim, remember
+    from ops.claim import claim, keys_message, remember
+    from schemas.reasons import QflareError
 
     s = settings()
     try:
         c = claim(token_dir, s.state_dir, _socket.gethostname())
+        keys = keys_message(c.coordinator_keys)  # checked by client.enroll against the pinned fingerprint
     except FileNotFoundError as exc:
         raise fail(str(exc)) from None
+    except QflareError as exc:
+        raise fail(f"{exc.reason.value}: {exc.detail}") from None
     if not c.enrolled or not _exists(s, c.device_id):
         async def go(broker, rpc):
             return await client.enroll(rpc, broker.names, c.device_id, c.token, c.coordinator_fingerprint,
                                        sig_alg=s.crypto.signature, kem_alg=s.crypto.kem, timeout=s.broker.rpc_timeout,
-                                   suite=s.crypto.handshake)
+                                       suite=s.crypto.handshake, keys_message=keys)
 
         dev = run(_with_rpc(s, go, c.device_id))
         save_device(s.state_dir, dev)

@@ -34,7 +34,7 @@ from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
 from enclave_worker.service import Enclave
 from ops.operator_client import OperatorClient, init_operator
-from schemas.codec import CodecError
+from schemas.codec import CodecError, encode
 from schemas.messages import Event, RoundStart, RoundStarted
 
 
@@ -185,13 +185,16 @@ async def run_demo(settings: Settings, *, devices: int = 5, rounds: int = 3, mal
         fleet = Fleet(fleet_broker, Outbox(state / "fleet-outbox.sqlite3"), task=task,
                       attacker=attacker(attack, settings, task, devices, len(bad)) if bad else None)
         fp = coordinator.identity.sig_fp
+        # what `token create` puts in each token file beside the token: every device checks it
+        # against the pinned fingerprint and enrols in one round trip
+        keys_message = encode(coordinator.keys_message)
         t0 = time.perf_counter()
         done = 0
 
         async def join(i: int, device_id: str) -> None:
             nonlocal done
             token = coordinator.registry.create_token(device_id, 3600)
-            dev = await client.enroll(rpc, fleet_broker.names, device_id, token, fp,
+            dev = await client.enroll(rpc, fleet_broker.names, device_id, token, fp, keys_message=keys_message,
                                       sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
             await client.open_session(rpc, fleet_broker.names, dev)
             x, y = shards[i]

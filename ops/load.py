@@ -39,7 +39,8 @@ from edge_agent.outbox import Outbox
 from enclave_worker.service import Enclave
 from ops.demo import demo_operator, new_namespace, parse_pairs, round_events
 from ops.operator_client import OperatorClient
-from schemas.messages import RoundStart, RoundStarted
+from schemas.messages import KeyChain, KeysRequest, RoundStart, RoundStarted
+from schemas.names import Names
 from schemas.reasons import Reason
 
 STEPS = ("enroll", "session", "update")
@@ -173,21 +174,23 @@ def _devices(settings: Settings, part: int, first: int, count: int, devices: int
             fleets = [Fleet(b, Outbox(state / f"outbox-{part}-{c}.sqlite3", power_safe=False), task=task,
                             on_sent=lambda _d, _r: note("update", time.perf_counter()))
                       for c, b in enumerate(brokers)]
-            # A simulated fleet checks the coordinator's key chain once, from the pinned fingerprint,
-            # as the devices of one process would share it (bench handshake measures both ways).
-            keys = await client.coordinator_keys(rpcs[0], brokers[0].names, fp, 15.0)
             gate = asyncio.Semaphore(concurrency)
             report.put(("ready", part))
-            tokens = await asyncio.to_thread(inbox.get)  # the operator's, made by the parent
-            if tokens is None:
+            handed = await asyncio.to_thread(inbox.get)  # the operator's, made by the parent
+            if handed is None:
                 return
+            # each device checks the coordinator's keys of its token file against the pinned
+            # fingerprint, as a real one does, and enrols in one round trip (bench handshake
+            # measures this against a key chain fetched per device)
+            tokens, keys_message = handed
 
             async def join(j: int) -> None:
                 c = j % connections
                 async with gate:
                     t0 = time.perf_counter()
                     dev = await client.enroll(rpcs[c], brokers[c].names, f"load-{first + j:05d}", tokens[j], fp,
-                                              keys=keys, sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
+                                              keys_message=keys_message, sig_alg=settings.crypto.signature,
+                                              kem_alg=settings.crypto.kem)
                     t1 = time.perf_counter()
                     await client.open_session(rpcs[c], brokers[c].names, dev)
                     note("enroll", (t0, t1))
@@ -241,9 +244,11 @@ class Devices:
             p.start()
         await self.wait("ready", timeout)
 
-    def hand_tokens(self, tokens: list[str]) -> None:
+    def hand_tokens(self, tokens: list[str], keys_message: bytes) -> None:
+        """Each process its devices' tokens and the coordinator's keys message their token
+        files would carry (``TokenCreated.coordinator_keys``)."""
         for (a, b), inbox in zip(self.ranges, self.inboxes):
-            inbox.put(tokens[a:b])
+            inbox.put((tokens[a:b], keys_message))
 
     async def wait(self, phase: str, timeout: float) -> None:
         """Until every process has reported ``phase``; raises if one died or ``timeout`` passed."""
@@ -420,6 +425,9 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
         broker = await BrokerClient.open(settings, name="qflare-load")
         events = await round_events(broker)
         fp = load_identity(settings).sig_fp  # what an operator hands each device: the pinned fingerprint
+        # ... and the coordinator's self-signed keys, as `token create` puts them in each token file
+        keys_message = (await (await broker.rpc()).call(broker.names.rpc_exchange, Names.COORDINATOR_KEY,
+                                                        KeysRequest(), KeyChain, 15.0)).current
         fleet = Devices(settings, devices, processes, connections, concurrency, fp, say)
         await fleet.start()  # spawned, their shards loaded, their connections open
         origin = time.perf_counter()
@@ -430,7 +438,7 @@ async def run_load(settings: Settings, devices: int, *, connections: int = 4, co
             tokens = [registry.create_token(i, 3600) for i in ids]
         tokens_at = time.perf_counter()
         clock.mark("tokens")
-        fleet.hand_tokens(tokens)
+        fleet.hand_tokens(tokens, keys_message)
         await fleet.wait("enroll_and_session", deadline + 600)
         enrolled_at = time.perf_counter()
         clock.mark("enroll_and_session")

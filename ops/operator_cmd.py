@@ -8,6 +8,7 @@ the CLI's shell helpers (settings, error lines, JSON output).
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from types import ModuleType
@@ -102,11 +103,15 @@ def register(app: typer.Typer, token_app: typer.Typer, device_app: typer.Typer, 
         token = op.open_token(reply.sealed_token, req.nonce)
         out = {"device_id": device_id, "token": token, "expires_in_seconds": seconds, "expires_at": reply.expires_at,
                "coordinator_fingerprint": reply.coordinator_fingerprint}
+        if reply.coordinator_keys is not None:  # the device checks them against the fingerprint (one-RPC enrolment)
+            out["coordinator_keys"] = base64.b64encode(reply.coordinator_keys).decode()
         if json_out:
             shell.print_json(out)
         else:
             shell.console.print(f"token for {device_id} (one use, expires in {ttl}):\n  {token}\n"
-                                f"coordinator fingerprint to pin:\n  {reply.coordinator_fingerprint}",
+                                f"coordinator fingerprint to pin:\n  {reply.coordinator_fingerprint}\n"
+                                "(--json writes a token file for `qflare agent enroll --token-file`, which also "
+                                "carries the coordinator's keys: enrolment in one round trip)",
                                 highlight=False, markup=False)
 
     @device_app.command("list")

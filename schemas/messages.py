@@ -547,6 +547,10 @@ class TokenCreated(Message):
     sealed_token: Blob
     expires_at: float
     coordinator_fingerprint: Fingerprint
+    #: The coordinator's current self-signed keys (``KeyChain.current``), so a device given
+    #: the token enrols in one round trip; it checks them against its pinned fingerprint
+    #: (common/handshake.py: check_keys_message). None from coordinators before it.
+    coordinator_keys: Encoded | None = None
 
 
 class DeviceListRequest(OperatorRequest):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -32,6 +33,16 @@ def test_each_replica_claims_a_different_token_and_a_restart_keeps_it(tmp_path):
     claim(tokens, tmp_path / "c", "host-c")
     with pytest.raises(FileNotFoundError, match="no unclaimed enrollment token"):
         claim(tokens, tmp_path / "d", "host-d")
+    assert a.coordinator_keys is None  # token files from before coordinator_keys still claim
+
+
+def test_a_claim_remembered_before_coordinator_keys_still_loads(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "claim.json").write_text(json.dumps({"device_id": "d", "token": "t", "coordinator_fingerprint": "f" * 64,
+                                                  "shard": 0, "of": 1, "enrolled": True}))
+    c = claim(tmp_path / "tokens", state, "host")
+    assert (c.device_id, c.enrolled, c.coordinator_keys) == ("d", True, None)
 
 
 @pytest.mark.broker
@@ -53,6 +64,9 @@ def test_agent_join_enrolls_from_a_token_file_minted_by_token_create(amqp_url, t
             time.sleep(0.3)
         devices = sh.json("device", "list")
         assert [(d["device_id"], d["status"]) for d in devices] == [("device-1", "active")]
+        # the claim kept the coordinator's keys of the token file (one-RPC enrolment, checked by the device)
+        assert json.loads(remembered.read_text())["coordinator_keys"] == json.loads(
+            (tokens / "claimed" / f"device-1.json.{socket.gethostname()}").read_text())["coordinator_keys"]
         assert (device_state / "devices" / "device-1" / "device.json").exists()
     finally:
         sh.close()
