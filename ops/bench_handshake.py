@@ -40,9 +40,12 @@ from schemas.messages import EnrollClaim, EnrollRequest, SessionGrant, SessionHe
 SUITES = [("ML-KEM-768", "ML-DSA-44"), ("ML-KEM-1024", "ML-DSA-65"), ("ML-KEM-768+X25519", "ML-DSA-44"),
           ("FrodoKEM-640-AES", "ML-DSA-44")]
 HANDSHAKES = (handshake.KEM_V3, handshake.KEM_V2, handshake.SIG_V1)
-#: Repetitions of each coordinator-side session measurement (and of the signing rate beside
-#: it); the median is reported, so one burst of another process's load does not decide.
-REPEATS = 3
+#: Repetitions of each coordinator-side session measurement, each right after a measurement of
+#: the signing rate; medians are reported, and the ratio is the median of the five pairs' ratios
+#: (adjacent measurements share the host's drift, which moves single figures by 10-20% here).
+REPEATS = 5
+#: Enrolments/s over the broker that issue 13 set out to double: sig-v1, measured 2026-12-01.
+ENROLL_BASELINE = 199.8
 
 
 def _settings(base: Settings, state: Path, kem: str, sig: str) -> Settings:
@@ -142,17 +145,18 @@ async def _coordinator_side(coord: Coordinator, kem: str, sig: str, n: int, suit
     # "bench": a shared (non-device) broker user, as in the simulator
     in_flight = coord.settings.coordinator.prefetch  # as many as its queue delivers at once
     enroll_s = await _serve(coord, reqs, in_flight)
-    per_device = 16 if suite in handshake.KEM_SUITES else 4  # each measurement lasts a few hundred ms
+    per_device = 32 if suite in handshake.KEM_SUITES else 4  # each measurement lasts a few hundred ms
     rates, signs = [], []
     for _ in range(REPEATS):
-        if measure_sign:
-            signs.append(sign_rate(sig))
         batch = [encode(s) for s in _session_requests(coord, idents, prefix, suite, kem, per_device,
                                                                    auth_keys)]
+        if measure_sign:  # just before the sessions: the pair shares the host's state
+            signs.append(sign_rate(sig))
         rates.append(await _serve(coord, batch, in_flight))
     out = {"enroll_per_s": enroll_s, "session_per_s": statistics.median(rates)}
     if measure_sign:
         out["sign_per_s"] = statistics.median(signs)
+        out["sessions_per_signature"] = statistics.median(r / s for r, s in zip(rates, signs, strict=True))
     return out
 
 
@@ -232,6 +236,7 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_d
                 results.append(row)
                 if is_default:
                     default = {**row, "mldsa44_sign_per_s": round(local["sign_per_s"], 1),
+                               "sessions_per_signature": round(local["sessions_per_signature"], 2),
                                "broker_enroll_fetch_chain_per_s": round(chain["enroll_per_s"], 1),
                                "broker_enroll_shared_keys_per_s": round(shared["enroll_per_s"], 1)}
                 print(row, file=sys.stderr, flush=True)  # progress; stdout is for --json
@@ -250,7 +255,7 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_d
                               "handshake": default["handshake"]},
             "coordinator_sessions_per_s": default["coordinator_session_per_s"],
             "mldsa44_sign_per_s": default["mldsa44_sign_per_s"],
-            "sessions_per_signature": round(default["coordinator_session_per_s"] / default["mldsa44_sign_per_s"], 2),
+            "sessions_per_signature": default["sessions_per_signature"],
             "broker_enroll_per_s": default["broker_enroll_per_s"],
             "broker_enroll_fetch_chain_per_s": default["broker_enroll_fetch_chain_per_s"],
             "broker_enroll_shared_keys_per_s": default["broker_enroll_shared_keys_per_s"],
@@ -260,7 +265,8 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_d
     md = ("Coordinator-side: everything the coordinator does per request on one core (decode, checks,\n"
           "crypto, registry, encoded answer; requests prepared in advance, "
           f"{base.coordinator.prefetch} in flight (`coordinator.prefetch`); sessions: median\n"
-          "of 3). Over the broker: device and coordinator in one process, 32\n"
+          f"of {REPEATS}, each right after a measurement of ML-DSA-44 signing; the ratio is the median of\n"
+          "those pairs' ratios). Over the broker: device and coordinator in one process, 32\n"
           "requests in flight, each device enrolling as with a token file: it checks the coordinator's\n"
           "keys from its token against its pinned fingerprint (its own signature verification), then\n"
           "makes the one enrolment round trip.\n"
@@ -273,14 +279,16 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_d
         md += (f"Default suite ({default['kem']} + {default['signature']}, {default['handshake']}): "
                f"**{out['coordinator_sessions_per_s']:,.0f} coordinator sessions/s** against "
                f"**{out['mldsa44_sign_per_s']:,.0f} ML-DSA-44 signatures/s** measured in the same run "
-               f"({out['sessions_per_signature']}x); enrolment over the broker {out['broker_enroll_per_s']:,.0f}/s"
+               f"({out['sessions_per_signature']}x, median of the pairs); enrolment over the broker {out['broker_enroll_per_s']:,.0f}/s"
                + (f" (sig-v1 in the same run: {out['sig_v1_broker_enroll_per_s']:,.0f}/s)" if baseline else "")
                + f"; {out['broker_enroll_fetch_chain_per_s']:,.0f}/s with the old two round trips (each device "
                "fetching and walking the key chain first), "
                f"{out['broker_enroll_shared_keys_per_s']:,.0f}/s when the devices share one checked key set "
                "(a simulated fleet, no check per device). "
-               + ("The 3x goal is met." if out["sessions_per_signature"] >= 3 else
-                  "The 3x goal is not met (docs/crypto.md, \"Cost\", says why).") + "\n\n")
+               + ("The 3x goal is met" if out["sessions_per_signature"] >= 3 else
+                  "The 3x goal is not met (docs/crypto.md, \"Cost\", says why)")
+               + f"; the enrolment goal (2x {ENROLL_BASELINE}/s) is "
+               + ("met." if out["broker_enroll_per_s"] >= 2 * ENROLL_BASELINE else "not met.") + "\n\n")
     md += md_table(["KEM", "signature", "handshake", "coordinator enroll/s", "coordinator session/s",
                     "broker enroll/s", "broker session/s"],
                    [[r["kem"], r["signature"], r["handshake"], r["coordinator_enroll_per_s"],
@@ -289,5 +297,5 @@ async def run_bench(base: Settings, seconds: float = 5.0, suites=SUITES, write_d
     if write_docs:
         write_section("handshake", "## Handshakes (`qflare bench handshake`)\n\nGoal: default-handshake sessions/s on one core "
                       ">= 3x the ML-DSA-44 signing rate of the same run; enrolment over the broker >= 2x the "
-                      "sig-v1 figure of 2026-12-01 (199.8/s).\n\n" + md)
+                      f"sig-v1 figure of 2026-12-01 ({ENROLL_BASELINE}/s).\n\n" + md)
     return out
