@@ -237,6 +237,8 @@ def test_bench_shards_json_prints_only_json_and_both_runs_close_their_round(sh):
     for case in out["cases"]:
         assert case["status"] == "round.completed" and case["model_accepted"] == case["updates"], case
         assert len(case["enclave_cores"]) == case["shards"]
+    busy = out["cases"][0]["host_cores"]  # the ceiling is what the host's idle cores leave
+    assert out["host_ceiling_speedup"] == round(out["cases"][0]["cpu_count"] / busy, 2)
     assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
 
 
