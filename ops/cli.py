@@ -894,10 +894,14 @@ def load(devices: int = typer.Option(100, min=2, max=100_000, help="Simulated de
             report = run(run_load(s, devices, progress=progress, **kw))
     (out / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     if write_docs:
-        from common.report import write_section
+        import shutil
+
+        from common.report import DOC, write_section
         from ops.load import markdown
 
         write_section("load", markdown(report, "qflare load " + " ".join(sys.argv[2:])))
+        if report.get("plot"):  # the section shows it as bench-load.png beside benchmarks.md
+            shutil.copyfile(report["plot"], DOC.parent / "bench-load.png")
     if json_out:
         print_json(report)
         return
