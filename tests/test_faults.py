@@ -8,7 +8,6 @@ plan completed. The fault is timed by conditions (a log line, a round state), ne
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import pytest
