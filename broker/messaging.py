@@ -52,7 +52,8 @@ RETRY_MAX_SECONDS = 5.0
 
 Handler = Callable[[Message, AbstractIncomingMessage], Awaitable[object]]
 #: Handles a request; the second argument is the sender's broker-verified user (``user_id``).
-RpcHandler = Callable[[Message, str], Awaitable[Message]]
+#: A handler's answer: a message, or its encoding where the handler builds that directly.
+RpcHandler = Callable[[Message, str], Awaitable[Message | bytes]]
 
 
 class Publisher:
@@ -269,7 +270,7 @@ async def serve_rpc(
     gets that user as the sender (:mod:`broker.principals` checks its role).
     """
 
-    async def reply(message: AbstractIncomingMessage, answer: Message) -> None:
+    async def reply(message: AbstractIncomingMessage, answer: Message | bytes) -> None:
         to = reply_address(message)
         if to is not None:
             await publisher.publish("", to, answer, correlation_id=message.correlation_id, persistent=False)

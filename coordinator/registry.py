@@ -164,6 +164,7 @@ class RegistryStore(Protocol):
     def get_device(self, device_id: str) -> Device | None: ...
     def set_device_auth(self, device_id: str, sig_fp: str, wrapped_key: bytes) -> None: ...
     def get_device_auth(self, device_id: str) -> tuple[Device, bytes | None] | None: ...
+    def session_inputs(self, device_id: str, meta_key: str) -> tuple[Device, bytes | None, bytes | None] | None: ...
     def device_auth_rows(self) -> list[tuple[str, str, bytes]]: ...
     def revoke_device(self, device_id: str, reason: str, now: float | None = None) -> Device: ...
     def rotate_device_keys(self, device_id: str, sig_alg: str, sig_pk: bytes, kem_alg: str, kem_pk: bytes,
@@ -375,12 +376,18 @@ class Registry:
     def get_device_auth(self, device_id: str) -> tuple[Device, bytes | None] | None:
         """The device and its wrapped kem-v3 key, in one statement; the key is None unless it
         was kept for the device's current signature key (a key rotation leaves it behind)."""
-        row = self.db.execute("SELECT d.*, a.wrapped_key FROM devices d LEFT JOIN device_auth a "
-                              "ON a.device_id=d.device_id AND a.sig_fp=d.sig_fp WHERE d.device_id=?",
-                              (device_id,)).fetchone()
+        found = self.session_inputs(device_id, "")
+        return None if found is None else found[:2]
+
+    def session_inputs(self, device_id: str, meta_key: str) -> tuple[Device, bytes | None, bytes | None] | None:
+        """:meth:`get_device_auth` and the meta value ``meta_key`` (the admitted enclave's
+        report, for a kem-v3 session's grant) in one statement: one registry read a session."""
+        row = self.db.execute("SELECT d.*, a.wrapped_key, (SELECT value FROM meta WHERE key=?) FROM devices d "
+                              "LEFT JOIN device_auth a ON a.device_id=d.device_id AND a.sig_fp=d.sig_fp "
+                              "WHERE d.device_id=?", (meta_key, device_id)).fetchone()
         if row is None:
             return None
-        return Device(*row[:-1]), (bytes(row[-1]) if row[-1] is not None else None)
+        return Device(*row[:-2]), *(bytes(v) if v is not None else None for v in row[-2:])
 
     def device_auth_rows(self) -> list[tuple[str, str, bytes]]:
         """Every kept ``(device_id, sig_fp, wrapped key)``: a coordinator key rotation re-wraps them."""

@@ -376,8 +376,9 @@ class Coordinator:
 
     # --- dispatch ------------------------------------------------------------------------
 
-    async def handle(self, msg: Message, caller: str | None = None) -> Message:
-        """Route a request to its handler (``REQUESTS`` lists what the queue accepts).
+    async def handle(self, msg: Message, caller: str | None = None) -> Message | bytes:
+        """Route a request to its handler (``REQUESTS`` lists what the queue accepts); the
+        answer, or its encoding where a hot path builds that directly (sessions).
 
         ``caller`` is the sender's broker-verified user: a role's requests come only from that
         role's users, and rate limits are keyed by it.
@@ -590,14 +591,15 @@ class Coordinator:
                                             self._sign(GrantKey(enclave=enclave, sealed=sealed,
                                                                 issued_at=time.time())))
 
-    async def open_kem_session(self, hello: SessionHello, caller: str | None = None) -> SessionConfirm:
+    async def open_kem_session(self, hello: SessionHello, caller: str | None = None) -> bytes:
+        """The encoded ``SessionConfirm`` (the hot path answers with its bytes)."""
         with self._session_seconds.time():
             try:
                 return await self._open_kem_session(hello, caller)
             except QflareError as err:
                 raise await self._refuse("session", err, hello.device_id) from None
 
-    async def _open_kem_session(self, hello: SessionHello, caller: str | None) -> SessionConfirm:
+    async def _open_kem_session(self, hello: SessionHello, caller: str | None) -> bytes:
         """KEM authentication both ways and key confirmation; no signature made or checked.
 
         The coordinator decapsulates ``static_ct`` (only its static key can), encapsulates to
@@ -615,9 +617,11 @@ class Coordinator:
         if hello.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "encapsulated to a key this coordinator does not hold")
         v3 = hello.suite == handshake.KEM_V3
-        if v3:  # the device row and its MAC key in one statement
-            found = self.registry.get_device_auth(hello.device_id)
+        report = None
+        if v3:  # the device row, its MAC key and the enclave's report in one statement
+            found = self.registry.session_inputs(hello.device_id, META_ENCLAVE_REPORT)
             device = self._require_active(found[0] if found else None, hello.device_id)
+            report = found[2] if found else None
             auth_key = self._device_auth_key(device, found[1] if found else None)
             if hello.auth_tag is None or not handshake.tags_equal(hello.auth_tag, handshake.hello_tag(
                     auth_key, hello.suite, hello.device_id, hello.coordinator_kem_fp, hello.static_ct,
@@ -644,7 +648,8 @@ class Coordinator:
             transcript = handshake.kem_v3_transcript(hello.auth_tag, eph_ct, nonce, session_id)
         else:
             transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct, nonce, session_id)
-        report = self.registry.get_meta(META_ENCLAVE_REPORT)
+        if not v3:
+            report = self.registry.get_meta(META_ENCLAVE_REPORT)
         gkey, key_id, digest, _ = self.grant_key_for(report)
         # encode_fields: every field is ours or the registry's, already valid (no model, no re-validation)
         body = encode_fields(SessionGrant, {
@@ -660,9 +665,12 @@ class Coordinator:
             raise QflareError(Reason.REPLAY, "session request seen before")  # its nonce names a session
         self._sessions_ok.inc()
         self._opened[hello.suite] += 1
-        return SessionConfirm.model_construct(
-            suite=hello.suite, device_id=device.device_id, session_id=session_id, eph_ct=eph_ct, device_ct=device_ct,
-            nonce=nonce, grant=grant, enclave_report=report, confirm=handshake.confirm_tag(confirm_key, final))
+        # the reply's encoding at once (encode_fields: every field ours, valid, in declaration
+        # order; tests/test_kem_v3_handshake.py re-encodes it), not a model then its dump
+        return encode_fields(SessionConfirm, {
+            "suite": hello.suite, "device_id": device.device_id, "session_id": session_id, "eph_ct": eph_ct,
+            "device_ct": device_ct, "nonce": nonce, "grant": grant, "enclave_report": report,
+            "confirm": handshake.confirm_tag(confirm_key, final)})
 
     def _active_device(self, device_id: str):
         """The enrolled, active device a session is asked for, or refuse (not_enrolled, revoked)."""

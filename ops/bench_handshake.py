@@ -127,7 +127,9 @@ async def _serve(coord: Coordinator, bodies: list[bytes], in_flight: int) -> flo
 
     async def worker() -> None:
         for body in it:
-            encode(await coord.handle(decode(body, REQUESTS, max_bytes), "bench"))
+            answer = await coord.handle(decode(body, REQUESTS, max_bytes), "bench")
+            if not isinstance(answer, bytes):  # encoded, as its queue consumer sends it
+                encode(answer)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(in_flight)))

@@ -18,7 +18,7 @@ import pqc
 from common import handshake
 from coordinator import session_keys
 from coordinator.registry import Registry
-from coordinator.service import rewrap_device_keys
+from coordinator.service import META_ENCLAVE_REPORT, rewrap_device_keys
 from edge_agent import client
 from pqc.identity import Identity
 from schemas.codec import decode, encode
@@ -98,6 +98,20 @@ async def test_kem_v3_session_end_to_end_is_the_default(broker, settings):
         await client.open_session(rpc, broker.names, dev, suite=handshake.SIG_V1)
         opened = await events.wait("sessions.opened")
         assert opened[0].detail["kem_v3"] >= 1
+
+
+@pytest.mark.broker
+async def test_kem_v3_reply_bytes_are_the_validated_models_encoding(broker, settings):
+    """The handler answers with encode_fields (no model): decoded and validated, then encoded
+    again, the reply must give the same bytes, or a field is missing, misordered or invalid
+    (the device reads what the confirm tag covers from these bytes)."""
+    async with coordinator(settings) as coord:
+        dev = await enrolled(broker, coord, "v3-bytes", session=False)
+        raw = await coord.handle(v3_hello(dev)[0], "bench")
+        assert isinstance(raw, bytes)
+        confirm = decode(raw, SessionConfirm)
+        assert encode(confirm) == raw and confirm.suite == "kem-v3" and confirm.device_ct is None
+        assert confirm.enclave_report == coord.registry.get_meta(META_ENCLAVE_REPORT)
 
 
 @pytest.mark.broker

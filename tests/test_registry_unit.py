@@ -268,6 +268,9 @@ def test_a_device_auth_key_is_bound_to_its_signature_key(open_store):
     dev = enroll(reg, "d1")
     assert reg.get_device_auth("d1") == (dev, None)
     assert reg.get_device_auth("ghost") is None
+    reg.set_meta("m", b"report")  # a session's reads, the enclave report with them, in one statement
+    assert reg.session_inputs("d1", "m") == (dev, None, b"report")
+    assert reg.session_inputs("d1", "none") == (dev, None, None) and reg.session_inputs("ghost", "m") is None
     reg.set_device_auth("d1", dev.sig_fp, b"wrapped-1")
     assert other.get_device_auth("d1") == (dev, b"wrapped-1")
     reg.set_device_auth("d1", dev.sig_fp, b"wrapped-2")  # a new enrolment's key replaces it
