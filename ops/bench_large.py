@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
 import sys
 import tempfile
 import time
@@ -22,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from broker.client import BrokerClient
-from broker.topology import delete_topology
 from common import compression
 from common.chunks import max_update_chunks
 from common.events import decode_event
@@ -32,7 +30,7 @@ from coordinator.service import META_ENCLAVE_REPORT, Coordinator
 from edge_agent import client, updates
 from edge_agent.fleet import Fleet, Member
 from edge_agent.outbox import Outbox
-from ops.bench_round import _enclave_process, _settings
+from ops.bench_round import _enclave_process, _settings, _teardown
 from schemas.codec import CodecError, encode
 from schemas.messages import Event, RoundOpen, RoundSpec
 
@@ -109,16 +107,7 @@ async def _one(base: Settings, d: int, k: int) -> dict:
                 "enclave_peak_rss_mib": round(rss, 1), "rss_in_models": round(rss / model_mib, 2),
                 "stage_ms_per_update": {s: round(v / k * 1e3, 1) for s, v in sorted(stages.items())}}
     finally:
-        stop.set()
-        child.join(60)
-        if child.is_alive():
-            child.kill()
-        if b is not None:
-            ch = await b.connection.channel()
-            await delete_topology(ch, b.names)
-            await b.close()
-        await coord.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        await _teardown(stop, [child], b, coord, root, join_seconds=60)
 
 
 async def run_bench(base: Settings, counts: tuple[int, ...] = (1, 3), write_docs: bool = False) -> dict:

@@ -81,6 +81,23 @@ def _enclave_process(dump: dict, d: int, stop, out) -> None:
     out.put((usage.ru_maxrss / 1024, stages, usage.ru_utime + usage.ru_stime))
 
 
+async def _teardown(stop, children: list, broker: BrokerClient | None, coord: Coordinator, root: Path,
+                    join_seconds: float = 30) -> None:
+    """The end of an enclave benchmark: its enclave processes stopped (killed if they hang), the
+    namespace's topology deleted, the coordinator stopped and the state directory removed."""
+    stop.set()
+    for child in children:
+        child.join(join_seconds)
+        if child.is_alive():
+            child.kill()
+    if broker is not None:
+        ch = await broker.connection.channel()
+        await delete_topology(ch, broker.names)
+        await broker.close()
+    await coord.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def _proc_cpu(pid: int) -> float | None:
     """CPU seconds (user + system) of process ``pid`` so far, or None where /proc is not there."""
     try:
@@ -325,16 +342,7 @@ async def _one(base: Settings, d: int, k: int, passes: int = 3) -> dict:
                                 sum(s["published"] for s in sealed) / len(sealed), sealed_cores, sealed_ms, plain_ms),
                 "disk_write_fsync_mb_s": round(disk, 1)}
     finally:
-        stop.set()
-        child.join(30)
-        if child.is_alive():
-            child.kill()
-        if devices_broker is not None:
-            ch = await devices_broker.connection.channel()
-            await delete_topology(ch, devices_broker.names)
-            await devices_broker.close()
-        await coord.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        await _teardown(stop, [child], devices_broker, coord, root)
 
 
 def _fedavg_close_peaks(directory: Path, d: int, k: int, settings: Settings, rng) -> list[float]:

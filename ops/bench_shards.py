@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from broker.client import BrokerClient
-from broker.topology import delete_topology
 from common.report import md_table, write_section
 from common.settings import Settings
 from coordinator.service import META_ENCLAVE_REPORT, Coordinator
@@ -36,6 +34,7 @@ from ops.bench_round import (
     _proc_cpu,
     _record_events,
     _settings,
+    _teardown,
 )
 from schemas.messages import RoundOpen, RoundSpec
 
@@ -110,17 +109,7 @@ async def _one(base: Settings, shards: int, d: int, k: int) -> dict:
                 "status": done.type if done else "no close", "model_accepted": done.detail.get("accepted") if done
                 else None}
     finally:
-        stop.set()
-        for child in children:
-            child.join(30)
-            if child.is_alive():
-                child.kill()
-        if b is not None:
-            ch = await b.connection.channel()
-            await delete_topology(ch, b.names)
-            await b.close()
-        await coord.stop()
-        shutil.rmtree(root_dir, ignore_errors=True)
+        await _teardown(stop, children, b, coord, root_dir)
 
 
 async def run_bench(base: Settings, quick: bool = False, d: int = 100_000, write_docs: bool = False) -> dict:
