@@ -41,7 +41,10 @@ async def _one(base: Settings, d: int, k: int) -> dict:
     root = Path(tempfile.mkdtemp(prefix="qflare-bench-large-"))
     settings = _settings(base, root / "state")
     settings = settings.model_copy(update={"broker": settings.broker.model_copy(
-        update={"max_message_bytes": base.broker.max_message_bytes, "prefetch": base.broker.prefetch})})
+        update={"max_message_bytes": base.broker.max_message_bytes, "prefetch": base.broker.prefetch}),
+        # a round of k updates, even k = 1 (the default run's first): fl.min_accepted's floor of 3
+        # guards real rounds against one device setting the model, not this measurement
+        "fl": settings.fl.model_copy(update={"min_accepted": 1})})
     coord = Coordinator(settings)
     ctx = multiprocessing.get_context("spawn")
     stop, out = ctx.Event(), ctx.Queue()
