@@ -617,7 +617,6 @@ class Coordinator:
         if hello.coordinator_kem_fp != self.identity.kem_fp:
             raise QflareError(Reason.UNSUPPORTED_ALGORITHM, "encapsulated to a key this coordinator does not hold")
         v3 = hello.suite == handshake.KEM_V3
-        report = None
         if v3:  # the device row, its MAC key and the enclave's report in one statement
             found = self.registry.session_inputs(hello.device_id, META_ENCLAVE_REPORT)
             device = self._require_active(found[0] if found else None, hello.device_id)
@@ -629,6 +628,7 @@ class Coordinator:
                 raise QflareError(Reason.BAD_SIGNATURE, "session hello fails the device's MAC")
         else:
             device = self._active_device(hello.device_id)
+            report = self.registry.get_meta(META_ENCLAVE_REPORT)
         self.policy.check_kem(hello.eph_kem_alg)
         if not handshake.is_fresh(hello.timestamp, now, self.settings.crypto.freshness_seconds):
             raise QflareError(Reason.STALE, "session request outside the freshness window")
@@ -648,8 +648,6 @@ class Coordinator:
             transcript = handshake.kem_v3_transcript(hello.auth_tag, eph_ct, nonce, session_id)
         else:
             transcript = handshake.kem_transcript(encode(hello), eph_ct, device_ct, nonce, session_id)
-        if not v3:
-            report = self.registry.get_meta(META_ENCLAVE_REPORT)
         gkey, key_id, digest, _ = self.grant_key_for(report)
         # encode_fields: every field is ours or the registry's, already valid (no model, no re-validation)
         body = encode_fields(SessionGrant, {

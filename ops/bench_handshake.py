@@ -41,7 +41,7 @@ SUITES = [("ML-KEM-768", "ML-DSA-44"), ("ML-KEM-1024", "ML-DSA-65"), ("ML-KEM-76
           ("FrodoKEM-640-AES", "ML-DSA-44")]
 HANDSHAKES = (handshake.KEM_V3, handshake.KEM_V2, handshake.SIG_V1)
 #: Repetitions of each coordinator-side session measurement, each right after a measurement of
-#: the signing rate; medians are reported, and the ratio is the median of the five pairs' ratios
+#: the signing rate; medians are reported, and the ratio is the median of those pairs' ratios
 #: (adjacent measurements share the host's drift, which moves single figures by 10-20% here).
 REPEATS = 5
 #: Enrolments/s over the broker that issue 13 set out to double: sig-v1, measured 2026-12-01.
