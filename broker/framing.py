@@ -1,4 +1,4 @@
-"""Delivered bodies put together in one copy (aiormq's body assembly, replaced).
+"""Delivered bodies read and put together cheaply (two aiormq read paths, adjusted).
 
 RabbitMQ splits a body into frames of at most its ``frame_max`` (131072 bytes by default,
 a server setting: a client may only ask for less), so a 4 MB update arrives as 31 frames.
@@ -8,8 +8,16 @@ holding many 4 MB buffers, like the enclave) the whole body so far is copied aga
 was 12% of the enclave's event-loop CPU on 1M-parameter updates (perf). Keeping the
 frames and joining them once at the end allocates the body once and copies each byte once.
 
+The frames themselves come through an ``asyncio.StreamReader`` with asyncio's default
+64 KiB limit: it stops reading the socket once it holds twice that, less than one 128 KiB
+frame, so every frame of a large body paused and resumed the socket (two ``epoll_ctl``
+calls and the selector's bookkeeping, and one more turn of the loop). Each connection's
+reader gets :data:`READ_LIMIT` instead: receiving a 4 MB message went from 3.7-4.5 to
+2.5-3.1 ms of CPU here (100 messages from a quorum queue, prefetch 64), and its wall time
+from 6-8 to 3-5 ms. A slow consumer still stops the socket, at 2 MiB per connection.
+
 Installed by :mod:`broker.connection` for every process; :func:`install` checks that
-aiormq still has the method it replaces, and leaves aiormq alone if not.
+aiormq still has what it replaces, and leaves it alone if not.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 
 from aiormq.abc import DeliveredMessage
 from aiormq.channel import Channel
+from aiormq.connection import FrameReceiver
 from pamqp.body import ContentBody
 
 log = logging.getLogger("qflare.broker")
@@ -25,6 +34,10 @@ log = logging.getLogger("qflare.broker")
 #: aiormq's private names: the method replaced and the one it reads frames with.
 _READ_CONTENT = "_read_content"
 _GET_CONTENT_FRAME = "_Channel__get_content_frame"
+#: Bytes a connection's stream reader may buffer before it pauses the socket at twice this
+#: (asyncio's private ``StreamReader._limit``, 64 KiB by default; frames are 128 KiB).
+READ_LIMIT = 1 << 20
+_ORIGINAL_INIT = FrameReceiver.__init__
 
 
 async def _read_content(self: Channel, frame, header) -> DeliveredMessage:
@@ -41,12 +54,22 @@ async def _read_content(self: Channel, frame, header) -> DeliveredMessage:
     return DeliveredMessage(delivery=frame, header=header, body=body, channel=self)
 
 
+def _frame_receiver_init(self: FrameReceiver, reader, *args, **kwargs) -> None:
+    """aiormq's, then the connection's reader allowed :data:`READ_LIMIT` bytes of buffer."""
+    _ORIGINAL_INIT(self, reader, *args, **kwargs)
+    if isinstance(getattr(reader, "_limit", None), int):
+        reader._limit = max(reader._limit, READ_LIMIT)
+
+
 def install() -> bool:
-    """Replace aiormq's body assembly once; False (and aiormq unchanged) if its names moved."""
-    if getattr(Channel, _READ_CONTENT, None) is _read_content:
-        return True
-    if not hasattr(Channel, _READ_CONTENT) or not hasattr(Channel, _GET_CONTENT_FRAME):
-        log.warning("aiormq has no Channel.%s: delivered bodies keep its own assembly", _READ_CONTENT)
-        return False
-    setattr(Channel, _READ_CONTENT, _read_content)
-    return True
+    """Adjust aiormq's two read paths once; False where its names moved (that part unchanged)."""
+    ok = True
+    if FrameReceiver.__init__ is not _frame_receiver_init:
+        FrameReceiver.__init__ = _frame_receiver_init
+    if getattr(Channel, _READ_CONTENT, None) is not _read_content:
+        if not hasattr(Channel, _READ_CONTENT) or not hasattr(Channel, _GET_CONTENT_FRAME):
+            log.warning("aiormq has no Channel.%s: delivered bodies keep its own assembly", _READ_CONTENT)
+            ok = False
+        else:
+            setattr(Channel, _READ_CONTENT, _read_content)
+    return ok

@@ -130,6 +130,10 @@ async def test_bodies_of_every_frame_layout_arrive_whole(broker):
     from broker import framing
 
     assert getattr(Channel, "_read_content") is framing._read_content  # installed by connect()
+    # and every connection's stream reader buffers more than a frame before it pauses the socket
+    from aiormq.connection import FrameReceiver
+
+    assert FrameReceiver(asyncio.StreamReader()).reader._limit == framing.READ_LIMIT > 2 * 131072
     frame = broker.connection.transport.connection.connection_tune.frame_max - 8  # content bytes a frame
     bodies = [b"", b"x", os.urandom(frame), os.urandom(frame + 1), os.urandom(4_000_000 + 7)]
     ch = await broker.connection.channel()
