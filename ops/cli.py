@@ -981,7 +981,7 @@ def bench_round(json_out: bool = typer.Option(False, "--json"),
                 quick: bool = typer.Option(False, help="Fewer updates, for a smoke run."),
                 params: str = typer.Option("100000,1000000", help="Update sizes (parameters), comma-separated."),
                 passes: int | None = typer.Option(None, min=1, max=20, help="Sealed rounds, each between two "
-                                                  "plaintext passes (default 3; 1 with --quick)."),
+                                                  "plaintext passes (default 5; 1 with --quick)."),
                 write_docs: bool = typer.Option(False, "--write-docs", help="Write docs/benchmarks.md.")) -> None:
     """Updates/s through the enclave, sealed vs plaintext, which stage bounds it, memory."""
     from ops.bench_round import run_bench
