@@ -134,6 +134,10 @@ def test_bench_round_json_prints_only_json_and_leaves_the_docs_alone(sh):
         assert case["status"] == "round.completed" and case["accepted"] == case["updates"]
         assert (len(case["sealed_per_pass"]), len(case["plaintext_per_pass"]), len(case["ratios"])) == (2, 3, 2)
         assert case["ratio"] in case["ratios"]
+        # what the host's CPU alone allows: plaintext host CPU per update over sealed
+        want = case["cpu_ms_per_update_plaintext"]["host"] / case["cpu_ms_per_update_sealed"]["host"]
+        assert case["cpu_bound_ratio"] == pytest.approx(want, abs=0.002)
+        assert f"allows a ratio of {case['cpu_bound_ratio']}" in case["bound"]
     assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
 
 
