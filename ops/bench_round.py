@@ -148,6 +148,23 @@ def _cpu_ms(cores: dict[str, float], seconds: float, k: int) -> dict[str, float]
     return {n: round(c * seconds / k * 1e3, 2) for n, c in cores.items()}
 
 
+#: Publishes each path keeps in flight, each awaiting its confirm (the devices' publisher).
+IN_FLIGHT = 16
+#: Sealed rounds per case by default (``--passes``; the module docstring says why five).
+PASSES = 5
+
+
+async def _publish_all(broker: BrokerClient, messages: list[tuple[str, str, bytes]]) -> None:
+    """Publish ``(exchange, routing key, body)`` messages, :data:`IN_FLIGHT` at a time, confirmed."""
+    sem = asyncio.Semaphore(IN_FLIGHT)
+
+    async def pub(exchange: str, key: str, body: bytes) -> None:
+        async with sem:
+            await broker.publisher.publish(exchange, key, body)
+
+    await asyncio.gather(*(pub(*m) for m in messages))
+
+
 async def _plaintext(broker: BrokerClient,
                      bodies: list[bytes]) -> tuple[float, dict[str, float], dict[str, float], float]:
     """Updates/s of the same sizes through a consumer that only parses floats and sums them,
@@ -171,13 +188,7 @@ async def _plaintext(broker: BrokerClient,
     await q.consume(on)
     cpu = _CpuWindow(None)
     t0 = time.perf_counter()
-    sem = asyncio.Semaphore(16)
-
-    async def pub(body: bytes) -> None:
-        async with sem:
-            await broker.publisher.publish("", qname, body)
-
-    await asyncio.gather(*(pub(b) for b in bodies))
+    await _publish_all(broker, [("", qname, body) for body in bodies])
     await done.wait()
     rate = len(bodies) / (time.perf_counter() - t0)
     cores = cpu.cores()
@@ -206,12 +217,13 @@ async def _record_events(b: BrokerClient, keys: tuple[str, ...]) -> list[tuple[f
 async def _join_devices(coord: Coordinator, rpc, b: BrokerClient, settings: Settings, k: int) -> list[client.Device]:
     """``k`` devices enrolled with their own tokens and in session, 32 at a time."""
     sem = asyncio.Semaphore(32)
+    keys_message = encode(coord.keys_message)  # as each token file carries it
 
     async def join(i: int) -> client.Device:
         async with sem:
             token = coord.registry.create_token(f"bench{i}", 600)
             dev = await client.enroll(rpc, b.names, f"bench{i}", token, coord.identity.sig_fp,
-                                      keys_message=encode(coord.keys_message),  # as its token file carries it
+                                      keys_message=keys_message,
                                       sig_alg=settings.crypto.signature, kem_alg=settings.crypto.kem)
             await client.open_session(rpc, b.names, dev)
             return dev
@@ -235,13 +247,7 @@ async def _sealed_pass(b: BrokerClient, coord: Coordinator, events: list[tuple[f
         await asyncio.sleep(0.01)
     cpu = _CpuWindow(enclave_pid)
     t0 = time.perf_counter()
-    pub_sem = asyncio.Semaphore(16)
-
-    async def pub(key: str, body: bytes) -> None:
-        async with pub_sem:
-            await b.publisher.publish(b.names.updates_exchange, key, body)
-
-    await asyncio.gather(*(pub(key, body) for _, key, body in built))
+    await _publish_all(b, [(b.names.updates_exchange, key, body) for _, key, body in built])
     published = time.perf_counter() - t0
     ends = ("round.completed", "round.failed")
     while len(mine(("update.accepted",))) < k and not mine(ends):
@@ -264,7 +270,7 @@ def _mean_cores(windows: list[tuple[dict[str, float], float]]) -> tuple[dict[str
     return {n: round(sum(c[n] * sec for c, sec in windows) / total, 2) for n in sorted(names)}, total
 
 
-async def _one(base: Settings, d: int, k: int, passes: int = 5) -> dict:
+async def _one(base: Settings, d: int, k: int, passes: int) -> dict:
     """``passes`` sealed rounds of ``k`` updates, each between two plaintext passes of the same
     bodies (plaintext, sealed, plaintext, ..., plaintext): each sealed pass is compared with the
     mean of the plaintext passes either side of it, and the median of those ratios is reported,
@@ -437,7 +443,7 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
                     write_docs: bool = False, passes: int | None = None) -> dict:
     counts = {100_000: 100 if quick else 400, 1_000_000: 20 if quick else 150}
     cases = [(d, counts.get(d, 20 if quick else 100)) for d in sizes]
-    passes = passes or (1 if quick else 5)
+    passes = passes or (1 if quick else PASSES)
     results = []
     for d, k in cases:
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # the neighbours' load, stated
@@ -472,7 +478,7 @@ async def run_bench(base: Settings, quick: bool = False, sizes: tuple[int, ...] 
         f"{', '.join(map(str, r['plaintext_per_pass']))} (ratios {', '.join(map(str, r['ratios']))})" for r in results) + "."
     md += ("\n\nWhere the time goes, ms per update. Devices (before the window, one process): seal = KEM +\n"
            "AES-GCM, sign = ML-DSA. Window: the sealed window per update (first publish to last\n"
-           "acceptance); publish = the publisher's wall time per update, 16 in flight, until confirmed.\n"
+           f"acceptance); publish = the publisher's wall time per update, {IN_FLIGHT} in flight, until confirmed.\n"
            "Every figure is per update over all the sealed rounds. Enclave busy time per stage: verify =\n"
            "grant and device signature, decrypt = KEM + AES-GCM,\n"
            "decode = payload to delta, finiteness and norm (these in worker threads, concurrently);\n"
