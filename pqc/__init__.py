@@ -14,7 +14,7 @@ from pqc.kem import Kem
 from pqc.keys import fingerprint, load_private_key, save_private_key
 from pqc.policy import Policy
 from pqc.registry import get_kem, get_signature, kem_backends, sig_backends
-from pqc.seal import hkdf_sha256, open_sealed, seal
+from pqc.seal import hkdf_sha256, open_sealed, open_sealed_into, plaintext_size, seal
 from pqc.sig import Signature
 from pqc.stream import StreamOpener, StreamSealer, stream_opener, stream_sealer
 
@@ -36,6 +36,8 @@ __all__ = [
     "keys",
     "load_private_key",
     "open_sealed",
+    "open_sealed_into",
+    "plaintext_size",
     "save_private_key",
     "seal",
     "sig_backends",

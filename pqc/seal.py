@@ -47,6 +47,11 @@ _HPKE_KEM = {
     KemId.ML_KEM_1024: hpke.KEM.MLKEM1024,
     KemId.ML_KEM_768_X25519: hpke.KEM.MLKEM768_X25519,
 }
+#: The same KEMs' HPKE identifiers (draft-ietf-hpke-pq; X-Wing's from draft-connolly-cfrg-xwing-kem),
+#: for :func:`hpke_key_schedule`; with them HKDF-SHA256 (0x0001) and AES-256-GCM (0x0002).
+HPKE_KEM_ID = {KemId.ML_KEM_768: 0x0041, KemId.ML_KEM_1024: 0x0042, KemId.ML_KEM_768_X25519: 0x647A}
+HPKE_KDF_HKDF_SHA256 = 0x0001
+HPKE_AEAD_AES_256_GCM = 0x0002
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
@@ -57,17 +62,26 @@ def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
     here. An empty salt is HashLen zeros, as the RFC says (HMAC pads any key with zeros).
     tests/test_kem_handshake.py checks it against RFC 5869's test case and cryptography's.
     """
+    return _expand(_extract(salt, ikm), info, length)
+
+
+_ZERO_SALT = bytes(32)
+
+
+def _extract(salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract (RFC 5869 §2.2) with SHA-256; an empty salt is HashLen zeros."""
+    return _hmac.digest(salt or _ZERO_SALT, ikm, "sha256")
+
+
+def _expand(prk: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-Expand (RFC 5869 §2.3) with SHA-256."""
     if not 0 < length <= 255 * 32:
         raise ValueError(f"HKDF-SHA-256 cannot give {length} bytes")
-    prk = _hmac.digest(salt or _ZERO_SALT, ikm, "sha256")
     okm, block, i = b"", b"", 1
     while len(okm) < length:
         block = _hmac.digest(prk, block + info + bytes([i]), "sha256")
         okm, i = okm + block, i + 1
     return okm[:length]
-
-
-_ZERO_SALT = bytes(32)
 
 
 def header(alg: KemId) -> bytes:
@@ -127,6 +141,27 @@ def _hpke_keys(alg: KemId, kem: Kem, pk: bytes | None, sk: bytes | None) -> Any:
 
 def _suite(alg: KemId) -> hpke.Suite:
     return hpke.Suite(_HPKE_KEM[alg], hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+
+
+def hpke_key_schedule(kem_id: int, shared_secret: bytes, info: bytes, *, aead_id: int = HPKE_AEAD_AES_256_GCM,
+                      key_size: int = 32) -> tuple[bytes, bytes]:
+    """RFC 9180 §5.1 ``KeySchedule`` in base mode (no PSK) with HKDF-SHA256: (key, base_nonce).
+
+    Written out so an update can be opened into memory the caller owns
+    (:func:`open_sealed_into`); cryptography's HPKE API returns new bytes only. Checked
+    against RFC 9180 A.1.1 and, for every KEM here, against cryptography's HPKE
+    (tests/test_pqc_seal.py)."""
+    suite = b"HPKE" + kem_id.to_bytes(2, "big") + HPKE_KDF_HKDF_SHA256.to_bytes(2, "big") + aead_id.to_bytes(2, "big")
+
+    def labeled_extract(salt: bytes, label: bytes, ikm: bytes) -> bytes:
+        return _extract(salt, b"HPKE-v1" + suite + label + ikm)
+
+    def labeled_expand(prk: bytes, label: bytes, ctx: bytes, length: int) -> bytes:
+        return _expand(prk, length.to_bytes(2, "big") + b"HPKE-v1" + suite + label + ctx, length)
+
+    context = b"\x00" + labeled_extract(b"", b"psk_id_hash", b"") + labeled_extract(b"", b"info_hash", info)
+    secret = labeled_extract(shared_secret, b"secret", b"")
+    return labeled_expand(secret, b"key", context, key_size), labeled_expand(secret, b"base_nonce", context, 12)
 
 
 def _kem_key(ss: bytes, hdr: bytes, enc: bytes, aad: bytes | bytearray | memoryview) -> bytes:
@@ -197,3 +232,49 @@ def open_sealed(recipient_sk: bytes, sealed: bytes | bytearray | memoryview,
     except Exception:  # noqa: BLE001
         raise DecryptionError(f"sealed {alg.value} payload does not open") from None
     return bytes(out)
+
+
+def plaintext_size(sealed: bytes | bytearray | memoryview) -> int:
+    """How many bytes ``sealed`` opens to (what :func:`open_sealed_into` needs); DecryptionError
+    if it is malformed or too short to hold anything."""
+    alg, hlen = parse_header(sealed)
+    size = memoryview(sealed).nbytes - hlen - KEM_PARAMS[alg].ciphertext - TAG_SIZE
+    if size < 0:
+        raise DecryptionError(f"sealed {alg.value} payload is truncated")
+    return size
+
+
+def open_sealed_into(recipient_sk: bytes, sealed: bytes | bytearray | memoryview, out: bytearray | memoryview,
+                     aad: bytes | bytearray | memoryview = b"", policy: Policy | None = None) -> int:
+    """:func:`open_sealed` into ``out`` (writable, exactly :func:`plaintext_size` bytes), with no
+    allocation: the enclave opens each update straight into the aligned buffer its store
+    writes from (a 4 MB update: no zero-filled output, no copy into the write's buffer).
+    Returns the size. On DecryptionError ``out`` holds unauthenticated bytes: discard it."""
+    alg, hlen = parse_header(sealed)
+    (policy or Policy()).check_kem(alg)
+    if not isinstance(recipient_sk, (bytes, bytearray, memoryview)):
+        raise InvalidKey("secret key must be bytes")
+    sk = bytes(recipient_sk)
+    view = memoryview(sealed)
+    hdr = bytes(view[:hlen])
+    size = plaintext_size(view)
+    target = memoryview(out).cast("B")
+    if target.readonly or target.nbytes != size:
+        raise ValueError(f"out must be a writable buffer of {size} bytes, not {target.nbytes}")
+    enc_size = KEM_PARAMS[alg].ciphertext
+    enc = bytes(view[hlen: hlen + enc_size])
+    if alg in _HPKE_KEM:
+        kem = get_kem(alg, CRYPTOGRAPHY)
+        require_length(sk, kem.secret_key_size, f"{alg.value} secret key", InvalidKey)
+    else:
+        kem = _kem_for_secret_key(alg, sk)
+    try:
+        ss = kem.decapsulate(sk, enc)
+        if alg in _HPKE_KEM:  # single-shot Open (RFC 9180 §6.1): sequence 0, so the nonce is base_nonce
+            key, nonce = hpke_key_schedule(HPKE_KEM_ID[alg], ss, SEAL_LABEL + hdr + _aad_digest(aad))
+            AESGCM(key).decrypt_into(nonce, view[hlen + enc_size:], b"", target)
+        else:
+            AESGCM(_kem_key(ss, hdr, enc, aad)).decrypt_into(_NONCE, view[hlen + enc_size:], hdr, target)
+    except Exception:  # noqa: BLE001 - fail closed, whatever the cause
+        raise DecryptionError(f"sealed {alg.value} payload does not open") from None
+    return size
