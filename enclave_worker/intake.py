@@ -22,6 +22,7 @@ from common import compression, handshake
 from common.stages import Stages, timed
 from common.updates import signed_parts, update_aad
 from enclave_worker import staleness
+from enclave_worker.segments import AlignedBuffer, AlignedPool
 from enclave_worker.shards import check_shard
 from schemas import signing
 from schemas.codec import CodecError, decode
@@ -79,6 +80,9 @@ class IntakeContext:
     #: Sharded enclaves (docs/scaling.md): this shard's index of ``shards``; only its devices pass.
     shard: int = 0
     shards: int = 1
+    #: Where a one-message float32 delta is opened into (the store's aligned buffers, written
+    #: to disk from with no copy); None: into new memory.
+    buffers: AlignedPool | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,13 @@ class Opened:
     header: UpdateHeader
     delta: np.ndarray
     norm: float  # L2 norm, computed here (in the worker thread) so the close need not reread
+    #: The pool buffer ``delta`` lives in: the store writes from it and releases it; a caller that
+    #: refuses the update releases it instead (forgetting it only costs a reuse).
+    buffer: AlignedBuffer | None = None
+
+    def release(self) -> None:
+        if self.buffer is not None:
+            self.buffer.release()
 
 
 @functools.lru_cache(maxsize=65536)
@@ -212,16 +223,43 @@ def check_and_open(update: Update, header: UpdateHeader, routed_device: str | No
                                signing.context_for(Update.TYPE))
     if header.chunks != 1:
         raise QflareError(Reason.CHUNK_SEQUENCE, f"a one-message update declares {header.chunks} chunks")
+    if header.encoding == "f32" and ctx.buffers is not None and _sealed_size(update.sealed) == 4 * ctx.n_params:
+        return _open_in_place(update, header, ctx, stages)
     with timed(stages, "decrypt"):
         try:
             payload = pqc.open_sealed(ctx.kem_sk, update.sealed, update_aad(update.header), policy=ctx.policy)
         except pqc.errors.QflareCryptoError as exc:
             raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
     with timed(stages, "decode"):
-        if header.encoding == "f32":  # the common case: the plaintext is the vector, no copy
+        if header.encoding == "f32":  # the plaintext is the vector, no copy
             if len(payload) != 4 * ctx.n_params:
                 raise QflareError(Reason.LAYOUT_MISMATCH, f"{len(payload)} bytes for {ctx.n_params} parameters")
             return opened(header, np.frombuffer(payload, dtype="<f4"))
         delta = np.zeros(ctx.n_params, dtype=np.float32)
         decode_payload(delta, header, 0, payload)
         return opened(header, delta)
+
+
+def _sealed_size(sealed: bytes | memoryview) -> int | None:
+    try:
+        return pqc.plaintext_size(sealed)
+    except pqc.errors.QflareCryptoError:
+        return None  # the usual path says why
+
+
+def _open_in_place(update: Update, header: UpdateHeader, ctx: IntakeContext, stages: Stages | None) -> Opened:
+    """The common case: a float32 delta of the right size, opened straight into one of the
+    store's aligned buffers (no zero-filled output, and the store writes from it uncopied)."""
+    assert ctx.buffers is not None
+    buf = ctx.buffers.take(4 * ctx.n_params)
+    try:
+        with timed(stages, "decrypt"):
+            try:
+                pqc.open_sealed_into(ctx.kem_sk, update.sealed, buf.view, update_aad(update.header), policy=ctx.policy)
+            except pqc.errors.QflareCryptoError as exc:
+                raise QflareError(Reason.DECRYPTION_FAILED, type(exc).__name__) from None
+        with timed(stages, "decode"):
+            return dataclasses.replace(opened(header, np.frombuffer(buf.view, dtype="<f4")), buffer=buf)
+    except BaseException:
+        buf.release()
+        raise

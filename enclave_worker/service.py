@@ -584,7 +584,7 @@ class Enclave:
             now=time.time(), base_version=self.version if self._max_staleness(self.round) is None else None,
             opened_at=self._round_opened_at, skew=self.settings.crypto.freshness_seconds, key_epochs=self.key_epochs,
             report_digests=self.report_digests, version=self.version, max_staleness=self._max_staleness(self.round),
-            grant_keys=dict(self.grant_keys), shard=self.shard, shards=self.shards)
+            grant_keys=dict(self.grant_keys), shard=self.shard, shards=self.shards, buffers=self.store.buffers)
 
     def _max_staleness(self, spec: RoundSpec | None) -> int | None:
         """The staleness bound of an async round (None: a sync round, or none open)."""
@@ -676,13 +676,14 @@ class Enclave:
                 elif header.device_id in self.senders(header.round_id):
                     raise QflareError(Reason.REPLAY, f"device {header.device_id} already sent an update this round")
             except QflareError as err:
+                opened.release()
                 return await self._reject(raw, header, routed, err)
             self.store.begin()
             # the row and the write's place (the store's writer threads write the bytes; the
             # batch's commit waits for them), off the event loop; the lock orders the store
             await asyncio.to_thread(self._timed, "index", self.store.add_update, header.round_id, header.update_id,
                                     header.device_id, header.num_samples, opened.delta, opened.norm,
-                                    header.base_version)
+                                    header.base_version, opened.buffer)
             self.senders(header.round_id).add(header.device_id)
             metrics.UPDATES.labels("accepted").inc()
             event = {"type_": "update.accepted", "device_id": header.device_id, "round_id": header.round_id,

@@ -26,7 +26,7 @@ import numpy as np
 
 from common.stages import Stages, timed
 from common.state import private_dir, private_file
-from enclave_worker.segments import Segment, Staging
+from enclave_worker.segments import AlignedBuffer, AlignedPool, Segment, Staging
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -80,6 +80,8 @@ class EnclaveStore:
         self.lock = threading.RLock()
         self._segments: dict[int, Segment] = {}  # round id -> open segment
         self._staging = Staging()  # the aligned buffer direct writes go through
+        #: Aligned buffers a delta can be opened into and written from with no copy (:meth:`add_update`).
+        self.buffers = AlignedPool()
         self._writer = ThreadPoolExecutor(WRITERS, thread_name_prefix="qflare-segment-writer")
         self._writes: list[Future] = []  # of the open batch
         #: Counts the segment writes' time as ``store`` when set (the enclave's stages).
@@ -94,6 +96,7 @@ class EnclaveStore:
             seg.close()
         self._segments.clear()
         self._staging.close()
+        self.buffers.close()
         self.db.close()
 
     def _segment_path(self, round_id: int) -> Path:
@@ -133,6 +136,13 @@ class EnclaveStore:
     def _write(self, seg: Segment, data: memoryview, offset: int) -> None:
         with timed(self.stages, "store"):
             seg.write(data, offset)
+
+    def _write_aligned(self, seg: Segment, buf: AlignedBuffer, offset: int) -> None:
+        try:
+            with timed(self.stages, "store"):
+                seg.write_aligned(buf, offset)
+        finally:
+            buf.release()
 
     # rounds
     def open_round(self, round_id: int, spec: bytes) -> bool:
@@ -197,15 +207,19 @@ class EnclaveStore:
         return self.db.execute("SELECT 1 FROM updates WHERE update_id=?", (update_id,)).fetchone() is not None
 
     def add_update(self, round_id: int, update_id: str, device_id: str, num_samples: int, delta: np.ndarray,
-                   norm: float | None = None, base_version: int = 0) -> bool:
+                   norm: float | None = None, base_version: int = 0, aligned: AlignedBuffer | None = None) -> bool:
         """Index the delta and queue its write to the round's segment; durable at :meth:`commit`.
 
         The row is always written inside a transaction, so it never becomes durable before
         the bytes it points to. Outside a batch this commits at once. False if the id was
         already stored. ``delta`` must not change until the commit (the enclave never reuses it).
+        ``aligned``: the buffer ``delta`` lives in (from :attr:`buffers`), written from directly
+        and released once written (or at once, if nothing is written).
         """
         with self.lock:
             if self.has_update(update_id):
+                if aligned is not None:
+                    aligned.release()
                 return False
             data = memoryview(np.ascontiguousarray(delta, dtype="<f4")).cast("B")
             seg = self._segment(round_id)
@@ -219,7 +233,10 @@ class EnclaveStore:
                             "at, base_version) VALUES (?,?,?,?,?,?,?,?,?)",
                             (update_id, round_id, device_id, num_samples, offset, data.nbytes, norm, time.time(),
                              base_version))
-            self._writes.append(self._writer.submit(self._write, seg, data, offset))
+            if aligned is not None and aligned.nbytes == data.nbytes:  # the writer releases it
+                self._writes.append(self._writer.submit(self._write_aligned, seg, aligned, offset))
+            else:
+                self._writes.append(self._writer.submit(self._write, seg, data, offset))
             if not in_batch:
                 self.commit()
             return True

@@ -232,6 +232,39 @@ def test_ciphertext_changed_under_a_kept_tag_does_not_open(world):
         == Reason.DECRYPTION_FAILED
 
 
+def test_an_update_opened_in_place_equals_one_opened_into_new_memory(world):
+    """The enclave opens a float32 update into a pool buffer (written to disk uncopied): the
+    same delta and norm as the copying path; a tampered, NaN or wrong-sized one is refused
+    for the same reason and its buffer goes back to the pool."""
+    from enclave_worker.segments import AlignedPool
+    from schemas.messages import Update
+
+    pool = AlignedPool()
+    plain = intake.IntakeContext(**{**world.context().__dict__, "n_params": 1000})
+    pooled = intake.IntakeContext(**{**plain.__dict__, "buffers": pool})
+
+    def built(vec: np.ndarray) -> Update:
+        _, _, bodies = updates.build_parts(world.device, 1, 0, "L1", compression.encode(vec, "f32", 1 << 20), 10)
+        return decode(bodies[0], Update)
+
+    u = built(delta()[:1000])
+    a = intake.check_and_open(u, intake.read_header(u), "cam-1", plain, False)
+    b = intake.check_and_open(u, intake.read_header(u), "cam-1", pooled, False)
+    assert a.buffer is None and b.buffer is not None and not pool._free
+    assert np.array_equal(a.delta, b.delta) and a.norm == b.norm
+    b.release()
+    assert len(pool._free) == 1
+    mid = bytearray(u.sealed)
+    mid[len(mid) // 2] ^= 1
+    nan = delta()[:1000].copy()
+    nan[7] = np.nan
+    for bad, why in ((u.model_copy(update={"sealed": bytes(mid)}), Reason.DECRYPTION_FAILED),
+                     (built(nan), Reason.NON_FINITE), (built(delta()[:999]), Reason.LAYOUT_MISMATCH)):
+        assert reason(lambda: intake.check_and_open(bad, intake.read_header(bad), "cam-1", pooled, False)) == why
+        assert reason(lambda: intake.check_and_open(bad, intake.read_header(bad), "cam-1", plain, False)) == why
+        assert len(pool._free) == 1  # taken and given back (none is taken for the wrong size)
+
+
 def test_chunked_update_under_another_devices_routing_key_is_rejected(world):
     c = world.build(delta())
     assert reason(lambda: world.reassemble(c, routed="cam-9")) == Reason.DEVICE_MISMATCH

@@ -107,6 +107,84 @@ def test_a_failed_write_fails_its_batch_and_nothing_of_it_is_indexed(tmp_path, m
     store.close()
 
 
+def _add_aligned(store: EnclaveStore, uid: str, v: np.ndarray) -> bool:
+    """``v`` added as the enclave adds an opened update: from a pool buffer, written uncopied."""
+    buf = store.buffers.take(v.nbytes)
+    np.frombuffer(buf.view, dtype="<f4")[:] = v
+    return store.add_update(1, uid, "d" + uid, 1, np.frombuffer(buf.view, dtype="<f4"), aligned=buf)
+
+
+def test_deltas_from_pool_buffers_read_back_with_zeroed_padding_and_the_buffers_come_back(tmp_path):
+    store = EnclaveStore(tmp_path / "enclave")
+    store.open_round(1, b"spec")
+    store.begin()
+    stale = store.buffers.take(BIG * 4)
+    stale.view[:] = b"\xff" * (BIG * 4)  # a buffer's last use leaves its bytes behind
+    big = stale._buf
+    stale.release()
+    again = store.buffers.take(BIG * 4 - 7 * 4)  # the same padded size: the same buffer, not a new one
+    assert again._buf is big
+    again.release()
+    vecs = {f"a{i}": _vec(n, 10 + i) for i, n in enumerate([BIG, SMALL, BIG, BIG - 7])}
+    for uid, v in vecs.items():
+        assert _add_aligned(store, uid, v)
+    store.commit()
+    path = tmp_path / "enclave" / "rounds" / "1.f32"
+    raw = path.read_bytes()
+    for u in store.round_updates(1):
+        assert u.offset % ALIGN == 0 and np.array_equal(store.load_delta(u), vecs[u.update_id])
+        end = u.offset + u.length
+        assert raw[end:segments.padded(end)] == bytes(segments.padded(end) - end)  # nothing stale written
+    assert any(b is big for b in store.buffers._free)  # reused, and back after its write
+    store.close()
+
+
+def test_a_duplicate_from_a_pool_buffer_gives_it_back_unwritten(tmp_path):
+    store = EnclaveStore(tmp_path / "enclave")
+    store.open_round(1, b"spec")
+    assert _add_aligned(store, "u", _vec(BIG, 1))
+    free = len(store.buffers._free)
+    assert not _add_aligned(store, "u", _vec(BIG, 2))
+    assert len(store.buffers._free) == free
+    assert np.array_equal(store.load_delta(store.round_updates(1)[0]), _vec(BIG, 1))
+    store.close()
+
+
+def test_pool_buffers_fall_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch):
+    real = os.pwrite
+
+    def refusing(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(segments.os, "pwrite", refusing)
+    store = EnclaveStore(tmp_path / "enclave")
+    store.open_round(1, b"spec")
+    vecs = [_vec(BIG, 3), _vec(BIG, 4)]
+    for i, v in enumerate(vecs):
+        _add_aligned(store, f"u{i}", v)
+    assert not store._segments[1].direct_ok
+    for u, v in zip(store.round_updates(1), vecs, strict=True):
+        assert np.array_equal(store.load_delta(u), v)
+    store.close()
+
+
+def test_the_pool_keeps_at_most_its_bytes_and_a_buffer_is_released_once():
+    pool = segments.AlignedPool(keep_bytes=3 * ALIGN)
+    bufs = [pool.take(ALIGN) for _ in range(5)]
+    assert len({id(b._buf) for b in bufs}) == 5
+    bufs[0].release()
+    bufs[0].release()  # a second release is a no-op: never two owners of one buffer
+    assert len(pool._free) == 1
+    for b in bufs[1:]:
+        b.release()
+    assert len(pool._free) == 3
+    a, b = pool.take(ALIGN), pool.take(ALIGN)
+    assert a._buf is not b._buf
+    pool.close()
+
+
 def _write_then_die(directory, sizes, pipe) -> None:
     store = EnclaveStore(directory)
     _fill(store, sizes)  # committed: segment fsynced, then the rows
