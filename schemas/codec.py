@@ -7,12 +7,14 @@ oversize, trailing bytes, malformed msgpack, unknown version or type, invalid fi
 
 from __future__ import annotations
 
+import functools
+import struct
 from typing import TypeVar
 
 import msgpack
 from pydantic import ValidationError
 
-from schemas.messages import BY_TYPE, Message
+from schemas.messages import BY_TYPE, Message, keep_view
 from schemas.reasons import QflareError, Reason
 
 WIRE_VERSION = 1
@@ -48,6 +50,9 @@ def decode(
     """Decode one message, checking size, framing, version, type and every field."""
     if len(data) > max_bytes:
         raise CodecError(Reason.OVERSIZE, f"{len(data)} bytes > limit {max_bytes}")
+    env = _large_envelope(data) if len(data) >= VIEW_MIN_BYTES and isinstance(data, bytes) else None
+    if env is not None:
+        return _validated(env, expected)
     try:
         env = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True,
@@ -57,6 +62,10 @@ def decode(
         raise CodecError(Reason.TRAILING_BYTES, "bytes after the message") from None
     except Exception as exc:  # noqa: BLE001 - any unpack failure is malformed input
         raise CodecError(Reason.MALFORMED, f"not msgpack: {type(exc).__name__}") from None
+    return _validated(env, expected)
+
+
+def _validated(env: object, expected: type[M] | tuple[type[Message], ...] | None) -> M:
     if not isinstance(env, dict) or set(env) != {"v", "t", "b"}:
         raise CodecError(Reason.MALFORMED, "not a qflare envelope")
     if env["v"] != WIRE_VERSION:
@@ -85,3 +94,127 @@ def peek_type(data: bytes) -> str | None:
         return env.get("t") if isinstance(env, dict) else None
     except Exception:  # noqa: BLE001
         return None
+
+
+#: Messages at least this large may be decoded by :func:`_large_envelope`.
+VIEW_MIN_BYTES = 256 * 1024
+
+
+@functools.cache
+def _view_fields(cls: type[Message]) -> frozenset[str]:
+    """The fields of ``cls`` that take a view of the body (``Payload``), none for most messages."""
+    return frozenset(name for name, f in cls.model_fields.items()
+                     if any(getattr(m, "func", None) is keep_view for m in f.metadata))
+
+
+_Fail = object()  # anything unexpected: msgpack decodes the message instead, and says what is wrong
+
+
+def _large_envelope(data: bytes) -> dict | None:
+    """The envelope of a large update with its ``Payload`` fields as views of ``data``, not copies.
+
+    msgpack copies every bin into new bytes: 4 MB per update, on the enclave's event loop,
+    before it is even checked. This reads only the one shape such messages have (a map of
+    ``v``, ``t`` and a body map of scalars) and answers None for anything else, or anything
+    wrong (truncated, trailing bytes, bad UTF-8, over a limit), so that msgpack decodes it and
+    the error, if any, is exactly msgpack's. tests/test_codec.py checks both agree.
+    """
+    view = memoryview(data)
+    pos, n = 0, len(data)
+
+    def header(fix: range, codes: dict[int, str]) -> int | None:
+        """The length in the header at ``pos`` (a fix* code in ``fix``, or one of ``codes``)."""
+        nonlocal pos
+        if pos >= n:
+            return None
+        b = data[pos]
+        if b in fix:
+            pos += 1
+            return b - fix.start
+        fmt = codes.get(b)
+        if fmt is None:
+            return None
+        size = struct.calcsize(fmt)
+        if pos + 1 + size > n:
+            return None
+        (length,) = struct.unpack_from(fmt, data, pos + 1)
+        pos += 1 + size
+        return length
+
+    def scalar(as_view: bool) -> object:
+        nonlocal pos
+        if pos >= n:
+            return _Fail
+        b = data[pos]
+        if b <= 0x7F:
+            pos += 1
+            return b
+        if b >= 0xE0:
+            pos += 1
+            return b - 0x100
+        if b == 0xC0:
+            pos += 1
+            return None
+        if b in (0xC2, 0xC3):
+            pos += 1
+            return b == 0xC3
+        if 0xA0 <= b <= 0xBF or b in (0xD9, 0xDA, 0xDB):
+            length = header(range(0xA0, 0xC0), {0xD9: ">B", 0xDA: ">H", 0xDB: ">I"})
+            if length is None or pos + length > n:
+                return _Fail
+            try:
+                text = data[pos:pos + length].decode("utf-8")
+            except UnicodeDecodeError:
+                return _Fail
+            pos += length
+            return text
+        if b in (0xC4, 0xC5, 0xC6):
+            length = header(range(0), {0xC4: ">B", 0xC5: ">H", 0xC6: ">I"})
+            if length is None or pos + length > n:
+                return _Fail
+            value = view[pos:pos + length] if as_view else data[pos:pos + length]
+            pos += length
+            return value
+        fmt = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
+               0xCA: ">f", 0xCB: ">d"}.get(b)
+        if fmt is None or pos + 1 + struct.calcsize(fmt) > n:
+            return _Fail  # containers, ext types: not this shape
+        (value,) = struct.unpack_from(fmt, data, pos + 1)
+        pos += 1 + struct.calcsize(fmt)
+        return value
+
+    map_codes = {0xDE: ">H", 0xDF: ">I"}
+    if header(range(0x80, 0x90), map_codes) != 3:
+        return None
+    env: dict = {}
+    cls: type[Message] | None = None
+    for _ in range(3):
+        key = scalar(False)
+        if key == "b":
+            if cls is None:
+                return None  # "t" first, as encode() writes it
+            count = header(range(0x80, 0x90), map_codes)
+            if count is None or count > 10_000:
+                return None
+            fields, body = _view_fields(cls), {}
+            for _ in range(count):
+                name = scalar(False)
+                if not isinstance(name, str):
+                    return None
+                value = scalar(name in fields)
+                if value is _Fail:
+                    return None
+                body[name] = value
+            env["b"] = body
+        elif key in ("v", "t"):
+            value = scalar(False)
+            if value is _Fail:
+                return None
+            env[key] = value
+            if key == "t":
+                cls = BY_TYPE.get(value) if isinstance(value, str) else None
+                if cls is None or not _view_fields(cls):
+                    return None
+        else:
+            return None
+    return env if pos == n and len(env) == 3 else None

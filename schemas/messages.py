@@ -10,13 +10,32 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WrapSerializer, WrapValidator
 
 DeviceId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
 AlgName = Annotated[str, Field(min_length=1, max_length=64)]
 Nonce = Annotated[bytes, Field(min_length=16, max_length=64)]
 Key = Annotated[bytes, Field(min_length=1, max_length=65_536)]
-Blob = Annotated[bytes, Field(max_length=256 * 1024 * 1024)]
+BLOB_MAX = 256 * 1024 * 1024
+Blob = Annotated[bytes, Field(max_length=BLOB_MAX)]
+
+
+def keep_view(value: object, handler):
+    """A read-only byte view passes as it is, bounded like bytes: the codec decodes a large
+    update's payload as a view of the received body instead of a 4 MB copy (schemas/codec.py)."""
+    if isinstance(value, memoryview):
+        if not value.readonly or value.ndim != 1 or value.itemsize != 1 or value.nbytes > BLOB_MAX:
+            raise ValueError(f"a payload view must be read-only bytes of at most {BLOB_MAX}")
+        return value
+    return handler(value)
+
+
+def _dump_view(value: object, handler):
+    return handler(value.tobytes() if isinstance(value, memoryview) else value)
+
+
+#: A large payload: bytes, or a view of the message it arrived in (:func:`keep_view`).
+Payload = Annotated[bytes, Field(max_length=BLOB_MAX), WrapValidator(keep_view), WrapSerializer(_dump_view)]
 Fingerprint = Annotated[str, Field(min_length=8, max_length=128)]
 #: An encoded message carried inside another (a signed grant, report, claim): far above
 #: any real one (~10 KiB), far below the broker's message limit.
@@ -701,7 +720,7 @@ class Update(Message):
 
     TYPE: ClassVar[str] = "update"
     header: Encoded
-    sealed: Blob
+    sealed: Payload
     sig_alg: AlgName
     signature: Key
 
@@ -719,7 +738,7 @@ class UpdateChunk(Message):
     count: Annotated[int, Field(ge=2, le=MAX_CHUNKS)]
     header: Encoded | None = None
     enc: Key | None = None
-    sealed: Blob
+    sealed: Payload
     sig_alg: AlgName | None = None
     signature: Key | None = None
 

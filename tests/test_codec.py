@@ -155,3 +155,60 @@ def test_encode_fields_gives_the_bytes_encode_gives(digest):
     mac = {"body": body, "key_id": b"i" * 16, "tag": b"g" * 32}
     assert encode_fields(GrantMac, mac) == encode(GrantMac(**mac))
     assert list(mac) == list(GrantMac.model_fields)
+
+
+# --- large updates: payload views instead of copies ---------------------------------------
+
+def _plain(x):
+    """``x`` with every view as bytes (what msgpack gives)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x.tobytes() if isinstance(x, memoryview) else x
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False),
+                     st.text(max_size=40), st.binary(max_size=300))
+_bodies = st.dictionaries(st.sampled_from(["sealed", "header", "update_id", "index", "x", ""]), _scalars, max_size=6)
+
+
+@hsettings(max_examples=400, deadline=None)
+@given(t=st.sampled_from(["update", "update.chunk", "ping", "nope"]), v=_scalars, body=_bodies,
+       cut=st.integers(0, 400), flip=st.integers(0, 400), extra=st.binary(max_size=3))
+def test_the_view_decoder_agrees_with_msgpack_or_leaves_it_to_msgpack(t, v, body, cut, flip, extra):
+    """Whatever the bytes (well formed, truncated, a bit flipped, trailing junk), the view
+    decoder either gives exactly what msgpack gives, or nothing (msgpack then decodes it)."""
+    from schemas.codec import _large_envelope
+
+    good = msgpack.packb({"v": v, "t": t, "b": body}, use_bin_type=True)
+    flipped = bytearray(good)
+    flipped[flip % len(good)] ^= 1 << (flip % 8)
+    for data in (good, good[:cut], bytes(flipped), good + extra):
+        fast = _large_envelope(data)
+        if fast is None:
+            continue
+        assert _plain(fast) == msgpack.unpackb(data, raw=False, strict_map_key=True)
+    if t in ("update", "update.chunk"):
+        assert _large_envelope(good) is not None
+        assert _plain(_large_envelope(good)) == {"v": v, "t": t, "b": body}
+
+
+def test_a_large_update_decodes_to_a_view_of_the_body_and_equals_its_message():
+    import os
+
+    from schemas.messages import Update, UpdateChunk
+
+    u = Update(header=b"h" * 300, sealed=os.urandom(1 << 20), sig_alg="ML-DSA-65", signature=b"s" * 3309)
+    body = encode(u)
+    got = decode(body, Update)
+    assert isinstance(got.sealed, memoryview) and got.sealed.obj is body  # no copy
+    assert isinstance(got.header, bytes) and got == u and encode(got) == body
+    chunk = UpdateChunk(update_id="u" * 16, index=1, count=3, sealed=os.urandom(1 << 19))
+    assert isinstance(decode(encode(chunk)).sealed, memoryview) and decode(encode(chunk)) == chunk
+    small = encode(u.model_copy(update={"sealed": b"tiny"}))
+    assert isinstance(decode(small, Update).sealed, bytes)
+    with pytest.raises(CodecError) as err:  # errors are msgpack's, as before
+        decode(body[:-1], Update)
+    assert err.value.reason == Reason.MALFORMED
+    with pytest.raises(CodecError) as err:
+        decode(body + b"\x00", Update)
+    assert err.value.reason == Reason.TRAILING_BYTES
