@@ -621,17 +621,26 @@ class Enclave:
         header = None
         try:
             header = intake.read_header(update)
-            seen = self.store.has_update(header.update_id)
-            if seen and raw.redelivered:  # a redelivery counts once: ack it with the batch
-                async with self.lock:
-                    self._pending.append((raw, None))
-                    return await self._schedule_flush()
-            opened = await asyncio.to_thread(intake.check_and_open, update, header, routed, self._context(), seen,
-                                             self.stages)
+            opened = await asyncio.to_thread(self._check_and_open, update, header, routed, self._context(),
+                                             raw.redelivered)
         except QflareError as err:
             async with self.lock:
                 return await self._reject(raw, header, routed, err)
+        if opened is None:  # a redelivery counts once: ack it with the batch
+            async with self.lock:
+                self._pending.append((raw, None))
+                return await self._schedule_flush()
         return await self._store_opened([raw], header, routed, opened)
+
+    def _check_and_open(self, update: Update, header, routed: str | None, ctx: intake.IntakeContext,
+                        redelivered: bool) -> intake.Opened | None:
+        """:func:`intake.check_and_open` in a worker thread, None for a redelivery of a stored
+        update. The replay lookup is made here too: on the event loop it waited for the
+        SQLite connection whenever a batch's commit held it (up to 14 ms, 0.5 ms per update)."""
+        seen = self.store.has_update(header.update_id)
+        if seen and redelivered:
+            return None
+        return intake.check_and_open(update, header, routed, ctx, seen, self.stages)
 
     async def _accept_chunked(self, held: list, header, routed: str | None, opened: intake.Opened) -> object:
         return await self._store_opened(held, header, routed, opened)
