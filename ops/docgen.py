@@ -23,13 +23,19 @@ def _type_name(annotation: object) -> str:
     return text.replace("NoneType", "None")
 
 
+def _constraint(meta: object) -> str:
+    """A field's bound as the table shows it; validators and serializers (functions, e.g. the
+    payload view of schemas.messages.Payload) say nothing about the wire and are left out."""
+    return "" if callable(getattr(meta, "func", None)) else str(meta)
+
+
 def render() -> str:
     out = [BEGIN, "", "### Messages", ""]
     for cls in ALL_MESSAGES:
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         out += [f"#### `{cls.TYPE}` ({cls.__name__})", "", doc, "", "| field | type | required |", "|---|---|---|"]
         for name, field in cls.model_fields.items():
-            meta = " ".join(str(m) for m in field.metadata)
+            meta = " ".join(_constraint(m) for m in field.metadata if _constraint(m))
             out.append(f"| `{name}` | `{_type_name(field.annotation)}` {meta} | "
                        f"{'yes' if field.is_required() else 'no (default ' + repr(field.default) + ')'} |")
         out.append("")
