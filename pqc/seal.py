@@ -200,16 +200,22 @@ def _kem_for_secret_key(alg: KemId, sk: bytes) -> Kem:
     raise InvalidKey(f"{alg.value} secret key must be {' or '.join(map(str, sizes))} bytes, got {len(sk)}")
 
 
-def open_sealed(recipient_sk: bytes, sealed: bytes | bytearray | memoryview,
-                aad: bytes | bytearray | memoryview = b"", policy: Policy | None = None) -> bytes:
-    """The plaintext of ``sealed``; DecryptionError on any tampering, PolicyError if refused."""
+def _opening(recipient_sk: bytes, sealed: bytes | bytearray | memoryview,
+             policy: Policy | None) -> tuple[KemId, int, bytes, memoryview, bytes]:
+    """What both open paths check first: the header, the policy (before any decryption) and
+    the key's type; then (alg, header length, key, view of the blob, header)."""
     alg, hlen = parse_header(sealed)
     (policy or Policy()).check_kem(alg)
     if not isinstance(recipient_sk, (bytes, bytearray, memoryview)):
         raise InvalidKey("secret key must be bytes")
-    sk = bytes(recipient_sk)
     view = memoryview(sealed)
-    hdr = bytes(view[:hlen])
+    return alg, hlen, bytes(recipient_sk), view, bytes(view[:hlen])
+
+
+def open_sealed(recipient_sk: bytes, sealed: bytes | bytearray | memoryview,
+                aad: bytes | bytearray | memoryview = b"", policy: Policy | None = None) -> bytes:
+    """The plaintext of ``sealed``; DecryptionError on any tampering, PolicyError if refused."""
+    alg, hlen, sk, view, hdr = _opening(recipient_sk, sealed, policy)
     enc_size = KEM_PARAMS[alg].ciphertext
     if view.nbytes < hlen + enc_size + TAG_SIZE:
         raise DecryptionError(f"sealed {alg.value} payload is truncated")
@@ -250,13 +256,7 @@ def open_sealed_into(recipient_sk: bytes, sealed: bytes | bytearray | memoryview
     allocation: the enclave opens each update straight into the aligned buffer its store
     writes from (a 4 MB update: no zero-filled output, no copy into the write's buffer).
     Returns the size. On DecryptionError ``out`` holds unauthenticated bytes: discard it."""
-    alg, hlen = parse_header(sealed)
-    (policy or Policy()).check_kem(alg)
-    if not isinstance(recipient_sk, (bytes, bytearray, memoryview)):
-        raise InvalidKey("secret key must be bytes")
-    sk = bytes(recipient_sk)
-    view = memoryview(sealed)
-    hdr = bytes(view[:hlen])
+    alg, hlen, sk, view, hdr = _opening(recipient_sk, sealed, policy)
     size = plaintext_size(view)
     target = memoryview(out).cast("B")
     if target.readonly or target.nbytes != size:
