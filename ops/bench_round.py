@@ -85,18 +85,20 @@ def _enclave_process(dump: dict, d: int, stop, out) -> None:
 
 async def _teardown(stop, children: list, broker: BrokerClient | None, coord: Coordinator, root: Path,
                     join_seconds: float = 30) -> None:
-    """The end of an enclave benchmark: its enclave processes stopped (killed if they hang), the
-    namespace's topology deleted, the coordinator stopped and the state directory removed."""
+    """The end of an enclave benchmark: its enclave processes and the coordinator stopped (the
+    enclaves killed if they hang), then the namespace's topology deleted and the state directory
+    removed. In that order: a coordinator still running redeclared its two queues as they were
+    deleted, and every run left them on the broker."""
     stop.set()
     for child in children:
         child.join(join_seconds)
         if child.is_alive():
             child.kill()
+    await coord.stop()
     if broker is not None:
         ch = await broker.connection.channel()
         await delete_topology(ch, broker.names)
         await broker.close()
-    await coord.stop()
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -123,10 +123,21 @@ def test_json_output_is_only_json(sh):
         json.loads(res.stdout)  # nothing before or after the document
 
 
-def test_bench_round_json_prints_only_json_and_leaves_the_docs_alone(sh):
+def _bench_queues(amqp_url: str) -> set[str]:
+    """Queue names of benchmark namespaces on the broker (over its management API)."""
+    from broker.queues import management_api
+    from common.settings import load_settings
+
+    rows = management_api(load_settings(amqp_url=amqp_url)).request("GET", "/api/queues/%2F?columns=name") or []
+    return {q["name"] for q in rows if q.get("name", "").startswith("bench-")}
+
+
+def test_bench_round_json_prints_only_json_and_leaves_the_docs_alone(sh, amqp_url):
+    """... and leaves nothing on the broker: its coordinator used to redeclare its two queues
+    while the topology was deleted, two queues more per case and run."""
     from common.report import DOC
 
-    before = DOC.read_text()
+    before, queues = DOC.read_text(), _bench_queues(amqp_url)
     res = sh.run("bench", "round", "--quick", "--passes", "2", "--json")
     out = json.loads(res.stdout)
     assert {"cases"} <= set(out) and out["cases"]
@@ -139,6 +150,8 @@ def test_bench_round_json_prints_only_json_and_leaves_the_docs_alone(sh):
         assert case["cpu_bound_ratio"] == pytest.approx(want, abs=0.002)
         assert f"allows a ratio of {case['cpu_bound_ratio']}" in case["bound"]
     assert DOC.read_text() == before, "bench rewrote docs/benchmarks.md without --write-docs"
+    left = _bench_queues(amqp_url) - queues
+    assert not left, f"left on the broker: {sorted(left)}"
 
 
 def test_services_log_one_json_line_at_start_with_namespace_fingerprints_and_port(sh):
