@@ -31,7 +31,8 @@ async def aget(port: int, path: str) -> tuple[int, str]:
     return await asyncio.to_thread(get, port, path)
 
 
-async def test_coordinator_health_readiness_and_metrics_paths(settings):
+async def test_coordinator_health_readiness_and_metrics_paths(settings, broker):
+    # (``broker`` deletes the namespace's topology afterwards: the coordinator declared it)
     async with coordinator(settings) as coord:
         http = await health.serve("coordinator", coord.readiness_checks(), metrics.COORDINATOR, "127.0.0.1", 0,
                                   "coordinator.http_port")
