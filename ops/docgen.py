@@ -35,7 +35,7 @@ def render() -> str:
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         out += [f"#### `{cls.TYPE}` ({cls.__name__})", "", doc, "", "| field | type | required |", "|---|---|---|"]
         for name, field in cls.model_fields.items():
-            meta = " ".join(_constraint(m) for m in field.metadata if _constraint(m))
+            meta = " ".join(filter(None, map(_constraint, field.metadata)))
             out.append(f"| `{name}` | `{_type_name(field.annotation)}` {meta} | "
                        f"{'yes' if field.is_required() else 'no (default ' + repr(field.default) + ')'} |")
         out.append("")

@@ -227,16 +227,8 @@ def open_sealed(recipient_sk: bytes, sealed: bytes | bytearray | memoryview,
             return _suite(alg).decrypt(view[hlen:], key, SEAL_LABEL + hdr + _aad_digest(aad))
         except Exception:  # noqa: BLE001 - fail closed, whatever the cause
             raise DecryptionError(f"sealed {alg.value} payload does not open") from None
-    kem = _kem_for_secret_key(alg, sk)
-    enc = bytes(view[hlen: hlen + enc_size])
-    try:
-        ss = kem.decapsulate(sk, enc)
-        aead = AESGCM(_kem_key(ss, hdr, enc, aad))
-        body = view[hlen + enc_size:]
-        out = bytearray(body.nbytes - TAG_SIZE)
-        aead.decrypt_into(_NONCE, body, hdr, out)
-    except Exception:  # noqa: BLE001
-        raise DecryptionError(f"sealed {alg.value} payload does not open") from None
+    out = bytearray(view.nbytes - hlen - enc_size - TAG_SIZE)
+    _open_into(alg, hlen, sk, view, hdr, aad, memoryview(out))
     return bytes(out)
 
 
@@ -261,6 +253,13 @@ def open_sealed_into(recipient_sk: bytes, sealed: bytes | bytearray | memoryview
     target = memoryview(out).cast("B")
     if target.readonly or target.nbytes != size:
         raise ValueError(f"out must be a writable buffer of {size} bytes, not {target.nbytes}")
+    _open_into(alg, hlen, sk, view, hdr, aad, target)
+    return size
+
+
+def _open_into(alg: KemId, hlen: int, sk: bytes, view: memoryview, hdr: bytes,
+               aad: bytes | bytearray | memoryview, target: memoryview) -> None:
+    """Decapsulate and decrypt into ``target`` (its size already checked); DecryptionError if it fails."""
     enc_size = KEM_PARAMS[alg].ciphertext
     enc = bytes(view[hlen: hlen + enc_size])
     if alg in _HPKE_KEM:
@@ -277,4 +276,3 @@ def open_sealed_into(recipient_sk: bytes, sealed: bytes | bytearray | memoryview
             AESGCM(_kem_key(ss, hdr, enc, aad)).decrypt_into(_NONCE, view[hlen + enc_size:], hdr, target)
     except Exception:  # noqa: BLE001 - fail closed, whatever the cause
         raise DecryptionError(f"sealed {alg.value} payload does not open") from None
-    return size

@@ -20,6 +20,8 @@ from schemas.reasons import QflareError, Reason
 WIRE_VERSION = 1
 #: Default upper bound on one encoded message (RabbitMQ 4.x refuses bodies over 16 MiB).
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
+#: Most entries of one decoded map.
+MAX_MAP_LEN = 10_000
 
 M = TypeVar("M", bound=Message)
 
@@ -56,7 +58,7 @@ def decode(
     try:
         env = msgpack.unpackb(
             data, raw=False, strict_map_key=True, use_list=True,
-            max_bin_len=max_bytes, max_str_len=max_bytes, max_array_len=1_000_000, max_map_len=10_000,
+            max_bin_len=max_bytes, max_str_len=max_bytes, max_array_len=1_000_000, max_map_len=MAX_MAP_LEN,
         )
     except msgpack.ExtraData:
         raise CodecError(Reason.TRAILING_BYTES, "bytes after the message") from None
@@ -107,6 +109,10 @@ def _view_fields(cls: type[Message]) -> frozenset[str]:
                      if any(getattr(m, "func", None) is keep_view for m in f.metadata))
 
 
+#: msgpack's fixed-width numbers by their first byte (uint, int, float32/64; big-endian).
+_FIXED = {code: struct.Struct(fmt) for code, fmt in {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b",
+                                                     0xD1: ">h", 0xD2: ">i", 0xD3: ">q", 0xCA: ">f",
+                                                     0xCB: ">d"}.items()}
 _Fail = object()  # anything unexpected: msgpack decodes the message instead, and says what is wrong
 
 
@@ -175,12 +181,11 @@ def _large_envelope(data: bytes) -> dict | None:
             value = view[pos:pos + length] if as_view else data[pos:pos + length]
             pos += length
             return value
-        fmt = {0xCC: ">B", 0xCD: ">H", 0xCE: ">I", 0xCF: ">Q", 0xD0: ">b", 0xD1: ">h", 0xD2: ">i", 0xD3: ">q",
-               0xCA: ">f", 0xCB: ">d"}.get(b)
-        if fmt is None or pos + 1 + struct.calcsize(fmt) > n:
+        fmt = _FIXED.get(b)
+        if fmt is None or pos + 1 + fmt.size > n:
             return _Fail  # containers, ext types: not this shape
-        (value,) = struct.unpack_from(fmt, data, pos + 1)
-        pos += 1 + struct.calcsize(fmt)
+        (value,) = fmt.unpack_from(data, pos + 1)
+        pos += 1 + fmt.size
         return value
 
     map_codes = {0xDE: ">H", 0xDF: ">I"}
@@ -194,7 +199,7 @@ def _large_envelope(data: bytes) -> dict | None:
             if cls is None:
                 return None  # "t" first, as encode() writes it
             count = header(range(0x80, 0x90), map_codes)
-            if count is None or count > 10_000:
+            if count is None or count > MAX_MAP_LEN:
                 return None
             fields, body = _view_fields(cls), {}
             for _ in range(count):

@@ -35,7 +35,7 @@ def _dump_view(value: object, handler):
 
 
 #: A large payload: bytes, or a view of the message it arrived in (:func:`keep_view`).
-Payload = Annotated[bytes, Field(max_length=BLOB_MAX), WrapValidator(keep_view), WrapSerializer(_dump_view)]
+Payload = Annotated[Blob, WrapValidator(keep_view), WrapSerializer(_dump_view)]
 Fingerprint = Annotated[str, Field(min_length=8, max_length=128)]
 #: An encoded message carried inside another (a signed grant, report, claim): far above
 #: any real one (~10 KiB), far below the broker's message limit.
